@@ -1,0 +1,1 @@
+"""realign_jax.parallel."""
