@@ -1,0 +1,177 @@
+"""Building blocks shared by the T5 and decoder-only families.
+
+Every parameter is created through `nn.with_logical_partitioning`, so the
+parameter tree carries logical axis names; `realign_jax.parallel` maps them to
+mesh axes. Activations are constrained with `act_*` names, kept apart from the
+parameter names so that FSDP (sharding `embed` over `data`) does not also
+shard activations.
+
+Shape letters: B batch, T query length, S key length, H heads, K kv heads,
+G = H // K query groups, D head dim, E embed dim, F mlp dim, V vocab.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+NEG_INF = -1e10  # NOTE: finite, so fully masked rows (left padding) stay NaN-free.
+
+
+def logical(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x, names):
+  return nn.with_logical_constraint(x, names)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square layer norm without bias or mean subtraction (T5, Llama)."""
+
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", logical(nn.initializers.ones, ("embed",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Embed(nn.Module):
+  """Token embedding with an `attend` method for tied output projections."""
+
+  num_embeddings: int
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  init_std: float = 1.0
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding",
+        logical(nn.initializers.normal(stddev=self.init_std), ("vocab", "embed")),
+        (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, ids):
+    # [B, T] -> [B, T, E]
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x):
+    # [B, T, E] -> [B, T, V]
+    return jnp.einsum("bte,ve->btv", x, self.embedding.astype(self.dtype))
+
+
+def dense(features, names, *, dtype, param_dtype, scale=1.0, axis=-1, name=None):
+  """Bias-free DenseGeneral whose kernel carries logical axis `names`."""
+  init = nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+  return nn.DenseGeneral(features=features, axis=axis, use_bias=False, dtype=dtype,
+                         param_dtype=param_dtype, kernel_init=logical(init, names), name=name)
+
+
+def attention(q, k, v, mask, bias=None, *, scale=1.0):
+  """Grouped-query dot-product attention, softmax in float32.
+
+  Args:
+    q: [B, T, H, D] queries.
+    k, v: [B, S, K, D] keys and values, H a multiple of K.
+    mask: bool, broadcastable to [B, 1, T, S]; True where attention is allowed.
+    bias: optional, broadcastable to [B, H, T, S].
+    scale: multiplies q k^T (T5 uses 1, Llama 1/sqrt(D)).
+
+  Returns:
+    [B, T, H, D] in q's dtype.
+  """
+  b, t, h, d = q.shape
+  kh = k.shape[2]
+  g = h // kh
+  qg = q.reshape(b, t, kh, g, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  logits = logits * scale
+  if bias is not None:
+    bias = jnp.broadcast_to(bias, (bias.shape[0], h) + bias.shape[2:])
+    logits = logits + bias.reshape(bias.shape[0], kh, g, t, -1).astype(jnp.float32)
+  mask = jnp.broadcast_to(mask, (mask.shape[0], 1, t, k.shape[1]))[:, :, None]  # [B,1,1,T,S]
+  logits = jnp.where(mask, logits, NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, d)
+
+
+def update_cache(cache_arr, new, index):
+  """Writes `new` [B, T, ...] into `cache_arr` [B, S, ...] at slot `index`."""
+  starts = (0, index) + (0,) * (cache_arr.ndim - 2)
+  return jax.lax.dynamic_update_slice(cache_arr, new.astype(cache_arr.dtype), starts)
+
+
+class GatedMLP(nn.Module):
+  """act(x W_gate) * (x W_up) -> W_down; gated-GELU (T5.1.1) or SwiGLU (Llama)."""
+
+  d_ff: int
+  activation: str  # "gelu" | "silu"
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  names: tuple = ("wi_0", "wi_1", "wo")
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    e = x.shape[-1]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    gate = dense(self.d_ff, ("embed", "mlp"), name=self.names[0], **kw)(x)
+    up = dense(self.d_ff, ("embed", "mlp"), name=self.names[1], **kw)(x)
+    if self.activation == "gelu":
+      act = jax.nn.gelu(gate, approximate=True)
+    elif self.activation == "silu":
+      act = jax.nn.silu(gate)
+    else:
+      raise ValueError(f"unknown activation {self.activation!r}")
+    h = constrain(act * up, ("batch", "act_length", "act_mlp"))
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+    return dense(e, ("mlp", "embed"), name=self.names[2], **kw)(h)
+
+
+def rope(x, positions, theta: float):
+  """Rotary embedding in the rotate-half layout of the HF Llama checkpoints.
+
+  Args:
+    x: [B, T, H, D].
+    positions: [B, T] integer positions.
+    theta: base frequency.
+  """
+  d = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, D]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., : d // 2], x32[..., d // 2:]
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def to_left_padding(tokens):
+  """Moves right-padded rows [B, L] to left-padded rows (pad 0 first).
+
+  Returns the left-padded tokens and the per-row lengths [B].
+  """
+  length = tokens.shape[1]
+  lengths = jnp.sum(tokens != 0, axis=1).astype(jnp.int32)
+  # Row i: out[j] = tokens[(j + lengths[i]) % L] puts the real tokens last.
+  idx = (jnp.arange(length)[None, :] + lengths[:, None]) % length
+  out = jnp.take_along_axis(tokens, idx, axis=1)
+  return out, lengths
+
+
+def positions_from_mask(mask):
+  """Position ids counting only real tokens: [B, L] bool -> [B, L] int32."""
+  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def opt_dtype(name: Optional[str]):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
