@@ -1,0 +1,188 @@
+"""The one sampler: a jit-compiled `lax.while_loop` over a cached step callable.
+
+`step(tokens [B], cache) -> (logits, cache)` is all the loop knows about a
+model. `logits` is either an array [B, V] or a `MixedLogits` carrying the
+per-model logits a mixture was built from (DeRa, several models), so the loop
+can report each constituent's log-probs and the exact per-step KL to the
+reference without a second pass.
+
+Randomness is per row: row i at step t draws with
+`fold_in(fold_in(rng, row_ids[i]), t)`, so a row's sample does not depend on
+which other rows share the batch (a lambda sweep batched as one call gives the
+same tokens as separate calls).
+"""
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from realign_jax.errors import UserError
+
+PAD_ID = 0
+EOS_ID = 1
+
+
+class MixedLogits(NamedTuple):
+  """What a mixing step returns instead of a bare array."""
+  logits: jax.Array  # [B, V] float32, the distribution to sample from (pre-temperature)
+  components: jax.Array  # [M, B, V] float32, each model's logits
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Static decoding settings (hashable: used as a jit static argument)."""
+
+  max_new_tokens: int = 32
+  temperature: float = 1.0
+  top_k: int = 0  # 0 = off
+  top_p: float = 1.0  # 1.0 = off
+  greedy: bool = False
+  eos_id: int = EOS_ID
+  pad_id: int = PAD_ID
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if not self.temperature > 0 or self.temperature != self.temperature:
+      raise UserError(f"temperature must be > 0, got {self.temperature}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.top_k < 0:
+      raise UserError(f"top_k must be >= 0, got {self.top_k}")
+
+
+class SampleOutput(NamedTuple):
+  tokens: jax.Array  # [B, T] int32, pad after EOS
+  logprobs: jax.Array  # [B, T] log q(y_t) under the sampled distribution; 0 after EOS
+  lengths: jax.Array  # [B] number of generated tokens, EOS included
+  model_logprobs: Optional[jax.Array]  # [M, B, T] each component's log p_m(y_t) (T = 1)
+  kl: Optional[jax.Array]  # [B, T] full-vocabulary KL(q_t || p_ref,t); 0 after EOS
+
+
+def process_logits(logits, config: SamplingConfig):
+  """Temperature, top-k and top-p: [B, V] -> [B, V] float32 (-inf = excluded)."""
+  logits = logits.astype(jnp.float32)
+  if config.greedy:
+    return logits
+  logits = logits / config.temperature
+  if config.top_k:
+    kth = jax.lax.top_k(logits, config.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if config.top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always).
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = before < config.top_p
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return logits
+
+
+def _kl(logq, logp):
+  """Full-vocabulary KL(q || p) per row, safe where q = 0: [B, V] -> [B]."""
+  q = jnp.exp(logq)
+  terms = jnp.where(q > 0, q * (logq - jnp.where(q > 0, logp, 0.0)), 0.0)
+  return jnp.sum(terms, axis=-1)
+
+
+def _draw(keys, logits, greedy):
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, logits).astype(jnp.int32)
+
+
+def sample_loop(step: Callable[[jax.Array, Any], tuple], cache: Any, first_token: jax.Array,
+                rng: jax.Array, config: SamplingConfig, *, row_ids: Optional[jax.Array] = None,
+                reference_index: Optional[int] = None, with_components: bool = False
+                ) -> SampleOutput:
+  """Samples up to `max_new_tokens` tokens; call inside jit.
+
+  Args:
+    step: `step(tokens [B], cache) -> (logits or MixedLogits, cache)`.
+    cache: the step's initial cache (after prefill).
+    first_token: [B] the token to feed first (from prefill).
+    rng: a PRNG key.
+    config: static sampling settings.
+    row_ids: [B] int32 per-row seeds (default arange(B)).
+    reference_index: component index of the reference for the per-step KL
+      (requires a step returning MixedLogits); None = no KL.
+    with_components: also return each component's per-token log-probs.
+
+  Returns:
+    SampleOutput.
+  """
+  b = first_token.shape[0]
+  t_max = config.max_new_tokens
+  if row_ids is None:
+    row_ids = jnp.arange(b, dtype=jnp.int32)
+  row_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(row_ids)
+
+  # Probe the step's output structure (shapes only; no compute).
+  probe = jax.eval_shape(step, first_token, cache)[0]
+  mixed = isinstance(probe, MixedLogits)
+  n_comp = probe.components.shape[0] if mixed else 0
+  if (reference_index is not None or with_components) and not mixed:
+    raise ValueError("KL or component log-probs need a step returning MixedLogits")
+
+  def body(state):
+    t, tok, cache, done, lengths, toks, lps, comp_lps, kls = state
+    out, cache = step(tok, cache)
+    raw = out.logits if mixed else out
+    logits = process_logits(raw, config)
+    logq = jax.nn.log_softmax(logits, axis=-1)
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
+    new = _draw(keys, logits, config.greedy)
+    new = jnp.where(done, config.pad_id, new)
+    live = ~done
+    lp = jnp.take_along_axis(logq, new[:, None], axis=1)[:, 0]
+    toks = toks.at[:, t].set(new)
+    lps = lps.at[:, t].set(jnp.where(live, lp, 0.0))
+    if with_components:
+      comp_logp = jax.nn.log_softmax(out.components, axis=-1)
+      clp = jnp.take_along_axis(comp_logp, jnp.broadcast_to(new[None, :, None], (n_comp, b, 1)),
+                                axis=2)[..., 0]
+      comp_lps = comp_lps.at[:, :, t].set(jnp.where(live[None], clp, 0.0))
+    if reference_index is not None:
+      logp_ref = jax.nn.log_softmax(out.components[reference_index], axis=-1)
+      kls = kls.at[:, t].set(jnp.where(live, _kl(logq, logp_ref), 0.0))
+    lengths = lengths + live.astype(jnp.int32)
+    done = done | (new == config.eos_id)
+    return t + 1, new, cache, done, lengths, toks, lps, comp_lps, kls
+
+  def cond(state):
+    t, done = state[0], state[3]
+    return (t < t_max) & ~jnp.all(done)
+
+  init = (jnp.zeros((), jnp.int32), first_token.astype(jnp.int32), cache,
+          jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
+          jnp.full((b, t_max), config.pad_id, jnp.int32),
+          jnp.zeros((b, t_max), jnp.float32),
+          jnp.zeros((n_comp if with_components else 0, b, t_max), jnp.float32),
+          jnp.zeros((b, t_max) if reference_index is not None else (b, 0), jnp.float32))
+  _, _, _, _, lengths, toks, lps, comp_lps, kls = jax.lax.while_loop(cond, body, init)
+  return SampleOutput(toks, lps, lengths, comp_lps if with_components else None,
+                      kls if reference_index is not None else None)
+
+
+def repeat_cache(cache, n: int):
+  """Repeats every batched cache leaf n times along batch (prompt state shared, not recomputed)."""
+  if n == 1:
+    return cache
+  return jax.tree_util.tree_map(lambda x: jnp.repeat(x, n, axis=0) if x.ndim else x, cache)
+
+
+def generate(lm, params, inputs, rng, config: SamplingConfig, *, num_samples: int = 1,
+             row_ids=None) -> SampleOutput:
+  """Samples `num_samples` continuations per prompt from one model (call inside jit).
+
+  The prompt is prefilled once and its cache repeated, so rows
+  [b * num_samples, (b + 1) * num_samples) continue prompt b.
+  """
+  cache, first = lm.prefill(params, inputs, config.max_new_tokens)
+  cache = repeat_cache(cache, num_samples)
+  first = jnp.repeat(first, num_samples, axis=0)
+  return sample_loop(lambda tok, c: lm.step(params, tok, c), cache, first, rng, config,
+                     row_ids=row_ids)

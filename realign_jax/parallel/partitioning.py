@@ -1,0 +1,102 @@
+"""Mesh, logical axis rules and shardings (t5x conventions, jit only, no pmap).
+
+Parameters carry logical axis names (`embed`, `vocab`, `heads`, `kv_heads`,
+`kv`, `mlp`, `relpos_buckets`); activations use `batch` and `act_*` names.
+Keeping the two vocabularies apart is what makes FSDP a one-line change:
+`fsdp=True` shards the parameters' `embed` axis over `data` while activations
+stay batch-sharded.
+"""
+
+import logging
+import os
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA, MODEL = "data", "model"
+
+
+@gin.configurable
+def logical_axis_rules(fsdp: bool = False) -> tuple:
+  """Logical -> mesh axis table."""
+  return (
+      ("batch", DATA),
+      ("vocab", MODEL),
+      ("heads", MODEL),
+      ("kv_heads", MODEL),
+      ("mlp", MODEL),
+      ("embed", DATA if fsdp else None),
+      ("kv", None),
+      ("relpos_buckets", None),
+      ("act_length", None),
+      ("act_embed", None),
+      ("act_heads", MODEL),
+      ("act_kv", None),
+      ("act_mlp", MODEL),
+      ("act_vocab", MODEL),
+  )
+
+
+@gin.configurable
+def create_mesh(data: int = -1, model: int = 1,
+                devices: Optional[Sequence[Any]] = None) -> Mesh:
+  """A (data, model) mesh over `devices` (default: all). data=-1 takes the rest."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if model < 1 or n % model:
+    raise ValueError(f"model axis {model} does not divide {n} devices")
+  if data == -1:
+    data = n // model
+  if data * model != n:
+    raise ValueError(f"mesh {data}x{model} does not cover {n} devices")
+  try:
+    from jax.experimental import mesh_utils
+    arr = mesh_utils.create_device_mesh((data, model), devices=devices)
+  except Exception:  # NOTE: CPU/simulated devices have no physical topology.
+    arr = np.asarray(devices).reshape(data, model)
+  return Mesh(arr, (DATA, MODEL))
+
+
+def logical_to_mesh_sharding(logical_specs, mesh: Mesh, rules) -> Any:
+  """Tree of logical PartitionSpecs -> tree of NamedShardings."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension over `data`, the rest replicated."""
+  return NamedSharding(mesh, P(DATA))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def shard_batch(batch, mesh: Mesh):
+  """Places a host batch (dict of numpy arrays) on the mesh, split over `data`."""
+  sharding = batch_sharding(mesh)
+  return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), batch)
+
+
+def maybe_initialize_distributed() -> None:
+  """Calls `jax.distributed.initialize()` when launched on several hosts.
+
+  Detected from the coordinator environment variables set by TPU pods, SLURM
+  or the multi-GPU launchers under scripts/.
+  """
+  markers = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS",
+             "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+  if not any(os.environ.get(m) for m in markers):
+    return
+  if os.environ.get("SLURM_NTASKS", "1") == "1" and not os.environ.get(
+      "JAX_COORDINATOR_ADDRESS") and not os.environ.get("TPU_WORKER_HOSTNAMES"):
+    return
+  try:
+    jax.distributed.initialize()
+    logging.info("jax.distributed initialised: process %d of %d", jax.process_index(),
+                 jax.process_count())
+  except RuntimeError as e:  # already initialised
+    logging.info("jax.distributed.initialize skipped: %s", e)
