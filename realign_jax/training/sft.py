@@ -1,0 +1,139 @@
+"""Supervised fine-tuning: teacher-forced cross-entropy, padding masked."""
+
+import dataclasses
+import functools
+from typing import Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.data import pipeline
+from realign_jax.data import vocab as vocab_lib
+from realign_jax.decoding import sampler
+from realign_jax.errors import UserError
+from realign_jax.models.api import LanguageModel
+from realign_jax.training.trainer import Algorithm
+
+
+def token_logprobs(logits, targets):
+  """log p(targets[t]) per position: [B, T, V], [B, T] -> [B, T] float32."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def cross_entropy(logits, targets, weights=None):
+  """Mean negative log-likelihood over real (non-pad) target tokens.
+
+  Returns (mean loss, number of tokens). `weights` [B] masks whole rows.
+  """
+  mask = (targets != 0).astype(jnp.float32)
+  if weights is not None:
+    mask = mask * weights[:, None]
+  nll = -token_logprobs(logits, targets) * mask
+  n = jnp.sum(mask)
+  return jnp.sum(nll) / jnp.maximum(n, 1.0), n
+
+
+@dataclasses.dataclass
+class SFT(Algorithm):
+  """Supervised fine-tuning of a T5 or decoder-only model on (inputs, targets)."""
+
+  model: LanguageModel
+  task: str = "builtin_summarize"
+  batch_size: int = 32
+  input_length: int = 128
+  target_length: int = 32
+  data_dir: Optional[str] = None
+  vocab_path: Optional[str] = None
+  eval_split: str = "validation"
+  eval_batch_size: int = 64
+  max_eval_examples: Optional[int] = None
+  num_eval_samples: int = 3
+  init_checkpoint: Optional[str] = None
+  data_seed: int = 0
+  name: str = "sft"
+
+  def __post_init__(self):
+    self._vocab = None
+
+  # ---- setup ----------------------------------------------------------------
+  @property
+  def vocab(self):
+    if self._vocab is None:
+      self._vocab = vocab_lib.load_vocabulary(self.vocab_path)
+      if self._vocab.vocab_size > self.model.vocab_size:
+        raise UserError(
+            f"vocabulary {self.vocab_path or 'built-in'} has {self._vocab.vocab_size} ids but the "
+            f"model's vocab_size is {self.model.vocab_size}")
+    return self._vocab
+
+  def setup(self, mesh, rules):
+    del rules
+    self._mesh = mesh
+    _ = self.vocab
+    if self.batch_size % jax.process_count():
+      raise UserError(f"batch_size {self.batch_size} not divisible by {jax.process_count()} hosts")
+
+  def init(self, rng):
+    return self.model.init(rng)
+
+  def initial_params(self, abstract_params):
+    if not self.init_checkpoint:
+      return None
+    return ckpt_lib.load_params(self.init_checkpoint, abstract_params)
+
+  # ---- data -----------------------------------------------------------------
+  def batches(self, start_step: int) -> Iterator[dict]:
+    return pipeline.batch_iterator(
+        self.task, "train", batch_size=self.batch_size // jax.process_count(),
+        input_length=self.input_length, target_length=self.target_length,
+        seed=self.data_seed, shuffle=True, repeat=True, data_dir=self.data_dir,
+        vocab_path=self.vocab_path, start_step=start_step,
+        shard_index=jax.process_index(), num_shards=jax.process_count())
+
+  # ---- loss -----------------------------------------------------------------
+  def loss(self, params, batch, rng):
+    use_dropout = getattr(self.model.config, "dropout_rate", 0.0) > 0
+    out = self.model.forward(params, batch["inputs"], batch["targets"],
+                             dropout_rng=rng if use_dropout else None)
+    loss, n = cross_entropy(out["logits"], batch["targets"])
+    return loss, {"target_tokens": n}
+
+  # ---- eval -----------------------------------------------------------------
+  @functools.cached_property
+  def _eval_fns(self):
+    def eval_loss(params, batch):
+      out = self.model.forward(params, batch["inputs"], batch["targets"])
+      mask = (batch["targets"] != 0) * batch["weights"][:, None]
+      nll = -token_logprobs(out["logits"], batch["targets"]) * mask
+      return jnp.sum(nll), jnp.sum(mask)
+
+    cfg = sampler.SamplingConfig(max_new_tokens=self.target_length, greedy=True)
+    gen = functools.partial(sampler.generate, self.model, config=cfg)
+    return jax.jit(eval_loss), jax.jit(gen)
+
+  def evaluate(self, params, step):
+    eval_loss, gen = self._eval_fns
+    total, count = 0.0, 0.0
+    for batch in pipeline.eval_batches(
+        self.task, self.eval_split, batch_size=self.eval_batch_size,
+        input_length=self.input_length, target_length=self.target_length,
+        data_dir=self.data_dir, vocab_path=self.vocab_path, limit=self.max_eval_examples):
+      s, n = eval_loss(params, {k: jnp.asarray(v) for k, v in batch.items()})
+      total += float(s)
+      count += float(n)
+    metrics = {"loss": total / max(count, 1.0), "target_tokens": count}
+    samples = []
+    if self.num_eval_samples:
+      ex = pipeline.text_examples(self.task, self.eval_split, data_dir=self.data_dir,
+                                  limit=self.num_eval_samples)
+      enc = [pipeline.encode_pair(self.vocab, e["inputs"], e["targets"], self.input_length,
+                                  self.target_length) for e in ex]
+      inputs = np.stack([e[0] for e in enc])
+      out = gen(params, jnp.asarray(inputs), jax.random.PRNGKey(step))
+      for e, toks in zip(ex, np.asarray(out.tokens)):
+        samples.append({"prompt": e["inputs"][:300], "reference": e["targets"],
+                        "sample": vocab_lib.decode(self.vocab, toks.tolist())})
+    return metrics, samples

@@ -1,0 +1,256 @@
+"""The one trainer loop. Every algorithm (SFT, reward model, PPO, PG, DPO/IPO,
+value functions) plugs in through `Algorithm`; none has a loop of its own.
+
+The train step is `jax.jit`-compiled with explicit in/out shardings over a
+`Mesh` built from logical axis rules; the state is donated. Checkpoints go
+through `realign_jax.checkpoints.manager` (save every N steps and at the end,
+keep K, resume from the latest automatically, save on SIGTERM). A
+non-finite loss stops the run naming the step, before anything is saved.
+"""
+
+import abc
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Iterator, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.errors import UserError
+from realign_jax.parallel import partitioning
+from realign_jax.training.metrics import MetricsWriter
+
+Batch = dict
+PREEMPTED_EXIT_CODE = 143
+
+
+class Preempted(Exception):
+  """Raised after a SIGTERM-triggered checkpoint; binaries exit with 143."""
+
+
+class Algorithm(abc.ABC):
+  """What an algorithm contributes to the trainer loop."""
+
+  name: str = "algorithm"
+
+  @abc.abstractmethod
+  def init(self, rng) -> tuple[Any, Any]:
+    """(trainable params, logical PartitionSpecs); traceable (runs inside jit)."""
+
+  def abstract_init(self) -> tuple[Any, Any]:
+    """(params as ShapeDtypeStructs, logical axes) without allocating anything."""
+    holder = {}
+
+    def f(rng):
+      params, axes = self.init(rng)
+      holder["axes"] = axes
+      return params
+    abstract = jax.eval_shape(f, jax.random.PRNGKey(0))
+    return abstract, holder["axes"]
+
+  def setup(self, mesh, rules) -> None:
+    """Host-side preparation before the first step (load frozen models, data)."""
+
+  def initial_params(self, abstract_params) -> Optional[Any]:
+    """Params to start from (e.g. INIT_CHECKPOINT) when no checkpoint exists; None = init."""
+    return None
+
+  @abc.abstractmethod
+  def batches(self, start_step: int) -> Iterator[Batch]:
+    """Host batches (dicts of numpy arrays) for steps start_step, start_step+1, ..."""
+
+  def prepare(self, params, batch: Batch, rng) -> Batch:
+    """Jitted per-step transform before the loss (RL rollouts go here)."""
+    del params, rng
+    return batch
+
+  @abc.abstractmethod
+  def loss(self, params, batch: Batch, rng) -> tuple[jax.Array, dict]:
+    """(scalar loss, dict of scalar metrics); traced inside the train step."""
+
+  def evaluate(self, params, step: int) -> tuple[dict, list]:
+    """(eval metrics, decoded samples) on the host; default none."""
+    del params, step
+    return {}, []
+
+  def num_tokens(self, batch: Batch) -> int:
+    return int(sum(np.sum(np.asarray(v) != 0) for k, v in batch.items()
+                   if k in ("inputs", "targets")))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  eval_every: int = 100
+  log_every: int = 10
+  seed: int = 0
+  async_checkpoint: bool = True
+  progress: bool = True
+
+
+class _SigtermFlag:
+  def __init__(self):
+    self.set = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.set = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _device_batch(batch: Batch, mesh) -> Batch:
+  sharding = partitioning.batch_sharding(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    if x.ndim == 0:
+      return jax.device_put(x, partitioning.replicated(mesh))
+    return jax.make_array_from_process_local_data(sharding, x)
+  return jax.tree_util.tree_map(put, batch)
+
+
+def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
+          optimizer: optax.GradientTransformation, mesh=None, rules=None,
+          config: TrainerConfig = TrainerConfig(),
+          learning_rate_fn=None) -> dict:
+  """Runs `train_steps` steps in total, resuming from MODEL_DIR's latest checkpoint.
+
+  Returns the last logged train metrics and eval metrics.
+  """
+  if train_steps < 0:
+    raise UserError(f"TRAIN_STEPS must be >= 0, got {train_steps}")
+  mesh = mesh or partitioning.create_mesh()
+  rules = rules or partitioning.logical_axis_rules()
+  os.makedirs(model_dir, exist_ok=True)
+  ckpt = ckpt_lib.Checkpointer(model_dir, keep=config.keep_checkpoints,
+                               async_save=config.async_checkpoint)
+  base_rng = jax.random.PRNGKey(config.seed)
+  with mesh, nn.logical_axis_rules(rules):
+    algorithm.setup(mesh, rules)
+    abstract_params, axes = algorithm.abstract_init()
+    param_sh = partitioning.logical_to_mesh_sharding(axes, mesh, rules)
+
+    def state_from_params(params):
+      params = jax.lax.with_sharding_constraint(params, param_sh)
+      return {"step": jnp.zeros((), jnp.int32), "params": params,
+              "opt_state": optimizer.init(params)}
+
+    def init_state(rng):
+      return state_from_params(algorithm.init(rng)[0])
+
+    init_rng = jax.random.fold_in(base_rng, 0x5eed)
+    init_jit = jax.jit(init_state)
+    state_sh = init_jit.lower(init_rng).compile().output_shardings
+    abstract_state = jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(init_state, init_rng), state_sh)
+
+    start = ckpt.latest_step()
+    if start is not None:
+      state = ckpt.restore(abstract_state, start)
+      logging.info("resumed from %s at step %d", ckpt.directory, start)
+    else:
+      start = 0
+      abstract_p = jax.tree_util.tree_map(
+          lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+          abstract_params, param_sh)
+      init_params = algorithm.initial_params(abstract_p)
+      if init_params is None:
+        state = init_jit(init_rng)
+      else:
+        state = jax.jit(state_from_params, out_shardings=state_sh)(init_params)
+
+    batch_sh = partitioning.batch_sharding(mesh)
+
+    def train_step(state, batch, rng):
+      prep_rng, loss_rng = jax.random.split(rng)
+      batch = algorithm.prepare(state["params"], batch, prep_rng)
+      (loss, metrics), grads = jax.value_and_grad(
+          lambda p: algorithm.loss(p, batch, loss_rng), has_aux=True)(state["params"])
+      updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+      metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+      if learning_rate_fn is not None:
+        metrics["learning_rate"] = learning_rate_fn(state["step"])
+      new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+      return new_state, metrics
+
+    step_jit = jax.jit(train_step, in_shardings=(state_sh, batch_sh, None),
+                       out_shardings=(state_sh, None), donate_argnums=(0,))
+
+    writer = MetricsWriter(model_dir, resume_step=start if start else None)
+    last_train, last_eval = {}, {}
+    batches = algorithm.batches(start)
+    bar = None
+    if config.progress:
+      from tqdm import tqdm
+      bar = tqdm(total=train_steps, initial=min(start, train_steps), desc=algorithm.name,
+                 unit="step", dynamic_ncols=True)
+    last_saved = start if start else None
+    tokens, t0 = 0, time.perf_counter()
+    step = start
+    try:
+      with _SigtermFlag() as sigterm:
+        while step < train_steps:
+          host_batch = next(batches)
+          tokens += algorithm.num_tokens(host_batch)
+          batch = _device_batch(host_batch, mesh)
+          state, metrics = step_jit(state, batch, jax.random.fold_in(base_rng, step))
+          loss = float(metrics["loss"])
+          if not math.isfinite(loss):
+            raise UserError(
+                f"loss became {loss} at step {step + 1}; stopped without saving "
+                f"(last good checkpoint: {'none' if last_saved is None else last_saved})")
+          step += 1
+          if step % config.log_every == 0 or step == train_steps:
+            dt = time.perf_counter() - t0
+            row = {k: v for k, v in jax.device_get(metrics).items()}
+            row["tokens_per_sec"] = tokens / max(dt, 1e-9)
+            row["steps_per_sec"] = config.log_every / max(dt, 1e-9)
+            last_train = writer.write(step, row, "train")
+            if bar is not None:
+              bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
+            tokens, t0 = 0, time.perf_counter()
+          if bar is not None:
+            bar.update(1)
+          if step % config.checkpoint_every == 0 or step == train_steps:
+            ckpt.save(step, state)
+            last_saved = step
+          if config.eval_every and (step % config.eval_every == 0 or step == train_steps):
+            ev, samples = algorithm.evaluate(state["params"], step)
+            if ev:
+              last_eval = writer.write(step, ev, "eval")
+            if samples:
+              writer.write_samples(step, samples)
+          if sigterm.set:
+            if last_saved != step:
+              ckpt.save(step, state)
+            ckpt.wait()
+            raise Preempted(f"SIGTERM: saved checkpoint at step {step} in {ckpt.directory}")
+    finally:
+      if bar is not None:
+        bar.close()
+      ckpt.close()
+      writer.close()
+  algorithm.final_state = state  # for callers that continue in-process (studies)
+  return {"train": last_train, "eval": last_eval, "step": step}
