@@ -145,7 +145,7 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
   ckpt = ckpt_lib.Checkpointer(model_dir, keep=config.keep_checkpoints,
                                async_save=config.async_checkpoint)
   base_rng = jax.random.PRNGKey(config.seed)
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     algorithm.setup(mesh, rules)
     abstract_params, axes = algorithm.abstract_init()
     param_sh = partitioning.logical_to_mesh_sharding(axes, mesh, rules)

@@ -1,0 +1,27 @@
+"""Small shared factories for tests (tiny models, random batches)."""
+
+import numpy as np
+
+from realign_jax.models.config import DecoderConfig, T5Config
+
+TINY = {
+    "t5": T5Config(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=64,
+                   num_encoder_layers=2, num_decoder_layers=2),
+    "decoder": DecoderConfig(vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                             d_ff=64, num_layers=2),
+}
+
+
+def random_batch(rng: np.random.Generator, batch: int, li: int, lt: int, vocab: int,
+                 min_len: int = 1):
+  """Right-padded prompts ending in EOS (1) and right-padded targets ending in EOS."""
+  inputs = np.zeros((batch, li), np.int32)
+  targets = np.zeros((batch, lt), np.int32)
+  for i in range(batch):
+    n = int(rng.integers(min_len, li + 1))
+    inputs[i, :n] = rng.integers(2, vocab, n)
+    inputs[i, n - 1] = 1
+    m = int(rng.integers(1, lt + 1))
+    targets[i, :m] = rng.integers(2, vocab, m)
+    targets[i, m - 1] = 1
+  return inputs, targets
