@@ -119,7 +119,7 @@ def iter_python_files(root: pathlib.Path) -> Iterator[pathlib.Path]:
 
 
 def iter_docstrings(path: pathlib.Path) -> Iterator[tuple[str, str]]:
-  """Yields (qualified name, cleaned docstring) for every docstring in a file."""
+  """Yields (qualified name, cleaned docstring) for each docstring in a file."""
   try:
     tree = ast.parse(path.read_bytes(), filename=str(path))
   except (SyntaxError, ValueError, UnicodeDecodeError):
@@ -332,6 +332,10 @@ def write_sources(path: pathlib.Path, splits, records) -> None:
       "the id). Split: sha256 of the id `source:module:qualname`, "
       "buckets 0-89 train, 90-94 validation, 95-99 test.",
       "",
+      "`vocab.model` is trained on the train split (documents and "
+      "summaries) by `scripts/train_vocab.py`: sentencepiece unigram, 2048 "
+      "pieces, byte fallback, pad 0, eos 1, unk 2, no bos.",
+      "",
       "The text is the copyrighted documentation of these projects, "
       "redistributed under their licences (all permissive); each licence's "
       "notice applies to the examples whose `source` names that project.",
@@ -347,7 +351,8 @@ def write_sources(path: pathlib.Path, splits, records) -> None:
   for r in records:
     lines.append(
         f"| {r['source']} | {r['distribution']} | {r['version']} | "
-        f"{r['licence']} | {r['declared']} | {r.get('train', 0)} | {r.get('validation', 0)} | "
+        f"{r['licence']} | {r['declared']} | {r.get('train', 0)} | "
+        f"{r.get('validation', 0)} | "
         f"{r.get('test', 0)} |")
   lines.append(f"| **total** | | | | | {total['train']} | "
                f"{total['validation']} | {total['test']} |")

@@ -153,5 +153,7 @@ def test_sharded_forward_equals_single_device(family, fsdp):
     sh = partitioning.logical_to_mesh_sharding(axes, mesh, rules)
     p = jax.device_put(params, sh)
     b = partitioning.shard_batch({"inputs": inputs, "targets": targets}, mesh)
-    out = jax.jit(lm.forward)(p, b["inputs"], b["targets"])["logits"]
+    # NOTE: a fresh function, so it is traced (with its sharding constraints) in the mesh.
+    out = jax.jit(lambda p_, x, y: lm.forward(p_, x, y))(p, b["inputs"], b["targets"])["logits"]
+    assert len(out.sharding.device_set) == 8
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)

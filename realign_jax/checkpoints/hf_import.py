@@ -23,8 +23,10 @@ and our RoPE uses the rotate-half layout of the HF Llama weights, so q/k need
 no permutation.
 
 Loading is strict: a missing tensor, an unexpected tensor (other than the
-harmless duplicates listed in `_harmless`) or a shape that disagrees with
-config.json raises `UserError` naming the tensor and the file. Parameters
+harmless extras listed in `_harmless`, e.g. rotary `inv_freq` buffers or the
+encoder/decoder copies of T5's shared embedding; a stored copy of a tied
+matrix must equal it) or a shape that disagrees with config.json raises
+`UserError` naming the tensor and the file. Parameters
 come back as host numpy arrays (float32 unless `dtype` says otherwise), so a
 caller can `jax.device_put` them with its own shardings.
 """
@@ -172,7 +174,8 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray],
   if metadata:
     header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
   raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-  raw += b" " * (-len(raw) % 8)  # NOTE: keeps the data 8-byte aligned, as the reference writer does.
+  # NOTE: space padding keeps the data 8-byte aligned, as the reference writer does.
+  raw += b" " * (-len(raw) % 8)
   with open(path, "wb") as f:
     f.write(len(raw).to_bytes(8, "little"))
     f.write(raw)
@@ -233,7 +236,7 @@ def _check_rope(cfg: dict) -> float:
   for field, value in (("rope_scaling", cfg.get("rope_scaling")), ("rope_parameters", params)):
     if value is None:
       continue
-    kind = value.get("rope_type", value.get("type", "default")) if isinstance(value, dict) else value
+    kind = value.get("rope_type", value.get("type")) if isinstance(value, dict) else value
     if kind != "default":
       raise UserError(f"config.json: {field}={value!r} is unsupported (only plain RoPE is "
                       "implemented)")
@@ -260,9 +263,9 @@ def config_from_hf(config_json: dict) -> ModelConfig:
     raise UserError(f"config.json must hold a JSON object, got {type(config_json).__name__}")
   c = config_json
   model_type = c.get("model_type")
-  if model_type == "t5":
+  if model_type in ("t5", "mt5"):  # NOTE: HF's MT5 is T5.1.1 with another vocabulary.
     ff = c.get("feed_forward_proj", "relu")  # HF's default is the original T5's ReLU.
-    if ff != "gated-gelu":
+    if ff not in ("gated-gelu", "gated-gelu_new"):  # both mean tanh-approximate GELU in HF
       raise UserError(f"config.json: feed_forward_proj={ff!r} is unsupported; only T5.1.1-style "
                       "'gated-gelu' checkpoints (t5-v1_1, flan-t5) can be imported")
     num_layers = int(_get(c, "num_layers"))
@@ -309,8 +312,8 @@ def config_from_hf(config_json: dict) -> ModelConfig:
         sliding_window=None if window is None else int(window),
         max_length=int(_get(c, "max_position_embeddings", 2048)),
     )
-  raise UserError(f"config.json: unsupported model_type {model_type!r} (supported: 't5' with "
-                  "gated-gelu, 'llama', 'mistral')")
+  raise UserError(f"config.json: unsupported model_type {model_type!r} (supported: 't5' or "
+                  "'mt5' with gated-gelu, 'llama', 'mistral')")
 
 
 def config_to_hf(config: ModelConfig, torch_dtype: str = "float32") -> dict:
@@ -484,21 +487,31 @@ def _aliases(config: ModelConfig) -> dict[str, tuple[str, ...]]:
   return {}
 
 
-def _harmless(config: ModelConfig) -> list[tuple[Callable[[str], bool], Optional[tuple]]]:
-  """(name predicate, required shape or None) of extra tensors that are ignored."""
+class _Extra(NamedTuple):
+  """A stored tensor the model does not use, accepted and ignored."""
+
+  match: Callable[[str], bool]
+  shape: Optional[tuple]  # required shape, None for any
+  copy_of: Optional[str] = None  # it must then equal this (tied) tensor, as HF ties them
+
+
+def _harmless(config: ModelConfig) -> list[_Extra]:
+  """Extra tensors that HF checkpoints carry and loading may ignore."""
   if isinstance(config, T5Config):
     emb = (config.vocab_size, config.d_model)
-    out = [(lambda n: n in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"), emb),
+    out = [_Extra(lambda n: n in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
+                  emb, "shared.weight"),
            # Old HF T5 saves kept an unused bias table on block 0's cross-attention.
-           (lambda n: n == "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",
-            (config.relative_buckets, config.num_heads))]
+           _Extra(lambda n: n == "decoder.block.0.layer.1.EncDecAttention."
+                  "relative_attention_bias.weight", (config.relative_buckets, config.num_heads))]
     if config.tie_embeddings:
-      out.append((lambda n: n == "lm_head.weight", emb))  # a saved copy of the tied matrix
+      out.append(_Extra(lambda n: n == "lm_head.weight", emb, "shared.weight"))
     return out
   rotary = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-  out = [(lambda n: rotary.fullmatch(n) is not None, None)]
+  out = [_Extra(lambda n: rotary.fullmatch(n) is not None, None)]
   if config.tie_embeddings:
-    out.append((lambda n: n == "lm_head.weight", (config.vocab_size, config.d_model)))
+    out.append(_Extra(lambda n: n == "lm_head.weight", (config.vocab_size, config.d_model),
+                      "model.embed_tokens.weight"))
   return out
 
 
@@ -557,11 +570,14 @@ def load_hf_checkpoint(path: str, *, dtype: DTypeLike = None) -> tuple[ModelConf
     path: directory with config.json and model.safetensors (or
       model.safetensors.index.json plus its shards).
     dtype: param dtype: "float32" (default), "bfloat16" or "float16" (or the
-      numpy/jax dtype). The returned config's `param_dtype` says the same.
+      numpy/jax dtype). It becomes the returned config's `param_dtype`, and
+      every leaf gets the dtype `LanguageModel(config).init` gives it under
+      that config (the models currently keep RMSNorm scales in float32).
 
   Returns:
     (config, params): params is a nested dict of host numpy arrays with
-    exactly the structure and shapes of `LanguageModel(config).init(rng)[0]`.
+    exactly the structure, shapes and dtypes of
+    `LanguageModel(config).init(rng)[0]`.
 
   Raises:
     UserError: missing/unreadable files, an unsupported config, a missing or
@@ -597,16 +613,18 @@ def load_hf_checkpoint(path: str, *, dtype: DTypeLike = None) -> tuple[ModelConf
                     f"({len(missing)} missing in all, for {type(config).__name__})")
   harmless = _harmless(config)
   stored_used = set(used.values())
-  unexpected = []
+  unexpected, copies = [], []
   for name in sorted(entries):
     if name in stored_used:
       continue
-    rule = next((r for r in harmless if r[0](name)), None)
+    rule = next((r for r in harmless if r.match(name)), None)
     if rule is None:
       unexpected.append(name)
-    elif rule[1] is not None and entries[name].shape != rule[1]:
+    elif rule.shape is not None and entries[name].shape != rule.shape:
       raise UserError(f"{entries[name].file}: tensor {name!r} has shape "
-                      f"{list(entries[name].shape)}, expected {list(rule[1])}")
+                      f"{list(entries[name].shape)}, expected {list(rule.shape)}")
+    elif rule.copy_of is not None:
+      copies.append((name, used[rule.copy_of]))
   if unexpected:
     raise UserError(f"{source}: unexpected tensor {_preview(unexpected)} "
                     f"({len(unexpected)} unexpected in all, for {type(config).__name__} "
@@ -620,16 +638,31 @@ def load_hf_checkpoint(path: str, *, dtype: DTypeLike = None) -> tuple[ModelConf
       raise UserError(f"{e.file}: tensor {used[t.hf_name]!r} has dtype {e.dtype}, expected a "
                       "floating-point dtype")
 
+  for name, tied in copies:
+    # NOTE: HF would silently replace `name` by `tied`; a different stored value
+    # means config.json's tying does not describe how the model was trained.
+    if not np.array_equal(_read_entry(entries[name]), _read_entry(entries[tied])):
+      hint = (" (tie_word_embeddings defaults to true for HF T5 when config.json omits it)"
+              if name == "lm_head.weight" else "")
+      raise UserError(f"{entries[name].file}: tensor {name!r} differs from {tied!r}, which "
+                      f"{config_path} ties it to{hint}")
+
+  want = LanguageModel(config).abstract_init()[0]
   maps: dict[str, np.ndarray] = {}
   params: dict = {}
   for t in specs:
     e = entries[used[t.hf_name]]
     if e.file not in maps:
       maps[e.file] = np.memmap(e.file, dtype=np.uint8, mode="r")
-    _set(params, t.path, _to_param(t, _read_entry(e, maps[e.file]), np_dtype))
+    try:
+      # NOTE: the dtype init gives this leaf under param_dtype=`dtype` (the models
+      # keep e.g. RMSNorm scales in float32), so params match init exactly.
+      leaf_dtype = np.dtype(_get_leaf(want, t.path).dtype)
+    except (KeyError, TypeError):
+      leaf_dtype = np_dtype  # reported by the structure check below
+    _set(params, t.path, _to_param(t, _read_entry(e, maps[e.file]), leaf_dtype))
   del maps
 
-  want = LanguageModel(config).abstract_init()[0]
   diff = _tree_diff(params, want)
   if diff:
     # NOTE: shapes were checked against config.json above, so this is a bug in the

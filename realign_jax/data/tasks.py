@@ -1,12 +1,12 @@
 """seqio tasks: the built-in corpus, XSum and the TL;DR releases.
 
-| task              | features                    | data directory        |
-|-------------------|-----------------------------|-----------------------|
-| builtin_summarize | inputs, targets             | shipped (optional)    |
-| xsum              | inputs, targets             | REALIGN_XSUM_DIR      |
-| tldr_sft          | inputs, targets             | REALIGN_TLDR_DIR      |
-| tldr_comparisons  | prompt, chosen, rejected    | REALIGN_TLDR_COMPARISONS_DIR |
-| preferences       | prompt, chosen, rejected    | REALIGN_PREFERENCES_DIR |
+| task              | features                 | data directory (env var)     |
+|-------------------|--------------------------|------------------------------|
+| builtin_summarize | inputs, targets          | shipped (optional)           |
+| xsum              | inputs, targets          | REALIGN_XSUM_DIR             |
+| tldr_sft          | inputs, targets          | REALIGN_TLDR_DIR             |
+| tldr_comparisons  | prompt, chosen, rejected | REALIGN_TLDR_COMPARISONS_DIR |
+| preferences       | prompt, chosen, rejected | REALIGN_PREFERENCES_DIR      |
 
 Every task has the splits train, validation and test. `preferences` reads
 `{train,validation,test}.jsonl` in the schema of `preferences.py`.
@@ -126,7 +126,8 @@ def _tldr_comparisons_source(
 
 def _preferences_source(data_dir: str | None) -> seqio.DataSourceInterface:
   path = tldr.check_dir(data_dir, "preference")
-  missing = [f"{s}.jsonl" for s in SPLITS if not (path / f"{s}.jsonl").is_file()]
+  missing = [f"{s}.jsonl" for s in SPLITS
+             if not (path / f"{s}.jsonl").is_file()]
   if missing:
     raise UserError(f"preference data directory {path} lacks "
                     f"{', '.join(missing)}")

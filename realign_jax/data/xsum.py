@@ -30,7 +30,7 @@ SPLIT_FILE = "XSum-TRAINING-DEV-TEST-SPLIT-90-5-5.json"
 SPLITS = ("train", "validation", "test")
 
 
-def _provide_importlib_resources() -> None:
+def provide_importlib_resources() -> None:
   """Lets TFDS find `importlib_resources` when the backport is not installed.
 
   NOTE: TFDS 4.9.10 needs `importlib_resources.abc.Traversable` to locate a
@@ -74,11 +74,12 @@ def prepare_xsum(data_dir: str | os.PathLike[str]) -> str:
         f"XSum data directory {path} lacks {', '.join(missing)} (expected "
         f"{TARBALL} and {SPLIT_FILE}, or a TFDS data dir with xsum/1.1.0)")
 
-  _provide_importlib_resources()
+  provide_importlib_resources()
   # NOTE: imported here, since TFDS is slow to import and most runs never
   # prepare XSum.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from tensorflow_datasets.core.download import download_manager  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tensorflow_datasets.core.download import download_manager
 
   builder = tfds.builder(TFDS_NAME, data_dir=str(tfds_dir))
   config = tfds.download.DownloadConfig(

@@ -23,12 +23,10 @@ class ScalarHead(nn.Module):
 
   @nn.compact
   def __call__(self, h):
-    out = nn.DenseGeneral(
-        features=1, use_bias=True, dtype=jnp.float32, param_dtype=self.param_dtype,
-        kernel_init=layers.logical(nn.initializers.zeros, ("embed", None)),
-        bias_init=layers.logical(nn.initializers.zeros, (None,)),
-        name="dense")(h.astype(jnp.float32))
-    return out[..., 0]
+    kernel = self.param("kernel", layers.logical(nn.initializers.zeros, ("embed",)),
+                        (h.shape[-1],), self.param_dtype)
+    bias = self.param("bias", layers.logical(nn.initializers.zeros, ()), (), self.param_dtype)
+    return jnp.einsum("bte,e->bt", h.astype(jnp.float32), kernel.astype(jnp.float32)) + bias
 
 
 def check_output_head(name: str) -> str:

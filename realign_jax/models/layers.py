@@ -68,11 +68,41 @@ class Embed(nn.Module):
     return jnp.einsum("bte,ve->btv", x, self.embedding.astype(self.dtype))
 
 
+class DenseGeneral(nn.Module):
+  """Bias-free dense map over the last `n_in` axes with an unflattened kernel.
+
+  NOTE: flax's DenseGeneral builds its kernel flat and reshapes it, which
+  clashes with logical sharding constraints of the unflattened rank; this
+  version creates the kernel at its real shape, [*in_shape, *features].
+  """
+
+  features: tuple
+  names: tuple
+  n_in: int = 1
+  scale: float = 1.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n_out = len(self.features)
+    in_shape = x.shape[-self.n_in:]
+    shape = tuple(in_shape) + tuple(self.features)
+    init = nn.initializers.variance_scaling(
+        self.scale, "fan_in", "truncated_normal", in_axis=tuple(range(self.n_in)),
+        out_axis=tuple(range(self.n_in, self.n_in + n_out)))
+    kernel = self.param("kernel", logical(init, self.names), shape, self.param_dtype)
+    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                               (contract, ((), ())))
+
+
 def dense(features, names, *, dtype, param_dtype, scale=1.0, axis=-1, name=None):
-  """Bias-free DenseGeneral whose kernel carries logical axis `names`."""
-  init = nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
-  return nn.DenseGeneral(features=features, axis=axis, use_bias=False, dtype=dtype,
-                         param_dtype=param_dtype, kernel_init=logical(init, names), name=name)
+  """Bias-free dense layer whose kernel carries logical axis `names`."""
+  features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
+  n_in = len(axis) if isinstance(axis, (tuple, list)) else 1
+  return DenseGeneral(features, tuple(names), n_in=n_in, scale=scale, dtype=dtype,
+                      param_dtype=param_dtype, name=name)
 
 
 def attention(q, k, v, mask, bias=None, *, scale=1.0):

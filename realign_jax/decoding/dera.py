@@ -1,0 +1,163 @@
+"""Decoding-time realignment (DeRa, Liu et al. 2024, Algorithm 1) as step composition.
+
+Logit mixing: next-token logits `sum_m w_m h_m` (DeRa: w = (1 - lam, lam) over
+(reference, aligned)), mixed in float32 whatever the params' dtype, with the
+weights given PER ROW, so a sweep over K lambdas is one batched call.
+By Proposition 1 of the paper the sampled distribution is
+normalise(p_ref * (p_aligned / p_ref) ** lam).
+
+Weight mixing: params `lam * theta_aligned + (1 - lam) * theta_ref`.
+"""
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from realign_jax.decoding import sampler
+from realign_jax.errors import UserError
+from realign_jax.models.api import LanguageModel
+
+REF, ALIGNED = 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+  """One model of a mixture: its LanguageModel and params."""
+  lm: LanguageModel
+  params: Any
+
+
+def check_lambdas(lambdas: Sequence[float]) -> list:
+  out = []
+  for lam in lambdas:
+    lam = float(lam)
+    if not math.isfinite(lam):
+      raise UserError(f"lambda must be a finite real number, got {lam}")
+    out.append(lam)
+  if not out:
+    raise UserError("the lambda list is empty")
+  return out
+
+
+def check_vocabularies(components: Sequence[Component]) -> None:
+  """All mixed models must share one vocabulary: checked before any compute."""
+  sizes = [c.lm.vocab_size for c in components]
+  for i, s in enumerate(sizes[1:], 1):
+    if s != sizes[0]:
+      raise UserError(f"models have different vocabulary sizes: model 0 has {sizes[0]}, "
+                      f"model {i} has {s}; logits cannot be mixed")
+
+
+def dera_weights(lam) -> jax.Array:
+  """[B] lambdas -> [2, B] weights over (reference, aligned)."""
+  lam = jnp.asarray(lam, jnp.float32)
+  return jnp.stack([1.0 - lam, lam])
+
+
+def prefill(components: Sequence[Component], inputs, max_new_tokens: int):
+  """Prefills every model once. Returns the mixture's cache (first tokens included)."""
+  caches, firsts = [], []
+  for c in components:
+    cache, first = c.lm.prefill(c.params, inputs, max_new_tokens)
+    caches.append(cache)
+    firsts.append(first)
+  return {"models": tuple(caches), "first": jnp.stack(firsts), "t": jnp.zeros((), jnp.int32)}
+
+
+def repeat(cache, n: int):
+  """Shares each prompt's prefilled state among n consecutive rows."""
+  return {"models": tuple(sampler.repeat_cache(c, n) for c in cache["models"]),
+          "first": jnp.repeat(cache["first"], n, axis=1), "t": cache["t"]}
+
+
+def mixed_step(components: Sequence[Component], weights):
+  """A sampler step over the weighted sum of the components' logits.
+
+  Args:
+    components: the models (same vocabulary).
+    weights: [M] or [M, B] float weights (per row for sweeps).
+
+  Returns:
+    `step(tokens [B], cache) -> (MixedLogits, cache)`; the first call feeds each
+    model its own first token from prefill (T5 and decoder-only can be mixed).
+  """
+  weights = jnp.asarray(weights, jnp.float32)
+
+  def step(tokens, cache):
+    new_caches, logits = [], []
+    for m, (c, mc) in enumerate(zip(components, cache["models"])):
+      tok = jnp.where(cache["t"] == 0, cache["first"][m], tokens)
+      lg, mc = c.lm.step(c.params, tok, mc)
+      logits.append(lg.astype(jnp.float32))
+      new_caches.append(mc)
+    comps = jnp.stack(logits)  # [M, B, V]
+    w = weights if weights.ndim == 2 else weights[:, None]
+    # NOTE: an explicit weighted sum, not a dot: with w = (1, 0) the result is
+    # bit-identical to the first model's logits.
+    mixed = sum(w[m][:, None] * comps[m] for m in range(comps.shape[0]))
+    return sampler.MixedLogits(mixed, comps), {"models": tuple(new_caches),
+                                                "first": cache["first"], "t": cache["t"] + 1}
+  return step
+
+
+def sample_mixture(components: Sequence[Component], weights, inputs, rng,
+                   config: sampler.SamplingConfig, *, num_samples: int = 1, row_ids=None,
+                   reference_index: Optional[int] = REF, with_components: bool = True):
+  """Samples from softmax(sum_m w_m h_m): prefill once, then one while_loop (call in jit).
+
+  `weights` is [M] or [M, B * num_samples].
+  """
+  cache = prefill(components, inputs, config.max_new_tokens)
+  cache = repeat(cache, num_samples)
+  b = inputs.shape[0] * num_samples
+  step = mixed_step(components, weights)
+  return sampler.sample_loop(step, cache, jnp.zeros((b,), jnp.int32), rng, config,
+                             row_ids=row_ids, reference_index=reference_index,
+                             with_components=with_components)
+
+
+def dera_sweep(ref: Component, aligned: Component, inputs, lambdas, rng,
+               config: sampler.SamplingConfig, *, seeds=None):
+  """All lambdas in ONE batched call: rows ordered (prompt b, lambda k) -> b * K + k.
+
+  Each prompt is prefilled once and shared by its K rows. Row (b, k) draws
+  with seed `seeds[b]` (default b), exactly as row b of a separate call with
+  lambda k, so the sweep reproduces K separate calls token for token.
+  """
+  lambdas = jnp.asarray(lambdas, jnp.float32)
+  k = lambdas.shape[0]
+  b = inputs.shape[0]
+  seeds = jnp.arange(b, dtype=jnp.int32) if seeds is None else jnp.asarray(seeds, jnp.int32)
+  lam_rows = jnp.tile(lambdas, b)  # [B * K]
+  row_ids = jnp.repeat(seeds, k)
+  return sample_mixture([ref, aligned], dera_weights(lam_rows), inputs, rng, config,
+                        num_samples=k, row_ids=row_ids)
+
+
+# ---- weight mixing ------------------------------------------------------------
+def check_same_architecture(a, b, names=("aligned", "reference")) -> None:
+  """UserError naming the first parameter whose path or shape differs."""
+  fa = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(a)[0]}
+  fb = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(b)[0]}
+  for key in sorted(set(fa) | set(fb)):
+    if key not in fa or key not in fb:
+      missing = names[0] if key not in fa else names[1]
+      raise UserError(f"weight mixing needs one architecture: parameter {key} is missing "
+                      f"from the {missing} model")
+    if tuple(fa[key].shape) != tuple(fb[key].shape):
+      raise UserError(f"weight mixing needs one architecture: parameter {key} has shape "
+                      f"{tuple(fa[key].shape)} in the {names[0]} model and "
+                      f"{tuple(fb[key].shape)} in the {names[1]} model")
+
+
+def mix_weights(aligned_params, ref_params, lam: float):
+  """theta = lam * theta_aligned + (1 - lam) * theta_ref, computed in float32."""
+  check_same_architecture(aligned_params, ref_params)
+  lam = float(check_lambdas([lam])[0])
+  return jax.tree_util.tree_map(
+      lambda a, r: (lam * a.astype(jnp.float32) + (1.0 - lam) * r.astype(jnp.float32)
+                    ).astype(a.dtype), aligned_params, ref_params)
+
