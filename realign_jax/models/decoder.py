@@ -59,9 +59,9 @@ class Block(nn.Module):
   def setup(self):
     cfg = self.config
     dt = layers.opt_dtype(cfg.dtype)
-    self.input_norm = layers.RMSNorm(cfg.rms_eps, dt)
+    self.input_norm = layers.RMSNorm(cfg.rms_eps, dt, jnp.dtype(cfg.param_dtype))
     self.attention = Attention(cfg)
-    self.post_attention_norm = layers.RMSNorm(cfg.rms_eps, dt)
+    self.post_attention_norm = layers.RMSNorm(cfg.rms_eps, dt, jnp.dtype(cfg.param_dtype))
     self.mlp = layers.GatedMLP(cfg.d_ff, "silu", cfg.dropout_rate, dt,
                                jnp.dtype(cfg.param_dtype),
                                names=("gate_proj", "up_proj", "down_proj"))
@@ -87,7 +87,7 @@ class DecoderLM(nn.Module):
     pdt = jnp.dtype(cfg.param_dtype)
     self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.d_model, dt, pdt)
     self.blocks = [Block(cfg) for _ in range(cfg.num_layers)]
-    self.final_norm = layers.RMSNorm(cfg.rms_eps, dt)
+    self.final_norm = layers.RMSNorm(cfg.rms_eps, dt, jnp.dtype(cfg.param_dtype))
     self.drop = nn.Dropout(cfg.dropout_rate)
     if "lm" in self.output_head and not cfg.tie_embeddings:
       self.lm_head = layers.dense(cfg.vocab_size, ("embed", "vocab"), dtype=dt, param_dtype=pdt)

@@ -105,7 +105,7 @@ def dense(features, names, *, dtype, param_dtype, scale=1.0, axis=-1, name=None)
                       param_dtype=param_dtype, name=name)
 
 
-def attention(q, k, v, mask, bias=None, *, scale=1.0):
+def attention(q, k, v, mask, bias=None, *, scale=1.0, probs_dropout=None):
   """Grouped-query dot-product attention, softmax in float32.
 
   Args:
@@ -114,6 +114,7 @@ def attention(q, k, v, mask, bias=None, *, scale=1.0):
     mask: bool, broadcastable to [B, 1, T, S]; True where attention is allowed.
     bias: optional, broadcastable to [B, H, T, S].
     scale: multiplies q k^T (T5 uses 1, Llama 1/sqrt(D)).
+    probs_dropout: optional function applied to the attention probabilities.
 
   Returns:
     [B, T, H, D] in q's dtype.
@@ -129,7 +130,10 @@ def attention(q, k, v, mask, bias=None, *, scale=1.0):
     logits = logits + bias.reshape(bias.shape[0], kh, g, t, -1).astype(jnp.float32)
   mask = jnp.broadcast_to(mask, (mask.shape[0], 1, t, k.shape[1]))[:, :, None]  # [B,1,1,T,S]
   logits = jnp.where(mask, logits, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if probs_dropout is not None:
+    probs = probs_dropout(probs)
+  probs = probs.astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
   return out.reshape(b, t, h, d)
 

@@ -75,14 +75,18 @@ class T5Attention(nn.Module):
     self.key = layers.dense(hd, ("embed", "heads", "kv"), **kw)
     self.value = layers.dense(hd, ("embed", "heads", "kv"), **kw)
     self.out = layers.dense(cfg.d_model, ("heads", "kv", "embed"), axis=(-2, -1), **kw)
+    self.probs_dropout = nn.Dropout(cfg.dropout_rate)
 
   def project_kv(self, x):
     """[B, S, E] -> keys, values [B, S, H, D]."""
     return self.key(x), self.value(x)
 
-  def __call__(self, x, k, v, mask, bias=None):
+  def __call__(self, x, k, v, mask, bias=None, deterministic: bool = True):
     q = layers.constrain(self.query(x), ("batch", "act_length", "act_heads", "act_kv"))
-    out = layers.attention(q, k, v, mask, bias, scale=1.0)
+    drop = None
+    if not deterministic and self.config.dropout_rate > 0:
+      drop = lambda p: self.probs_dropout(p, deterministic=False)  # noqa: E731
+    out = layers.attention(q, k, v, mask, bias, scale=1.0, probs_dropout=drop)
     return self.out(out)
 
 
@@ -94,11 +98,11 @@ class EncoderLayer(nn.Module):
     cfg = self.config
     dt = layers.opt_dtype(cfg.dtype)
     drop = nn.Dropout(cfg.dropout_rate)
-    h = layers.RMSNorm(cfg.rms_eps, dt, name="pre_attention_norm")(x)
+    h = layers.RMSNorm(cfg.rms_eps, dt, jnp.dtype(cfg.param_dtype), name="pre_attention_norm")(x)
     attn = T5Attention(cfg, name="attention")
     k, v = attn.project_kv(h)
-    x = x + drop(attn(h, k, v, mask, bias), deterministic=deterministic)
-    h = layers.RMSNorm(cfg.rms_eps, dt, name="pre_mlp_norm")(x)
+    x = x + drop(attn(h, k, v, mask, bias, deterministic), deterministic=deterministic)
+    h = layers.RMSNorm(cfg.rms_eps, dt, jnp.dtype(cfg.param_dtype), name="pre_mlp_norm")(x)
     h = layers.GatedMLP(cfg.d_ff, "gelu", cfg.dropout_rate, dt, jnp.dtype(cfg.param_dtype),
                         name="mlp")(h, deterministic)
     return layers.constrain(x + drop(h, deterministic=deterministic), ACT)
@@ -110,11 +114,11 @@ class DecoderLayer(nn.Module):
   def setup(self):
     cfg = self.config
     dt = layers.opt_dtype(cfg.dtype)
-    self.pre_self_attention_norm = layers.RMSNorm(cfg.rms_eps, dt)
+    self.pre_self_attention_norm = layers.RMSNorm(cfg.rms_eps, dt, jnp.dtype(cfg.param_dtype))
     self.self_attention = T5Attention(cfg)
-    self.pre_cross_attention_norm = layers.RMSNorm(cfg.rms_eps, dt)
+    self.pre_cross_attention_norm = layers.RMSNorm(cfg.rms_eps, dt, jnp.dtype(cfg.param_dtype))
     self.encoder_decoder_attention = T5Attention(cfg)
-    self.pre_mlp_norm = layers.RMSNorm(cfg.rms_eps, dt)
+    self.pre_mlp_norm = layers.RMSNorm(cfg.rms_eps, dt, jnp.dtype(cfg.param_dtype))
     self.mlp = layers.GatedMLP(cfg.d_ff, "gelu", cfg.dropout_rate, dt, jnp.dtype(cfg.param_dtype))
     self.drop = nn.Dropout(cfg.dropout_rate)
 
@@ -131,11 +135,11 @@ class DecoderLayer(nn.Module):
       k = layers.update_cache(cache["k"], k, cache_index)
       v = layers.update_cache(cache["v"], v, cache_index)
       new_cache = {"k": k, "v": v}
-    x = x + self.drop(self.self_attention(h, k, v, self_mask, self_bias),
+    x = x + self.drop(self.self_attention(h, k, v, self_mask, self_bias, deterministic),
                       deterministic=deterministic)
     h = self.pre_cross_attention_norm(x)
     ck, cv = cross_kv
-    x = x + self.drop(self.encoder_decoder_attention(h, ck, cv, cross_mask),
+    x = x + self.drop(self.encoder_decoder_attention(h, ck, cv, cross_mask, None, deterministic),
                       deterministic=deterministic)
     h = self.mlp(self.pre_mlp_norm(x), deterministic)
     return layers.constrain(x + self.drop(h, deterministic=deterministic), ACT), new_cache
@@ -155,10 +159,10 @@ class T5(nn.Module):
     self.token_embedder = layers.Embed(cfg.vocab_size, cfg.d_model, dt, pdt)
     self.encoder_relpos = RelativePositionBias(cfg, bidirectional=True)
     self.encoder_layers = [EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers)]
-    self.encoder_norm = layers.RMSNorm(cfg.rms_eps, dt)
+    self.encoder_norm = layers.RMSNorm(cfg.rms_eps, dt, jnp.dtype(cfg.param_dtype))
     self.decoder_relpos = RelativePositionBias(cfg, bidirectional=False)
     self.decoder_layers = [DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers)]
-    self.decoder_norm = layers.RMSNorm(cfg.rms_eps, dt)
+    self.decoder_norm = layers.RMSNorm(cfg.rms_eps, dt, jnp.dtype(cfg.param_dtype))
     self.drop = nn.Dropout(cfg.dropout_rate)
     if "lm" in self.output_head and not cfg.tie_embeddings:
       self.logits_dense = layers.dense(cfg.vocab_size, ("embed", "vocab"), dtype=dt,
