@@ -129,9 +129,8 @@ class SFT(Algorithm):
     if self.num_eval_samples:
       ex = pipeline.text_examples(self.task, self.eval_split, data_dir=self.data_dir,
                                   limit=self.num_eval_samples)
-      enc = [pipeline.encode_pair(self.vocab, e["inputs"], e["targets"], self.input_length,
-                                  self.target_length) for e in ex]
-      inputs = np.stack([e[0] for e in enc])
+      inputs = pipeline.encode_batch(self.vocab, ex, input_length=self.input_length,
+                                     target_length=self.target_length)["inputs"]
       out = gen(params, jnp.asarray(inputs), jax.random.PRNGKey(step))
       for e, toks in zip(ex, np.asarray(out.tokens)):
         samples.append({"prompt": e["inputs"][:300], "reference": e["targets"],

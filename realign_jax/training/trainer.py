@@ -205,8 +205,12 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
     if config.progress:
       from tqdm import tqdm
       bar = tqdm(total=train_steps, initial=min(start, train_steps), desc=algorithm.name,
-                 unit="step", dynamic_ncols=True)
+                 unit="step", dynamic_ncols=True, mininterval=1.0)
     last_saved = start if start else None
+    if config.eval_every and start == 0 and train_steps > 0:
+      ev, _ = algorithm.evaluate(state["params"], 0)  # the starting point, for comparison
+      if ev:
+        last_eval = writer.write(0, ev, "eval")
     tokens, t0 = 0, time.perf_counter()
     step = start
     try:
