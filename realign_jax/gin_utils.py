@@ -108,7 +108,8 @@ def run_main(main: Callable[[list], int]) -> None:
   try:
     code = main(sys.argv[1:])
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+    # NOTE: gin appends "In call to configurable ..." on a new line; keep line one.
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     sys.exit(2)
   except Preempted as e:
     print(str(e), file=sys.stderr)

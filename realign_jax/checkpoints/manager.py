@@ -71,6 +71,14 @@ def check_shapes(found: Any, expected: Any, where: str) -> None:
     raise UserError(f"{where}: unexpected parameter {extra[0]} (a checkpoint of another model?)")
 
 
+def _params_metadata(mngr, step):
+  """The `params` subtree of a checkpoint's array metadata (shapes), or None."""
+  try:
+    return mngr.item_metadata(step)["params"]
+  except (KeyError, TypeError):
+    return None
+
+
 # ---- manager ----------------------------------------------------------------
 class Checkpointer:
   """Save every N steps and at the end, keep K, restore the latest."""
@@ -80,7 +88,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
-    self._mngr = ocp.CheckpointManager(self.directory, options=options)
+    self._mngr = ocp.CheckpointManager(self.directory, options=options,
+                                       item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> Optional[int]:
     return self._mngr.latest_step()
@@ -92,8 +101,7 @@ class Checkpointer:
     """Restores into the shapes and shardings of `abstract_state` (ShapeDtypeStructs)."""
     step = self.latest_step() if step is None else step
     where = f"checkpoint {self.directory} step {step}"
-    meta = self._mngr.item_metadata(step)
-    found = meta.get("params") if isinstance(meta, dict) else getattr(meta, "params", None)
+    found = _params_metadata(self._mngr, step)
     if found is not None and "params" in abstract_state:
       check_shapes(found, abstract_state["params"], where)
     return self._mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
@@ -118,13 +126,13 @@ def load_params(model_dir: str, abstract_params: Any, *, step: Optional[int] = N
   if not os.path.isdir(ckpt_dir):
     raise UserError(f"no checkpoint directory at {ckpt_dir}")
   mngr = ocp.CheckpointManager(os.path.abspath(ckpt_dir),
-                               options=ocp.CheckpointManagerOptions(read_only=True))
+                               options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_handlers=ocp.PyTreeCheckpointHandler())
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise UserError(f"no checkpoint found in {ckpt_dir}")
   where = f"checkpoint {ckpt_dir} step {step}"
-  meta = mngr.item_metadata(step)
-  found = meta.get("params") if isinstance(meta, dict) else getattr(meta, "params", None)
+  found = _params_metadata(mngr, step)
   if found is None:
     raise UserError(f"{where} holds no params")
   check_shapes(found, abstract_params, where)

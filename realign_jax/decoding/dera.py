@@ -120,21 +120,24 @@ def sample_mixture(components: Sequence[Component], weights, inputs, rng,
 
 
 def dera_sweep(ref: Component, aligned: Component, inputs, lambdas, rng,
-               config: sampler.SamplingConfig, *, seeds=None):
-  """All lambdas in ONE batched call: rows ordered (prompt b, lambda k) -> b * K + k.
+               config: sampler.SamplingConfig, *, seeds=None, num_samples: int = 1):
+  """All lambdas in ONE batched call.
 
-  Each prompt is prefilled once and shared by its K rows. Row (b, k) draws
-  with seed `seeds[b]` (default b), exactly as row b of a separate call with
-  lambda k, so the sweep reproduces K separate calls token for token.
+  Rows are ordered (prompt b, sample j, lambda k) -> (b * n + j) * K + k. Each
+  prompt is prefilled once and shared by its n * K rows. Row (b, j, k) draws
+  with row seed `seeds[b] * n + j` (default seeds[b] = b), exactly as row
+  b * n + j of a separate call with lambda k, so the sweep reproduces K
+  separate calls token for token.
   """
   lambdas = jnp.asarray(lambdas, jnp.float32)
   k = lambdas.shape[0]
   b = inputs.shape[0]
   seeds = jnp.arange(b, dtype=jnp.int32) if seeds is None else jnp.asarray(seeds, jnp.int32)
-  lam_rows = jnp.tile(lambdas, b)  # [B * K]
-  row_ids = jnp.repeat(seeds, k)
+  sample_ids = (seeds[:, None] * num_samples + jnp.arange(num_samples)[None, :]).reshape(-1)
+  lam_rows = jnp.tile(lambdas, b * num_samples)  # [B * n * K]
+  row_ids = jnp.repeat(sample_ids, k)
   return sample_mixture([ref, aligned], dera_weights(lam_rows), inputs, rng, config,
-                        num_samples=k, row_ids=row_ids)
+                        num_samples=k * num_samples, row_ids=row_ids)
 
 
 # ---- weight mixing ------------------------------------------------------------

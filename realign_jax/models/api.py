@@ -77,8 +77,7 @@ class LanguageModel:
 
   def abstract_init(self):
     """Shapes/dtypes and logical axes of the params, without allocating them."""
-    variables = jax.eval_shape(self._init_variables, jax.random.PRNGKey(0))
-    return nn.unbox(variables)["params"], nn.get_partition_spec(variables)["params"]
+    return abstract_init(self.init)
 
   # ---- teacher forcing ----------------------------------------------------
   def forward(self, params, inputs, targets, *, dropout_rng=None):
@@ -145,6 +144,18 @@ class LanguageModel:
     """`step(tokens, cache) -> (logits [B, V] float32, cache)` for the sampler."""
     out, cache = self.step_outputs(params, tokens, cache)
     return out["logits"], cache
+
+
+def abstract_init(init_fn):
+  """(params as ShapeDtypeStructs, logical axes) of `init_fn(rng) -> (params, axes)`."""
+  holder = {}
+
+  def f(rng):
+    params, axes = init_fn(rng)
+    holder["axes"] = axes
+    return params
+  abstract = jax.eval_shape(f, jax.random.PRNGKey(0))
+  return abstract, holder["axes"]
 
 
 def count_params(params) -> int:

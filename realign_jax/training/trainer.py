@@ -25,6 +25,7 @@ import optax
 
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.errors import UserError
+from realign_jax.models import api as model_api
 from realign_jax.parallel import partitioning
 from realign_jax.training.metrics import MetricsWriter
 
@@ -47,14 +48,7 @@ class Algorithm(abc.ABC):
 
   def abstract_init(self) -> tuple[Any, Any]:
     """(params as ShapeDtypeStructs, logical axes) without allocating anything."""
-    holder = {}
-
-    def f(rng):
-      params, axes = self.init(rng)
-      holder["axes"] = axes
-      return params
-    abstract = jax.eval_shape(f, jax.random.PRNGKey(0))
-    return abstract, holder["axes"]
+    return model_api.abstract_init(self.init)
 
   def setup(self, mesh, rules) -> None:
     """Host-side preparation before the first step (load frozen models, data)."""
