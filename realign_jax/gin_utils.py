@@ -31,7 +31,22 @@ def register() -> None:
   gin.external_configurable(sft.SFT, "SFT")
   gin.external_configurable(optim.make_optimizer, "make_optimizer")
   gin.external_configurable(trainer.TrainerConfig, "TrainerConfig")
+  # NOTE: each package declares its own gin surface in `configurables.py`
+  # (`register()` there makes its entry points configurable), so the
+  # binaries' configurable names are listed per package, in one place each.
+  import importlib
+  for pkg in _CONFIGURABLE_PACKAGES:
+    try:
+      mod = importlib.import_module(f"realign_jax.{pkg}.configurables")
+    except ModuleNotFoundError as e:
+      if e.name != f"realign_jax.{pkg}.configurables":
+        raise
+      continue
+    mod.register()
   _REGISTERED = True
+
+
+_CONFIGURABLE_PACKAGES = ("rewards", "training", "decoding", "evaluation", "experiments")
 
 
 def split_args(argv: Sequence[str]) -> tuple[list, list, list]:
@@ -72,7 +87,10 @@ def parse(files: Sequence[str], bindings: Sequence[str]) -> None:
     gin.add_config_file_search_path(p)
   resolved = [_resolve(f) for f in files]
   try:
-    gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False)
+    # NOTE: finalizing runs gin's hooks, which reject a macro left at
+    # %gin.REQUIRED (e.g. MODEL_DIR); without them the REQUIRED sentinel object
+    # itself would be passed on as the value.
+    gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=True)
   except (ValueError, KeyError, SyntaxError, TypeError, IOError) as e:
     raise UserError(f"gin: {_first_line(e)}") from e
 

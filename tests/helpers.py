@@ -25,3 +25,15 @@ def random_batch(rng: np.random.Generator, batch: int, li: int, lt: int, vocab: 
     targets[i, :m] = rng.integers(2, vocab, m)
     targets[i, m - 1] = 1
   return inputs, targets
+
+
+# Tiny models over the built-in 2048-piece vocabulary, for trainer tests on the
+# built-in corpus. Head counts divide the test mesh's model axis (2). The
+# decoder has dropout, so resume and sharding tests cover the per-step dropout
+# RNG; the T5 one has none (T5's dropout more than doubles its step's compile time).
+TINY_BUILTIN = {
+    "t5": T5Config(vocab_size=2048, d_model=32, num_heads=2, head_dim=16, d_ff=64,
+                   num_encoder_layers=1, num_decoder_layers=1),
+    "decoder": DecoderConfig(vocab_size=2048, d_model=32, num_heads=4, num_kv_heads=2,
+                             head_dim=8, d_ff=64, num_layers=1, dropout_rate=0.1),
+}

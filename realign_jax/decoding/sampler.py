@@ -88,16 +88,29 @@ def _kl(logq, logp):
   return jnp.sum(terms, axis=-1)
 
 
-def _draw(keys, logits, greedy):
+def _draw(keys, logq, greedy):
+  """One token per row from log-probs [B, V].
+
+  NOTE: inverse-CDF sampling with ONE uniform per row (not Gumbel-max with V
+  of them): drawing B x V random numbers per step dominated the step time
+  of small models on a CPU.
+  """
   if greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, logits).astype(jnp.int32)
+    return jnp.argmax(logq, axis=-1).astype(jnp.int32)
+  u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)  # [B]
+  cdf = jnp.cumsum(jnp.exp(logq), axis=-1)
+  # first index whose cdf exceeds u * total (total ~ 1; scaling guards rounding)
+  idx = jnp.sum(cdf < (u * cdf[:, -1])[:, None], axis=-1)
+  # never land on a zero-probability token (e.g. filtered by top-k) through rounding
+  idx = jnp.minimum(idx, logq.shape[-1] - 1)
+  ok = jnp.take_along_axis(logq, idx[:, None], axis=1)[:, 0] > -jnp.inf
+  return jnp.where(ok, idx, jnp.argmax(logq, axis=-1)).astype(jnp.int32)
 
 
 def sample_loop(step: Callable[[jax.Array, Any], tuple], cache: Any, first_token: jax.Array,
                 rng: jax.Array, config: SamplingConfig, *, row_ids: Optional[jax.Array] = None,
-                reference_index: Optional[int] = None, with_components: bool = False
-                ) -> SampleOutput:
+                reference_index: Optional[int] = None, with_components: bool = False,
+                return_cache: bool = False) -> SampleOutput:
   """Samples up to `max_new_tokens` tokens; call inside jit.
 
   Args:
@@ -110,9 +123,12 @@ def sample_loop(step: Callable[[jax.Array, Any], tuple], cache: Any, first_token
     reference_index: component index of the reference for the per-step KL
       (requires a step returning MixedLogits); None = no KL.
     with_components: also return each component's per-token log-probs.
+    return_cache: also return the step's cache after the loop (controlled
+      decoding keeps the cache of a chosen candidate block, and reads the
+      side outputs a composed step writes into its cache).
 
   Returns:
-    SampleOutput.
+    SampleOutput, or (SampleOutput, final cache) with `return_cache`.
   """
   b = first_token.shape[0]
   t_max = config.max_new_tokens
@@ -134,7 +150,7 @@ def sample_loop(step: Callable[[jax.Array, Any], tuple], cache: Any, first_token
     logits = process_logits(raw, config)
     logq = jax.nn.log_softmax(logits, axis=-1)
     keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
-    new = _draw(keys, logits, config.greedy)
+    new = _draw(keys, logq, config.greedy)
     new = jnp.where(done, config.pad_id, new)
     live = ~done
     lp = jnp.take_along_axis(logq, new[:, None], axis=1)[:, 0]
@@ -162,9 +178,10 @@ def sample_loop(step: Callable[[jax.Array, Any], tuple], cache: Any, first_token
           jnp.zeros((b, t_max), jnp.float32),
           jnp.zeros((n_comp if with_components else 0, b, t_max), jnp.float32),
           jnp.zeros((b, t_max) if reference_index is not None else (b, 0), jnp.float32))
-  _, _, _, _, lengths, toks, lps, comp_lps, kls = jax.lax.while_loop(cond, body, init)
-  return SampleOutput(toks, lps, lengths, comp_lps if with_components else None,
-                      kls if reference_index is not None else None)
+  _, _, final_cache, _, lengths, toks, lps, comp_lps, kls = jax.lax.while_loop(cond, body, init)
+  out = SampleOutput(toks, lps, lengths, comp_lps if with_components else None,
+                     kls if reference_index is not None else None)
+  return (out, final_cache) if return_cache else out
 
 
 def repeat_cache(cache, n: int):

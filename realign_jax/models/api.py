@@ -116,7 +116,7 @@ class LanguageModel:
     n_pre = li - 1
     slots = n_pre + max_new_tokens
     dt = layers.opt_dtype(cfg.dtype)
-    shape = (b, slots, cfg.num_kv_heads, cfg.head_dim)
+    shape = (b, cfg.num_kv_heads, slots, cfg.head_dim)
     kv = [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.num_layers)]
     key_pos = jnp.full((b, slots), -1, jnp.int32)
     key_pos = key_pos.at[:, :n_pre].set(jnp.where(mask[:, :n_pre], pos[:, :n_pre], -1))

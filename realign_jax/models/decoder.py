@@ -36,8 +36,8 @@ class Attention(nn.Module):
   def __call__(self, x, positions, key_pos, cache=None, cache_index=None):
     cfg = self.config
     q = layers.rope(self.q_proj(x), positions, cfg.rope_theta)
-    k = layers.rope(self.k_proj(x), positions, cfg.rope_theta)
-    v = self.v_proj(x)
+    k = layers.heads_major(layers.rope(self.k_proj(x), positions, cfg.rope_theta))
+    v = layers.heads_major(self.v_proj(x))
     q = layers.constrain(q, ("batch", "act_length", "act_heads", "act_kv"))
     new_cache = None
     if cache is not None:
@@ -104,7 +104,7 @@ class DecoderLM(nn.Module):
       key_pos: [B, S] position id of every key slot (-1 = invisible); S = T
         without a cache, the cache length with one.
       deterministic: disables dropout.
-      cache: optional list (one per layer) of {"k", "v"}: [B, S, K, D].
+      cache: optional list (one per layer) of {"k", "v"}: [B, K, S, D].
       cache_index: slot at which this chunk's keys are written.
 
     Returns:

@@ -110,7 +110,8 @@ def attention(q, k, v, mask, bias=None, *, scale=1.0, probs_dropout=None):
 
   Args:
     q: [B, T, H, D] queries.
-    k, v: [B, S, K, D] keys and values, H a multiple of K.
+    k, v: [B, K, S, D] keys and values (kv-head-major, the cache layout, so a
+      decode step needs no transpose of the cache), H a multiple of K.
     mask: bool, broadcastable to [B, 1, T, S]; True where attention is allowed.
     bias: optional, broadcastable to [B, H, T, S].
     scale: multiplies q k^T (T5 uses 1, Llama 1/sqrt(D)).
@@ -120,28 +121,32 @@ def attention(q, k, v, mask, bias=None, *, scale=1.0, probs_dropout=None):
     [B, T, H, D] in q's dtype.
   """
   b, t, h, d = q.shape
-  kh = k.shape[2]
+  kh = k.shape[1]
   g = h // kh
   qg = q.reshape(b, t, kh, g, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  logits = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
   logits = logits * scale
   if bias is not None:
     bias = jnp.broadcast_to(bias, (bias.shape[0], h) + bias.shape[2:])
     logits = logits + bias.reshape(bias.shape[0], kh, g, t, -1).astype(jnp.float32)
-  mask = jnp.broadcast_to(mask, (mask.shape[0], 1, t, k.shape[1]))[:, :, None]  # [B,1,1,T,S]
+  mask = jnp.broadcast_to(mask, (mask.shape[0], 1, t, k.shape[2]))[:, :, None]  # [B,1,1,T,S]
   logits = jnp.where(mask, logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1)
   if probs_dropout is not None:
     probs = probs_dropout(probs)
   probs = probs.astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
   return out.reshape(b, t, h, d)
 
 
+def heads_major(x):
+  """[B, T, K, D] projections -> [B, K, T, D], the layout of keys, values and caches."""
+  return jnp.transpose(x, (0, 2, 1, 3))
+
+
 def update_cache(cache_arr, new, index):
-  """Writes `new` [B, T, ...] into `cache_arr` [B, S, ...] at slot `index`."""
-  starts = (0, index) + (0,) * (cache_arr.ndim - 2)
-  return jax.lax.dynamic_update_slice(cache_arr, new.astype(cache_arr.dtype), starts)
+  """Writes `new` [B, K, T, D] into `cache_arr` [B, K, S, D] at slots index..index+T."""
+  return jax.lax.dynamic_update_slice(cache_arr, new.astype(cache_arr.dtype), (0, 0, index, 0))
 
 
 class GatedMLP(nn.Module):

@@ -78,8 +78,8 @@ class T5Attention(nn.Module):
     self.probs_dropout = nn.Dropout(cfg.dropout_rate)
 
   def project_kv(self, x):
-    """[B, S, E] -> keys, values [B, S, H, D]."""
-    return self.key(x), self.value(x)
+    """[B, S, E] -> keys, values [B, H, S, D]."""
+    return layers.heads_major(self.key(x)), layers.heads_major(self.value(x))
 
   def __call__(self, x, k, v, mask, bias=None, deterministic: bool = True):
     q = layers.constrain(self.query(x), ("batch", "act_length", "act_heads", "act_kv"))
@@ -226,7 +226,7 @@ class T5(nn.Module):
     encoded = self.encode(inputs, deterministic=True)
     b = inputs.shape[0]
     dt = layers.opt_dtype(cfg.dtype)
-    shape = (b, max_decode_len, cfg.num_heads, cfg.head_dim)
+    shape = (b, cfg.num_heads, max_decode_len, cfg.head_dim)
     cross, selfc = [], []
     for layer in self.decoder_layers:
       k, v = layer.cross_kv(encoded)
@@ -238,7 +238,7 @@ class T5(nn.Module):
   def step(self, tokens, cache):
     """One decoder position: tokens [B] -> (outputs for [B, 1], new cache)."""
     idx = cache["index"]
-    s = cache["self"][0]["k"].shape[1]
+    s = cache["self"][0]["k"].shape[2]
     k_pos = jnp.arange(s)
     bias = self.decoder_relpos(idx[None], k_pos)  # [1, H, 1, S]
     self_mask = (k_pos <= idx)[None, None, None, :]

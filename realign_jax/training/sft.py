@@ -9,8 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from realign_jax.checkpoints import manager as ckpt_lib
-from realign_jax.data import pipeline
-from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
@@ -62,6 +60,7 @@ class SFT(Algorithm):
   @property
   def vocab(self):
     if self._vocab is None:
+      from realign_jax.data import vocab as vocab_lib
       self._vocab = vocab_lib.load_vocabulary(self.vocab_path)
       if self._vocab.vocab_size > self.model.vocab_size:
         raise UserError(
@@ -86,6 +85,10 @@ class SFT(Algorithm):
 
   # ---- data -----------------------------------------------------------------
   def batches(self, start_step: int) -> Iterator[dict]:
+    # NOTE: the data modules (seqio, TensorFlow) are imported where used, so
+    # the losses here and subclasses with their own batches (benchmarks on
+    # accelerator hosts without TensorFlow) import without them.
+    from realign_jax.data import pipeline
     return pipeline.batch_iterator(
         self.task, "train", batch_size=self.batch_size // jax.process_count(),
         input_length=self.input_length, target_length=self.target_length,
@@ -94,7 +97,8 @@ class SFT(Algorithm):
         shard_index=jax.process_index(), num_shards=jax.process_count())
 
   # ---- loss -----------------------------------------------------------------
-  def loss(self, params, batch, rng):
+  def loss(self, params, batch, rng, aux=None, frozen=None):
+    del aux, frozen
     use_dropout = getattr(self.model.config, "dropout_rate", 0.0) > 0
     out = self.model.forward(params, batch["inputs"], batch["targets"],
                              dropout_rng=rng if use_dropout else None)
@@ -115,6 +119,8 @@ class SFT(Algorithm):
     return jax.jit(eval_loss), jax.jit(gen)
 
   def evaluate(self, params, step):
+    from realign_jax.data import pipeline
+    from realign_jax.data import vocab as vocab_lib
     eval_loss, gen = self._eval_fns
     total, count = 0.0, 0.0
     for batch in pipeline.eval_batches(

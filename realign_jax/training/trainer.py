@@ -38,9 +38,23 @@ class Preempted(Exception):
 
 
 class Algorithm(abc.ABC):
-  """What an algorithm contributes to the trainer loop."""
+  """What an algorithm contributes to the trainer loop.
+
+  One train step is: `prepare` (jitted; RL rollouts and frozen-model scoring
+  go here) on the whole batch, then `num_epochs` passes over it, each split
+  into `num_minibatches` shuffled minibatches with one optimizer update per
+  minibatch (PPO's inner loop; 1 x 1 for everything else), then `update_aux`.
+
+  State beyond the trainable params lives in `aux` (a pytree of arrays, e.g.
+  an adaptive KL coefficient or a target network): it is part of the train
+  state, checkpointed and restored with it. Frozen models (a reference
+  policy, a reward model) come from `frozen()` and are passed to the step as
+  arguments (never closed over as constants, never donated, never updated).
+  """
 
   name: str = "algorithm"
+  num_epochs: int = 1
+  num_minibatches: int = 1
 
   @abc.abstractmethod
   def init(self, rng) -> tuple[Any, Any]:
@@ -50,8 +64,17 @@ class Algorithm(abc.ABC):
     """(params as ShapeDtypeStructs, logical axes) without allocating anything."""
     return model_api.abstract_init(self.init)
 
+  def init_aux(self, params) -> Any:
+    """Initial auxiliary state from the initial params (traceable); default none."""
+    del params
+    return {}
+
   def setup(self, mesh, rules) -> None:
     """Host-side preparation before the first step (load frozen models, data)."""
+
+  def frozen(self) -> Any:
+    """Frozen params passed to every step (already placed on the mesh); default none."""
+    return None
 
   def initial_params(self, abstract_params) -> Optional[Any]:
     """Params to start from (e.g. INIT_CHECKPOINT) when no checkpoint exists; None = init."""
@@ -61,14 +84,31 @@ class Algorithm(abc.ABC):
   def batches(self, start_step: int) -> Iterator[Batch]:
     """Host batches (dicts of numpy arrays) for steps start_step, start_step+1, ..."""
 
-  def prepare(self, params, batch: Batch, rng) -> Batch:
-    """Jitted per-step transform before the loss (RL rollouts go here)."""
-    del params, rng
-    return batch
+  def prepare(self, params, batch: Batch, rng, aux=None, frozen=None) -> tuple[Batch, dict]:
+    """Jitted per-step transform before the updates: (batch for the loss, metrics).
+
+    Every leaf of the returned batch must have the batch size as its leading
+    dimension (minibatches are taken along it).
+    """
+    del params, rng, aux, frozen
+    return batch, {}
 
   @abc.abstractmethod
-  def loss(self, params, batch: Batch, rng) -> tuple[jax.Array, dict]:
+  def loss(self, params, batch: Batch, rng, aux=None, frozen=None) -> tuple[jax.Array, dict]:
     """(scalar loss, dict of scalar metrics); traced inside the train step."""
+
+  def update_aux(self, aux, params, metrics: dict, step) -> Any:
+    """Auxiliary state after the step's updates (traceable); default unchanged."""
+    del params, metrics, step
+    return aux
+
+  def check_step(self, metrics: dict, step: int) -> None:
+    """Host-side check of step `step`'s metrics; raise UserError to stop the run.
+
+    Runs before the non-finite-loss check and before anything of the step is
+    saved (e.g. RL: a reward that returned NaN, named with its step).
+    """
+    del metrics, step
 
   def evaluate(self, params, step: int) -> tuple[dict, list]:
     """(eval metrics, decoded samples) on the host; default none."""
@@ -147,7 +187,7 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
     def state_from_params(params):
       params = jax.lax.with_sharding_constraint(params, param_sh)
       return {"step": jnp.zeros((), jnp.int32), "params": params,
-              "opt_state": optimizer.init(params)}
+              "opt_state": optimizer.init(params), "aux": algorithm.init_aux(params)}
 
     def init_state(rng):
       return state_from_params(algorithm.init(rng)[0])
@@ -176,20 +216,60 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
 
     batch_sh = partitioning.batch_sharding(mesh)
 
-    def train_step(state, batch, rng):
-      prep_rng, loss_rng = jax.random.split(rng)
-      batch = algorithm.prepare(state["params"], batch, prep_rng)
+    epochs, n_mb = int(algorithm.num_epochs), int(algorithm.num_minibatches)
+    if epochs < 1 or n_mb < 1:
+      raise UserError(f"num_epochs and num_minibatches must be >= 1, got {epochs} and {n_mb}")
+
+    def update(params, opt_state, minibatch, rng, aux, frozen):
       (loss, metrics), grads = jax.value_and_grad(
-          lambda p: algorithm.loss(p, batch, loss_rng), has_aux=True)(state["params"])
-      updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-      params = optax.apply_updates(state["params"], updates)
-      metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+          lambda p: algorithm.loss(p, minibatch, rng, aux=aux, frozen=frozen),
+          has_aux=True)(params)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      return params, opt_state, dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+
+    def train_step(state, batch, rng, frozen):
+      prep_rng, loss_rng = jax.random.split(rng)
+      aux = state["aux"]
+      batch, prep_metrics = algorithm.prepare(state["params"], batch, prep_rng, aux=aux,
+                                              frozen=frozen)
+      if epochs == 1 and n_mb == 1:
+        params, opt_state, metrics = update(state["params"], state["opt_state"], batch,
+                                            loss_rng, aux, frozen)
+      else:
+        b = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        if b % n_mb:
+          raise UserError(f"batch size {b} is not divisible by num_minibatches {n_mb}")
+
+        def one_epoch(carry, epoch_rng):
+          perm_rng, upd_rng = jax.random.split(epoch_rng)
+          perm = jax.random.permutation(perm_rng, b)
+          mbs = jax.tree_util.tree_map(
+              lambda x: x[perm].reshape((n_mb, b // n_mb) + x.shape[1:]), batch)
+
+          def one_update(carry, xs):
+            mb, r = xs
+            p, o, m = update(carry[0], carry[1], mb, r, aux, frozen)
+            return (p, o), m
+          return jax.lax.scan(one_update, carry, (mbs, jax.random.split(upd_rng, n_mb)))
+
+        (params, opt_state), per_update = jax.lax.scan(
+            one_epoch, (state["params"], state["opt_state"]),
+            jax.random.split(loss_rng, epochs))
+        # NOTE: the first update's metrics are kept apart (`first/...`): there
+        # the policy still equals the rollout policy (PPO's ratio is exactly 1).
+        metrics = {k: jnp.mean(v) for k, v in per_update.items()}
+        metrics.update({f"first/{k}": v[0, 0] for k, v in per_update.items()})
+      metrics = dict(prep_metrics, **metrics)
       if learning_rate_fn is not None:
         metrics["learning_rate"] = learning_rate_fn(state["step"])
-      new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+      new_aux = algorithm.update_aux(aux, params, metrics, state["step"] + 1)
+      new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                   "aux": new_aux}
       return new_state, metrics
 
-    step_jit = jax.jit(train_step, in_shardings=(state_sh, batch_sh, None),
+    frozen = algorithm.frozen()
+    step_jit = jax.jit(train_step, in_shardings=(state_sh, batch_sh, None, None),
                        out_shardings=(state_sh, None), donate_argnums=(0,))
 
     writer = MetricsWriter(model_dir, resume_step=start if start else None)
@@ -201,19 +281,22 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
       bar = tqdm(total=train_steps, initial=min(start, train_steps), desc=algorithm.name,
                  unit="step", dynamic_ncols=True, mininterval=1.0)
     last_saved = start if start else None
-    if config.eval_every and start == 0 and train_steps > 0:
-      ev, _ = algorithm.evaluate(state["params"], 0)  # the starting point, for comparison
-      if ev:
-        last_eval = writer.write(0, ev, "eval")
-    tokens, t0 = 0, time.perf_counter()
     step = start
     try:
+      # NOTE: inside the try, so a failing first eval still closes the bar,
+      # the checkpointer and the writer.
+      if config.eval_every and start == 0 and train_steps > 0:
+        ev, _ = algorithm.evaluate(state["params"], 0)  # the starting point, for comparison
+        if ev:
+          last_eval = writer.write(0, ev, "eval")
+      tokens, t0 = 0, time.perf_counter()
       with _SigtermFlag() as sigterm:
         while step < train_steps:
           host_batch = next(batches)
           tokens += algorithm.num_tokens(host_batch)
           batch = _device_batch(host_batch, mesh)
-          state, metrics = step_jit(state, batch, jax.random.fold_in(base_rng, step))
+          state, metrics = step_jit(state, batch, jax.random.fold_in(base_rng, step), frozen)
+          algorithm.check_step(metrics, step + 1)
           loss = float(metrics["loss"])
           if not math.isfinite(loss):
             raise UserError(

@@ -1,0 +1,238 @@
+"""Judges: which of two responses to a prompt is better.
+
+A judge has `compare(prompts, first, second) -> Judgement`, where the
+preference of each pair is 1 (first better), 0 (second better), 0.5 (a tie)
+or NaN (no verdict: the failure is counted by reason, never guessed).
+
+- `RewardJudge`: any reward callable `(prompts, responses) -> scores`: a gold
+  reward (e.g. the length reward of eq. 10 of the DeRa paper) or a learned
+  reward model's scoring function; the higher score wins, equal scores tie.
+- `LLMJudge`: an OpenAI-compatible chat-completions endpoint prompted with
+  the DeRa paper's summary-rater prompt (appendix D.3), standard library only.
+"""
+
+import collections
+import http.client
+import json
+import logging
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from realign_jax.errors import UserError
+
+RewardFn = Callable[[Sequence[Any], Sequence[Any]], Any]  # (prompts, responses) -> [N] scores
+
+URL_ENV = "REALIGN_JUDGE_URL"
+MODEL_ENV = "REALIGN_JUDGE_MODEL"
+KEY_ENV = "REALIGN_JUDGE_API_KEY"
+
+# The rater prompt of the DeRa paper (appendix D.3), with its three slots
+# written as placeholders.
+DEFAULT_TEMPLATE = (
+    "You are an expert summary rater. Given a piece of text and two of its possible summaries, "
+    "output 1 or 2 to indicate which summary is better. Text - {text}, Summary 1 - {summary1}, "
+    "Summary 2 - {summary2}. Preferred Summary -")
+PLACEHOLDERS = ("{text}", "{summary1}", "{summary2}")
+
+
+class Judgement(NamedTuple):
+  preference: np.ndarray  # [N] float64: 1 first better, 0 second better, 0.5 tie, NaN failed
+  failures: dict  # reason -> number of pairs without a verdict for that reason
+
+
+# ---- reward judges ------------------------------------------------------------
+class RewardJudge:
+  """Prefers the response with the higher reward; equal rewards (within `tie_tolerance`) tie."""
+
+  def __init__(self, reward_fn, *, name: Optional[str] = None, tie_tolerance: float = 0.0):
+    # NOTE: a `realign_jax.rewards` Reward object (with `.score`) or a bare callable.
+    if hasattr(reward_fn, "score"):
+      name = name or getattr(reward_fn, "name", None)
+      reward_fn = reward_fn.score
+    name = name or "reward"
+    if not callable(reward_fn):
+      raise UserError(f"judge {name}: the reward function is not callable")
+    if not tie_tolerance >= 0:
+      raise UserError(f"judge {name}: tie_tolerance must be >= 0, got {tie_tolerance}")
+    self.reward_fn, self.name, self.tie_tolerance = reward_fn, name, float(tie_tolerance)
+
+  def check(self) -> None:
+    """Nothing to check: the reward was validated when it was built."""
+
+  def describe(self) -> dict:
+    return {"type": "reward", "name": self.name, "tie_tolerance": self.tie_tolerance}
+
+  def scores(self, prompts: Sequence[Any], responses: Sequence[Any]) -> np.ndarray:
+    s = np.asarray(self.reward_fn(list(prompts), list(responses)), np.float64).reshape(-1)
+    if s.shape[0] != len(responses):
+      raise UserError(f"judge {self.name}: the reward returned {s.shape[0]} scores for "
+                      f"{len(responses)} responses")
+    return s
+
+  def compare(self, prompts, first, second) -> Judgement:
+    if not len(prompts) == len(first) == len(second):
+      raise ValueError("prompts, first and second must have the same length")
+    a, b = self.scores(prompts, first), self.scores(prompts, second)
+    pref = np.where(a > b + self.tie_tolerance, 1.0,
+                    np.where(b > a + self.tie_tolerance, 0.0, 0.5))
+    bad = ~(np.isfinite(a) & np.isfinite(b))
+    pref[bad] = np.nan
+    failures = {"non_finite_reward": int(bad.sum())} if bad.any() else {}
+    return Judgement(pref, failures)
+
+
+# ---- LLM judge ----------------------------------------------------------------
+class _Retryable(Exception):
+  """A transient endpoint failure (5xx, 429, refused connection, timeout)."""
+
+
+def parse_preference(answer: str) -> Optional[int]:
+  """1 or 2 if the answer names exactly one of the two summaries, else None (unparseable)."""
+  found = set(re.findall(r"(?<![0-9.])([12])(?![0-9])", answer))
+  return int(found.pop()) if len(found) == 1 else None
+
+
+class LLMJudge:
+  """Asks an OpenAI-compatible chat endpoint which of two summaries is better.
+
+  Args:
+    url: the endpoint, either the full `.../chat/completions` URL or its base
+      (e.g. `https://host/v1`); default: $REALIGN_JUDGE_URL.
+    model: the model name sent with each request; default: $REALIGN_JUDGE_MODEL.
+    api_key: sent as a bearer token; default: $REALIGN_JUDGE_API_KEY. It is
+      never logged, printed, or written into summaries.
+    template: the prompt, with `{text}`, `{summary1}` and `{summary2}`.
+    max_retries: retries of a transient failure (HTTP 5xx or 429, a refused
+      connection, a timeout), each after an exponentially growing delay.
+    initial_backoff_s / max_backoff_s: the first delay, doubled per retry, capped.
+    timeout_s: per-request timeout.
+    max_consecutive_failures: after this many pairs in a row lost to an
+      unreachable endpoint, the remaining pairs are counted as
+      `endpoint_down` without being sent (a dead endpoint fails fast).
+  """
+
+  def __init__(self, *, url: Optional[str] = None, model: Optional[str] = None,
+               api_key: Optional[str] = None, template: str = DEFAULT_TEMPLATE,
+               max_retries: int = 4, initial_backoff_s: float = 1.0, max_backoff_s: float = 30.0,
+               timeout_s: float = 60.0, max_tokens: int = 8, temperature: float = 0.0,
+               max_consecutive_failures: int = 5, name: str = "llm"):
+    missing = [p for p in PLACEHOLDERS if p not in template]
+    if missing:
+      raise UserError(f"LLM judge: the prompt template lacks {', '.join(missing)}")
+    if max_retries < 0 or initial_backoff_s < 0 or max_backoff_s < 0 or timeout_s <= 0:
+      raise UserError("LLM judge: retries and backoff must be >= 0 and timeout_s > 0")
+    if max_consecutive_failures < 1:
+      raise UserError("LLM judge: max_consecutive_failures must be >= 1")
+    # NOTE: the endpoint is checked by `check()` (called before any judging),
+    # not here, so configs naming an LLM judge build without one configured.
+    url = url or os.environ.get(URL_ENV, "")
+    model = model or os.environ.get(MODEL_ENV, "")
+    path = urllib.parse.urlparse(url).path.rstrip("/")
+    self.url = url if not url or path.endswith("/chat/completions") else (
+        url.rstrip("/") + "/chat/completions")
+    self.model, self.template, self.name = model, template, name
+    self._api_key = api_key or os.environ.get(KEY_ENV) or None
+    self.max_retries, self.timeout_s = int(max_retries), float(timeout_s)
+    self.initial_backoff_s, self.max_backoff_s = float(initial_backoff_s), float(max_backoff_s)
+    self.max_tokens, self.temperature = int(max_tokens), float(temperature)
+    self.max_consecutive_failures = int(max_consecutive_failures)
+    self.sleep = time.sleep  # NOTE: replaceable so tests can record the backoff delays.
+
+  def check(self) -> None:
+    """Raises UserError unless an http(s) endpoint URL and a model name are set."""
+    if not self.url:
+      raise UserError(f"LLM judge: no endpoint URL (pass url= or set ${URL_ENV})")
+    parsed = urllib.parse.urlparse(self.url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+      raise UserError(f"LLM judge: the URL must be http(s)://host/..., got {self.url!r}")
+    if not self.model:
+      raise UserError(f"LLM judge: no model name (pass model= or set ${MODEL_ENV})")
+
+  def __repr__(self) -> str:  # NOTE: the key stays out of every repr and log line.
+    return f"LLMJudge(url={self.url!r}, model={self.model!r})"
+
+  def describe(self) -> dict:
+    return {"type": "llm", "name": self.name, "url": self.url, "model": self.model,
+            "max_retries": self.max_retries}
+
+  def render(self, text: str, summary1: str, summary2: str) -> str:
+    # NOTE: plain replacement, not str.format: texts and templates may hold braces.
+    return (self.template.replace("{text}", text).replace("{summary1}", summary1)
+            .replace("{summary2}", summary2))
+
+  def _post(self, body: bytes) -> bytes:
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if self._api_key:
+      headers["Authorization"] = f"Bearer {self._api_key}"
+    request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+    try:
+      with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
+        return resp.read()
+    except urllib.error.HTTPError as e:
+      if e.code == 429 or e.code >= 500:
+        raise _Retryable(f"http_{e.code}") from None
+      raise
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout,
+            TimeoutError, OSError) as e:
+      raise _Retryable(type(getattr(e, "reason", e)).__name__) from None
+
+  def ask(self, prompt: str) -> tuple[Optional[str], Optional[str]]:
+    """One chat completion with retries: (answer text, None) or (None, failure reason)."""
+    body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                       "temperature": self.temperature, "max_tokens": self.max_tokens}).encode()
+    for attempt in range(self.max_retries + 1):
+      try:
+        raw = self._post(body)
+      except _Retryable as e:
+        if attempt == self.max_retries:
+          return None, "endpoint_unavailable"
+        delay = min(self.initial_backoff_s * 2 ** attempt, self.max_backoff_s)
+        logging.warning("LLM judge %s: %s, retry %d/%d in %.2fs", self.url, e, attempt + 1,
+                        self.max_retries, delay)
+        self.sleep(delay)
+        continue
+      except urllib.error.HTTPError as e:
+        return None, f"http_{e.code}"
+      try:
+        doc = json.loads(raw.decode("utf-8"))
+        content = doc["choices"][0]["message"]["content"]
+        if not isinstance(content, str):
+          raise TypeError("content is not a string")
+      except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError):
+        return None, "malformed_response"
+      return content, None
+    return None, "endpoint_unavailable"
+
+  def compare(self, prompts, first, second) -> Judgement:
+    if not len(prompts) == len(first) == len(second):
+      raise ValueError("prompts, first and second must have the same length")
+    self.check()
+    pref = np.full(len(prompts), np.nan)
+    failures = collections.Counter()
+    consecutive = 0
+    for i, (x, a, b) in enumerate(zip(prompts, first, second)):
+      if consecutive >= self.max_consecutive_failures:
+        failures["endpoint_down"] += len(prompts) - i
+        logging.warning("LLM judge %s: unreachable for %d pairs in a row; the remaining %d pairs "
+                        "are counted as failures", self.url, consecutive, len(prompts) - i)
+        break
+      answer, reason = self.ask(self.render(str(x), str(a), str(b)))
+      if reason is not None:
+        failures[reason] += 1
+        consecutive = consecutive + 1 if reason == "endpoint_unavailable" else 0
+        continue
+      consecutive = 0
+      choice = parse_preference(answer)
+      if choice is None:
+        failures["unparseable"] += 1
+        continue
+      pref[i] = 1.0 if choice == 1 else 0.0
+    return Judgement(pref, dict(failures))

@@ -1,0 +1,70 @@
+"""Win rate of pi_1 against pi_2 under a judge (DeRa paper, appendix D.3).
+
+Each pair is shown to the judge in a random order (swapped with probability
+1/2, so a judge's position bias cancels on average) and the verdict is swapped
+back. A win counts 1, a tie 1/2; the win rate is the mean over the pairs that
+got a verdict, and pairs without one are counted by reason in the result,
+never dropped silently.
+"""
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from realign_jax.evaluation import stats
+
+
+def summarize(preference_1, failures: Optional[dict] = None) -> dict:
+  """Win-rate summary from per-pair preferences for pi_1 (1 win, 0 loss, 0.5 tie, NaN none).
+
+  Returns:
+    {"win_rate", "win_rate_se", "wins", "losses", "ties", "num_pairs",
+     "num_judged", "num_failed", "failures"}; win_rate is None without any verdict.
+  """
+  p = np.asarray(preference_1, np.float64).reshape(-1)
+  judged = np.isfinite(p)
+  failures = dict(failures or {})
+  num_failed = int((~judged).sum())
+  if num_failed != sum(failures.values()):
+    # NOTE: every missing verdict must have a reason; unexplained ones are named as such.
+    failures["unexplained"] = num_failed - sum(failures.values())
+  v = p[judged]
+  out = {"wins": int(np.sum(v == 1.0)), "losses": int(np.sum(v == 0.0)),
+         "ties": int(np.sum(v == 0.5)), "num_pairs": int(p.size), "num_judged": int(v.size),
+         "num_failed": num_failed, "failures": failures, "win_rate": None, "win_rate_se": None}
+  if v.size:
+    out["win_rate"], out["win_rate_se"] = stats.mean_and_stderr(v)
+  return out
+
+
+def win_rate(judge, prompts: Sequence[Any], responses_1: Sequence[Any],
+             responses_2: Sequence[Any], *, seed: int = 0,
+             swap: Optional[Sequence[bool]] = None) -> dict:
+  """Win rate of responses_1 (from pi_1) over responses_2 (from pi_2), pairwise by prompt.
+
+  Args:
+    judge: an object with `compare(prompts, first, second) -> Judgement`.
+    prompts, responses_1, responses_2: [N] aligned lists.
+    seed: seeds the random order of each pair.
+    swap: optional [N] explicit orders (True = responses_2 shown first).
+
+  Returns:
+    `summarize`'s dict plus "num_swapped".
+  """
+  n = len(prompts)
+  if not n == len(responses_1) == len(responses_2):
+    raise ValueError(f"{n} prompts, {len(responses_1)} and {len(responses_2)} responses")
+  if swap is None:
+    swap = np.random.default_rng(seed).random(n) < 0.5
+  swap = np.asarray(swap, bool).reshape(-1)
+  first = [b if s else a for a, b, s in zip(responses_1, responses_2, swap)]
+  second = [a if s else b for a, b, s in zip(responses_1, responses_2, swap)]
+  judgement = judge.compare(list(prompts), first, second)
+  pref = np.asarray(judgement.preference, np.float64).reshape(-1)
+  if pref.size != n:
+    raise ValueError(f"judge returned {pref.size} verdicts for {n} pairs")
+  pref_1 = np.where(swap, 1.0 - pref, pref)  # NaN stays NaN
+  out = summarize(pref_1, judgement.failures)
+  out["num_swapped"] = int(swap.sum())
+  return out
+
