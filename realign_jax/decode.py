@@ -18,7 +18,6 @@ import time
 from typing import Optional, Sequence
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -221,15 +220,8 @@ def _decode_all(runners, inputs, prompts, vocab, lambdas, n, batch_size, seed, m
 
 
 def main(argv: list) -> int:
-  files, bindings, rest = gin_utils.split_args(argv)
-  if rest:
-    raise UserError(f"unknown arguments: {' '.join(rest)}")
-  if not files:
-    raise UserError("no --gin_file given")
-  gin.external_configurable(decode, "decode")
-  gin.external_configurable(sampler.SamplingConfig, "SamplingConfig")
-  gin_utils.parse(files, bindings)
-  summary = gin_utils.call(gin.get_configurable("decode"))
+  summary = gin_utils.call(gin_utils.configure_binary(
+      argv, "decode", decode, extra=[(sampler.SamplingConfig, "SamplingConfig")]))
   print(f"wrote {summary['rows']} rows ({summary['prompts']} prompts x lambdas "
         f"{summary['lambdas']}) to {summary['output_file']}; mean KL to the reference "
         f"{summary['mean_kl']:.4f} nats")

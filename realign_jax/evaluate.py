@@ -17,7 +17,6 @@ import logging
 import os
 from typing import Any, Optional, Sequence
 
-import gin
 import numpy as np
 
 from realign_jax import gin_utils
@@ -202,15 +201,7 @@ def _print_summary(summary: dict) -> None:
 
 
 def main(argv: list) -> int:
-  files, bindings, rest = gin_utils.split_args(argv)
-  if rest:
-    raise UserError(f"unknown arguments: {' '.join(rest)}")
-  if not files:
-    raise UserError("no --gin_file given")
-  logging.basicConfig(level=logging.WARNING)
-  gin.external_configurable(evaluate, "evaluate")
-  gin_utils.parse(files, bindings)
-  _print_summary(gin_utils.call(gin.get_configurable("evaluate")))
+  _print_summary(gin_utils.call(gin_utils.configure_binary(argv, "evaluate", evaluate)))
   return 0
 
 

@@ -112,6 +112,30 @@ def call(fn: Callable, **kwargs):
     raise
 
 
+def configure_binary(argv: Sequence[str], name: str, fn: Callable,
+                     extra: Sequence[tuple] = ()) -> Callable:
+  """A binary's argument handling: `--gin_file`/`--gin.X=Y` in, the configured `fn` out.
+
+  Registers `fn` as configurable `name` (and each `(obj, name)` in `extra`),
+  parses the gin files and overrides, and returns the configured callable;
+  unknown arguments or no gin file are a UserError.
+  """
+  import logging
+  files, bindings, rest = split_args(argv)
+  if rest:
+    raise UserError(f"unknown arguments: {' '.join(rest)}")
+  if not files:
+    raise UserError("no --gin_file given")
+  logging.basicConfig(level=logging.WARNING)
+  for obj, obj_name in ((fn, name), *extra):
+    try:
+      gin.get_configurable(obj_name)
+    except ValueError:
+      gin.external_configurable(obj, obj_name)
+  parse(files, bindings)
+  return gin.get_configurable(name)
+
+
 def write_operative_config(model_dir: str, name: str = "config.gin") -> str:
   from realign_jax.checkpoints.manager import atomic_write_text
   os.makedirs(model_dir, exist_ok=True)

@@ -8,11 +8,9 @@ writes checkpoints, metrics.jsonl, TensorBoard events, model.json and the
 operative gin config into MODEL_DIR.
 """
 
-import logging
 import os
 from typing import Optional
 
-import gin
 import optax
 
 from realign_jax import gin_utils
@@ -50,15 +48,7 @@ def train(*, model_dir: str, train_steps: int, algorithm: trainer_lib.Algorithm,
 
 
 def main(argv: list) -> int:
-  files, bindings, rest = gin_utils.split_args(argv)
-  if rest:
-    raise UserError(f"unknown arguments: {' '.join(rest)}")
-  if not files:
-    raise UserError("no --gin_file given")
-  logging.basicConfig(level=logging.WARNING)
-  gin.external_configurable(train, "train")
-  gin_utils.parse(files, bindings)
-  result = gin_utils.call(gin.get_configurable("train"))
+  result = gin_utils.call(gin_utils.configure_binary(argv, "train", train))
   print(f"done: step {result['step']}; train {_fmt(result['train'])}; "
         f"eval {_fmt(result['eval'])}; run directory {result['model_dir']}")
   return 0
