@@ -57,14 +57,20 @@ def read_prompt_file(path: str) -> list:
 
 
 def load_component(model_dir: str, mesh, rules) -> dera.Component:
-  """Rebuilds the model from model.json and loads its latest params, sharded."""
+  """Rebuilds the language model from model.json and loads its latest params, sharded.
+
+  A policy trained with a value head (PPO's "lm+scalar") loads as its
+  language model alone: decoding needs only the logits.
+  """
+  from realign_jax.training import policy as policy_lib
   config, _ = ckpt_lib.read_model_json(model_dir)
   lm = LanguageModel(config)
   abstract, axes = lm.abstract_init()
   shardings = partitioning.logical_to_mesh_sharding(axes, mesh, rules)
   target = jax.tree_util.tree_map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
-  return dera.Component(lm, ckpt_lib.load_params(model_dir, target))
+  return dera.Component(lm, policy_lib.load_init_params(model_dir, target, config=config,
+                                                        what="checkpoint"))
 
 
 def encode_prompts(vocab, prompts: Sequence[str], input_length: int) -> np.ndarray:

@@ -1,0 +1,119 @@
+"""The one reward interface: `(prompts, responses) -> scores`.
+
+A `Reward` scores text (`score`, host side, used by best-of-n, evaluation and
+judges) and token arrays inside jit (`score_tokens`, used by RL rollouts).
+`score_tokens` defaults to a host callback that decodes the tokens and calls
+`score`, so any text reward works inside a jitted train step; rewards that are
+functions of the tokens (length in tokens) or of frozen params (a learned
+reward model) override it with a traceable implementation.
+
+Token conventions: `inputs` [B, Li] prompt ids right-padded with 0;
+`responses` [B, T] sampled ids, padded with 0 after EOS; `lengths` [B] the
+number of generated tokens, EOS included when it was generated.
+"""
+
+import abc
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from realign_jax.data import vocab as vocab_lib
+from realign_jax.errors import UserError
+
+EOS_ID = 1
+
+
+class Reward(abc.ABC):
+  """A scalar reward r(x, y) of a prompt and a response."""
+
+  name: str = "reward"
+  vocab_path: Optional[str] = None
+
+  def setup(self, mesh, rules) -> None:
+    """Host-side preparation (load a reward model onto the mesh); default none."""
+    del mesh, rules
+
+  def params(self) -> Any:
+    """Frozen params passed to `score_tokens` (placed on the mesh); default none."""
+    return None
+
+  @abc.abstractmethod
+  def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    """[N] float32 scores of N (prompt, response) texts."""
+
+  def score_tokens(self, params, inputs, responses, lengths) -> jax.Array:
+    """[B] float32 scores of token arrays; traceable (call inside jit)."""
+    del params
+    return host_score_tokens(self, inputs, responses, lengths)
+
+
+# ---- helpers ------------------------------------------------------------------
+def response_token_count(responses, lengths, eos_id: int = EOS_ID):
+  """Tokens of each response, EOS not counted: [B, T], [B] -> [B] int32."""
+  t = responses.shape[1]
+  live = jnp.arange(t)[None, :] < lengths[:, None]
+  return jnp.sum(live & (responses != eos_id), axis=-1).astype(jnp.int32)
+
+
+def strip_ids(ids, length: Optional[int] = None, eos_id: int = EOS_ID) -> list:
+  """The ids before the first EOS (and within `length`), pads dropped."""
+  ids = [int(i) for i in ids[:length]] if length is not None else [int(i) for i in ids]
+  if eos_id in ids:
+    ids = ids[:ids.index(eos_id)]
+  return [i for i in ids if i != 0]
+
+
+def decode_tokens(vocab, tokens, lengths=None) -> list:
+  """[B, T] ids -> B strings (up to the first EOS)."""
+  tokens = np.asarray(tokens)
+  lengths = None if lengths is None else np.asarray(lengths)
+  return [vocab_lib.decode(vocab, strip_ids(row, None if lengths is None else int(lengths[i])))
+          for i, row in enumerate(tokens)]
+
+
+def check_scores(scores, n: int, where: str) -> np.ndarray:
+  """Validates a host reward's output: shape [n], real numbers (NaN is reported later)."""
+  try:
+    scores = np.asarray(scores, np.float32).reshape(-1)
+  except (TypeError, ValueError) as e:
+    raise UserError(f"{where} returned non-numeric scores: {e}") from e
+  if scores.shape != (n,):
+    raise UserError(f"{where} returned {scores.shape[0]} scores for {n} responses")
+  return scores
+
+
+_VOCABS = {}
+
+
+def _vocab(path):
+  if path not in _VOCABS:
+    _VOCABS[path] = vocab_lib.load_vocabulary(path)
+  return _VOCABS[path]
+
+
+def host_score_tokens(reward: Reward, inputs, responses, lengths) -> jax.Array:
+  """Scores token arrays with `reward.score` on the host (a `jax.pure_callback`).
+
+  NOTE: a non-finite score is passed through unchanged: the caller reports it
+  with the step it happened at (RL algorithms count them in a metric).
+  """
+  b = responses.shape[0]
+
+  def cb(inp, resp, lens):
+    vocab = _vocab(reward.vocab_path)
+    prompts = decode_tokens(vocab, inp)
+    texts = decode_tokens(vocab, resp, lens)
+    return check_scores(reward.score(prompts, texts), b, f"reward {reward.name}")
+
+  return jax.pure_callback(cb, jax.ShapeDtypeStruct((b,), jnp.float32), inputs, responses,
+                           lengths, vmap_method="sequential")
+
+
+def score_texts(reward: Reward, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+  """`reward.score` with its output validated ([N] float32)."""
+  if len(prompts) != len(responses):
+    raise UserError(f"{len(prompts)} prompts but {len(responses)} responses")
+  return check_scores(reward.score(list(prompts), list(responses)), len(prompts),
+                      f"reward {reward.name}")
