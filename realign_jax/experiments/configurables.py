@@ -1,0 +1,9 @@
+"""Gin surface of the experiments package (imported by `gin_utils.register()`)."""
+
+import gin
+
+
+def register() -> None:
+  from realign_jax.experiments import length_reward, stages
+  gin.external_configurable(stages.OptimizerSpec, "OptimizerSpec")
+  gin.external_configurable(length_reward.length_reward, "length_reward")

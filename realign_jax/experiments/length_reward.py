@@ -1,0 +1,414 @@
+r"""The length-reward study (DeRa paper, section 5.2, Figure 2) end to end.
+
+  python -m realign_jax.experiments.length_reward \
+      --gin_file=configs/experiments/length_reward_tiny.gin --gin.MODEL_DIR="'D'"
+
+Stages, each in its own subdirectory of MODEL_DIR, cached (a rerun resumes):
+  sft                   SFT on the task (the reference pi_ref)
+  eval_sft              samples of pi_ref: how often they fall in the rewarded
+                        window [L_min, L_max] (must be < max_sft_in_range)
+  ppo_beta{B}           PPO with the length reward at the base beta B
+  dera_sweep            DeRa (logit mixing of pi_ref and that PPO model) at
+                        every lambda of the grid, ONE batched call
+  ppo_beta{B/lam}       PPO retrained at beta / lam for each lam > 0 (lam = 1
+                        is the base run itself)
+  eval_ppo_beta{B/lam}  samples of each retrained model
+then writes MODEL_DIR/report.md, results.json and the PNG figures.
+The retrained "model" at lam = 0 (beta = infinity) is pi_ref itself.
+
+All samples: the same prompts (the first `num_eval_prompts` of the eval
+split), the same row seeds, temperature 1, the RL rollouts' length limit;
+rewards are scored on the sampled tokens exactly as in training; KL is the
+exact sequence KL to pi_ref (sum of per-step full-vocabulary KL).
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Optional, Sequence
+
+import gin
+import numpy as np
+
+from realign_jax import gin_utils
+from realign_jax.checkpoints.manager import atomic_write_text
+from realign_jax.data import pipeline
+from realign_jax.errors import UserError
+from realign_jax.evaluation.stats import clean_for_json
+from realign_jax.experiments import report as rep
+from realign_jax.experiments import sampling
+from realign_jax.experiments import stages as stages_lib
+from realign_jax.models.api import LanguageModel
+from realign_jax.rewards.length import LengthReward
+from realign_jax.training import trainer as trainer_lib
+from realign_jax.training.ppo import PPO
+from realign_jax.training.sft import SFT
+
+SAMPLES = "samples.jsonl"
+
+
+def beta_name(beta: float) -> str:
+  return f"ppo_beta{beta:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """What every decode of the study shares."""
+  task: str
+  split: str
+  num_prompts: int
+  num_samples: int
+  batch_size: int
+  seed: int
+  input_length: int
+  max_new_tokens: int
+
+
+def eval_inputs(ev: EvalSettings, vocab, data_dir=None) -> np.ndarray:
+  """[num_prompts, input_length] ids of the first prompts of the eval split."""
+  ex = pipeline.text_examples(ev.task, ev.split, data_dir=data_dir, limit=ev.num_prompts)
+  if len(ex) < ev.num_prompts:
+    raise UserError(f"num_eval_prompts is {ev.num_prompts} but task {ev.task} split {ev.split} "
+                    f"holds only {len(ex)} examples")
+  return pipeline.encode_batch(vocab, ex, input_length=ev.input_length,
+                               target_length=ev.max_new_tokens)["inputs"]
+
+
+def length_reward(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: int,
+                  sft_optimizer: stages_lib.OptimizerSpec,
+                  ppo_optimizer: stages_lib.OptimizerSpec,
+                  trainer_config: trainer_lib.TrainerConfig = trainer_lib.TrainerConfig(),
+                  beta: float = 0.1,
+                  lambdas: Sequence[float] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
+                  num_eval_prompts: int = 128, num_samples: int = 2, eval_batch_size: int = 32,
+                  eval_split: str = "validation", eval_seed: int = 0,
+                  max_sft_in_range: float = 0.3, retrain_at_base_beta: bool = False,
+                  compilation_cache: bool = True, progress: bool = True) -> dict:
+  """Runs (or resumes) the study in `model_dir`; returns the results dict."""
+  t_start = time.perf_counter()
+  # ---- validate everything before any compute -----------------------------------
+  if not model_dir:
+    raise UserError("MODEL_DIR is empty")
+  lambdas = rep.check_lambdas(lambdas, "length_reward.lambdas")
+  if not isinstance(ppo.reward, LengthReward):
+    raise UserError(f"length_reward needs PPO.reward = @LengthReward(), got "
+                    f"{type(ppo.reward).__name__}")
+  if not (beta > 0 and math.isfinite(beta)):
+    raise UserError(f"length_reward.beta must be a finite number > 0, got {beta}")
+  for name, v in (("sft_steps", sft_steps), ("ppo_steps", ppo_steps),
+                  ("num_eval_prompts", num_eval_prompts), ("num_samples", num_samples),
+                  ("eval_batch_size", eval_batch_size)):
+    if v < 1:
+      raise UserError(f"length_reward.{name} must be >= 1, got {v}")
+  if ppo.model.config != sft.model.config:
+    raise UserError("SFT.model and PPO.model must be the same model config (PPO starts from SFT)")
+  window = (ppo.reward.min_length, ppo.reward.max_length)
+  if window[1] >= ppo.max_new_tokens:
+    raise UserError(f"the rewarded window [{window[0]}, {window[1]}] must end below "
+                    f"PPO.max_new_tokens = {ppo.max_new_tokens} (EOS included)")
+  if compilation_cache:
+    stages_lib.enable_compilation_cache(os.path.join(model_dir, "jax_cache"))
+
+  # NOTE: lam = 1 retrains at the base beta with the same seed: the base run.
+  retrain = {lam: beta / lam for lam in lambdas if lam > 0}
+  retrain_names = {lam: (beta_name(b) + ("_retrained" if lam == 1.0 and retrain_at_base_beta
+                                         else "")) for lam, b in retrain.items()}
+  extra_runs = [lam for lam in retrain if retrain_names[lam] != beta_name(beta)]
+  total = 4 + len(extra_runs) + len(retrain)  # sft, eval_sft, base PPO, sweep, the rest
+  runner = stages_lib.StageRunner(model_dir, total=total)
+  ev = EvalSettings(task=ppo.task, split=eval_split, num_prompts=num_eval_prompts,
+                    num_samples=num_samples, batch_size=eval_batch_size, seed=eval_seed,
+                    input_length=ppo.input_length, max_new_tokens=ppo.max_new_tokens)
+  inputs = eval_inputs(ev, ppo.vocab, ppo.data_dir)
+  lm = LanguageModel(sft.model.config, "lm")
+  mesh, rules = sampling.mesh_and_rules()
+  pol_fn = sampling.policy_fn(lm, ppo.sampling, num_samples)
+
+  def decode_policy(stage_dir, policy_dir, desc):
+    ref = sampling.load_lm_params(runner.stage_dir("sft"), lm, mesh, rules)
+    pol = sampling.load_lm_params(policy_dir, lm, mesh, rules)
+    rows = sampling.decode_rows(pol_fn, (pol, ref), inputs, num_samples=num_samples,
+                                lambdas=None, batch_size=eval_batch_size, seed=eval_seed,
+                                reward=ppo.reward, vocab=ppo.vocab, desc=desc, mesh=mesh,
+                                rules=rules, progress=progress)
+    stages_lib.write_jsonl(os.path.join(stage_dir, SAMPLES), rows)
+    return rep.summarize_rows(rows)
+
+  files = lambda result: [SAMPLES]
+
+  # ---- SFT and its samples ------------------------------------------------------
+  sft_set = stages_lib.train_settings(sft, sft_steps, sft_optimizer, trainer_config)
+  runner.run("sft", sft_set, lambda d: stages_lib.train_stage(
+      d, sft, sft_steps, sft_optimizer, trainer_config))
+  eval_sft = runner.run("eval_sft", {"policy": sft_set, "eval": ev, "reward": ppo.reward},
+                        lambda d: decode_policy(d, runner.stage_dir("sft"), "eval_sft"),
+                        files=files)
+  sft_rows = stages_lib.read_jsonl(os.path.join(runner.stage_dir("eval_sft"), SAMPLES))
+  sft_lengths = np.array([r["length"] for r in sft_rows])
+  in_range = float(np.mean((sft_lengths >= window[0]) & (sft_lengths <= window[1])))
+  if not in_range < max_sft_in_range:
+    raise UserError(f"SFT samples fall in the rewarded window [{window[0]}, {window[1]}] "
+                    f"{100 * in_range:.1f}% of the time, not below "
+                    f"{100 * max_sft_in_range:.0f}%; choose another LengthReward window (the "
+                    f"SFT stages are cached)")
+
+  # ---- PPO runs -------------------------------------------------------------------
+  def ppo_at(b):
+    return dataclasses.replace(ppo, beta=float(b), init_checkpoint=runner.stage_dir("sft"))
+
+  def train_ppo(name, b):
+    alg = ppo_at(b)
+    settings = {"sft": sft_set, "ppo": stages_lib.train_settings(alg, ppo_steps, ppo_optimizer,
+                                                                 trainer_config)}
+    # NOTE: the init checkpoint's path is the stage layout, not a setting.
+    settings["ppo"]["algorithm"] = dataclasses.replace(alg, init_checkpoint="<sft stage>")
+    runner.run(name, settings, lambda d: stages_lib.train_stage(
+        d, alg, ppo_steps, ppo_optimizer, trainer_config))
+    return settings
+
+  base_set = train_ppo(beta_name(beta), beta)
+
+  # ---- DeRa: every lambda in one batched call ----------------------------------------
+  swp_fn = sampling.sweep_fn(lm, ppo.sampling, num_samples)
+
+  def dera_stage(d):
+    ref = sampling.load_lm_params(runner.stage_dir("sft"), lm, mesh, rules)
+    aligned = sampling.load_lm_params(runner.stage_dir(beta_name(beta)), lm, mesh, rules)
+    rows = sampling.decode_rows(swp_fn, (ref, aligned), inputs, num_samples=num_samples,
+                                lambdas=lambdas, batch_size=eval_batch_size, seed=eval_seed,
+                                reward=ppo.reward, vocab=ppo.vocab, desc="dera_sweep",
+                                mesh=mesh, rules=rules, progress=progress)
+    stages_lib.write_jsonl(os.path.join(d, SAMPLES), rows)
+    return {"num_rows": len(rows)}
+  runner.run("dera_sweep", {"aligned": base_set, "eval": ev, "reward": ppo.reward,
+                            "lambdas": lambdas}, dera_stage, files=files)
+
+  # ---- retrained at beta / lam ---------------------------------------------------------
+  retrained = {0.0: eval_sft} if 0.0 in lambdas else {}
+  for lam, b in retrain.items():
+    name = retrain_names[lam]
+    if name != beta_name(beta):
+      settings = train_ppo(name, b)
+    else:
+      settings = base_set
+    retrained[lam] = runner.run("eval_" + name, {"policy": settings, "eval": ev,
+                                                 "reward": ppo.reward},
+                                lambda d, name=name: decode_policy(
+                                    d, runner.stage_dir(name), "eval_" + name), files=files)
+
+  # ---- results and report ---------------------------------------------------------------
+  dera_rows = stages_lib.read_jsonl(os.path.join(runner.stage_dir("dera_sweep"), SAMPLES))
+  retrained_rows = {lam: (sft_rows if lam == 0.0 else stages_lib.read_jsonl(os.path.join(
+      runner.stage_dir("eval_" + retrain_names[lam]), SAMPLES))) for lam in lambdas}
+  wall = time.perf_counter() - t_start
+  results = build_results(
+      lambdas=lambdas, beta=beta, window=window, dera_rows=dera_rows,
+      retrained_rows=retrained_rows, sft_in_range=in_range, max_sft_in_range=max_sft_in_range,
+      stage_seconds=dict(runner.timings), stage_cpu_seconds=dict(runner.cpu_timings),
+      invocation_seconds=wall, ran=list(runner.ran),
+      max_new_tokens=ppo.max_new_tokens,
+      settings={"sft_steps": sft_steps, "ppo_steps": ppo_steps, "num_eval_prompts":
+                num_eval_prompts, "num_samples": num_samples, "eval_split": eval_split,
+                "task": ppo.task, "model": rep_model(sft), "retrained_names": {
+                    f"{lam:g}": retrain_names[lam] for lam in retrain}})
+  figures = write_figures(model_dir, results, dera_rows, retrained_rows)
+  results["figures"] = {k: os.path.basename(v) for k, v in figures.items()}
+  atomic_write_text(os.path.join(model_dir, "results.json"),
+                    json.dumps(clean_for_json(results), indent=1))
+  atomic_write_text(os.path.join(model_dir, "report.md"), render_report(results))
+  results["report"] = os.path.join(model_dir, "report.md")
+  results["figure_paths"] = figures
+  return results
+
+
+def rep_model(sft: SFT) -> str:
+  c = sft.model.config
+  return f"{type(c).__name__}({', '.join(f'{k}={v}' for k, v in dataclasses.asdict(c).items())})"
+
+
+def _by_lam(rows, lam):
+  out = [r for r in rows if r["lam"] == lam]
+  if not out:
+    raise UserError(f"the DeRa sweep holds no rows at lambda {lam}")
+  return out
+
+
+def build_results(*, lambdas, beta, window, dera_rows, retrained_rows, sft_in_range,
+                  max_sft_in_range, stage_seconds, invocation_seconds, ran, max_new_tokens,
+                  settings, stage_cpu_seconds=None) -> dict:
+  """Every number of results.json and report.md, from the decode rows."""
+  lambdas = rep.check_lambdas(lambdas)
+  dera = [rep.summarize_rows(_by_lam(dera_rows, lam)) for lam in lambdas]
+  retr = [rep.summarize_rows(retrained_rows[lam]) for lam in lambdas]
+  col = lambda ss, f: [s[f] for s in ss]
+  out = {
+      "lambdas": lambdas, "beta": beta,
+      "retrained_beta": [None if lam == 0 else beta / lam for lam in lambdas],
+      "window": list(window), "sft_in_range_fraction": sft_in_range,
+      "max_sft_in_range": max_sft_in_range, "max_new_tokens": max_new_tokens,
+  }
+  for prefix, ss in (("dera", dera), ("retrained", retr)):
+    for f in ("reward", "kl", "log_ratio", "length"):
+      key = {"log_ratio": "kl_log_ratio"}.get(f, f)
+      out[f"{prefix}_{key}"] = col(ss, f)
+      out[f"{prefix}_{key}_se"] = col(ss, f + "_se")
+    out[f"{prefix}_in_range"] = [float(np.mean([r["reward"] == 0.0 for r in (
+        _by_lam(dera_rows, lam) if prefix == "dera" else retrained_rows[lam])])) for lam in lambdas]
+  out["pearson"] = rep.pearson(out["dera_reward"], out["retrained_reward"])
+  out["pearson_kl"] = rep.pearson(out["dera_kl"], out["retrained_kl"])
+  out["reward_disagreement_lambdas"] = rep.disagreements(
+      lambdas, out["dera_reward"], out["dera_reward_se"], out["retrained_reward"],
+      out["retrained_reward_se"])
+  out["dera_verdict"] = rep.regularisation_verdict(lambdas, out["dera_reward"],
+                                                   out["dera_reward_se"], out["dera_kl"], "DeRa")
+  out["retrained_verdict"] = rep.regularisation_verdict(
+      lambdas, out["retrained_reward"], out["retrained_reward_se"], out["retrained_kl"],
+      "the model retrained")
+  # NOTE: DeRa at lambda = 1 samples exactly the base PPO model with the same row
+  # seeds, and at lambda = 0 exactly pi_ref: identical tokens are a check of the pipeline.
+  checks = {}
+  for lam in (0.0, 1.0):
+    if lam in lambdas and (lam == 0.0 or settings.get("retrained_names", {}).get("1") ==
+                           f"ppo_beta{beta:g}"):
+      a = {(r["prompt_index"], r["sample"]): r["tokens"] for r in _by_lam(dera_rows, lam)}
+      b = {(r["prompt_index"], r["sample"]): r["tokens"] for r in retrained_rows[lam]}
+      checks[f"{lam:g}"] = float(np.mean([a[k] == b.get(k) for k in a]))
+  out["identical_samples_fraction"] = checks
+  out["stage_seconds"] = stage_seconds
+  out["total_stage_seconds"] = float(sum(v for v in stage_seconds.values() if math.isfinite(v)))
+  cpu = stage_cpu_seconds or {}
+  out["stage_cpu_seconds"] = {k: (v if math.isfinite(v) else None) for k, v in cpu.items()}
+  out["total_stage_cpu_seconds"] = (float(sum(cpu.values())) if cpu and all(
+      math.isfinite(v) for v in cpu.values()) else None)
+  out["invocation_seconds"] = invocation_seconds
+  out["stages_run_now"] = ran
+  out["settings"] = settings
+  out["num_rows_per_lambda"] = dera[0]["num_rows"]
+  return out
+
+
+def write_figures(model_dir, results, dera_rows, retrained_rows) -> dict:
+  lambdas = results["lambdas"]
+  figs = {}
+  figs["reward"] = rep.plot_curves(
+      os.path.join(model_dir, "fig2a_reward_vs_lambda.png"), lambdas,
+      {"DeRa (one aligned model)": (results["dera_reward"], results["dera_reward_se"]),
+       "retrained at beta / lambda": (results["retrained_reward"],
+                                      results["retrained_reward_se"])},
+      ylabel="mean length reward", title="Length reward against lambda (Fig. 2a)")
+  figs["kl"] = rep.plot_curves(
+      os.path.join(model_dir, "kl_vs_lambda.png"), lambdas,
+      {"DeRa": (results["dera_kl"], results["dera_kl_se"]),
+       "retrained": (results["retrained_kl"], results["retrained_kl_se"])},
+      ylabel="KL(pi || pi_ref), nats", title="KL to the SFT model against lambda")
+  window = tuple(results["window"])
+  t_max = results["max_new_tokens"]
+  figs["dera_hist"] = rep.plot_histograms(
+      os.path.join(model_dir, "fig2b_dera_lengths.png"),
+      {lam: [r["length"] for r in _by_lam(dera_rows, lam)] for lam in lambdas}, window=window,
+      title="DeRa response lengths (Fig. 2b)", max_length=t_max)
+  figs["retrained_hist"] = rep.plot_histograms(
+      os.path.join(model_dir, "fig2c_retrained_lengths.png"),
+      {lam: [r["length"] for r in retrained_rows[lam]] for lam in lambdas}, window=window,
+      title="Retrained response lengths (Fig. 2c)", max_length=t_max)
+  return figs
+
+
+def render_report(res: dict) -> str:
+  f = rep.fmt
+  lam = res["lambdas"]
+  lines = ["# Length-reward study (DeRa paper, Figure 2), toy scale", ""]
+  s = res["settings"]
+  lines += [
+      f"Model: `{s['model']}`; task `{s['task']}`; SFT {s['sft_steps']} steps, every PPO run "
+      f"{s['ppo_steps']} steps. Evaluation: the first {s['num_eval_prompts']} prompts of the "
+      f"`{s['eval_split']}` split, {s['num_samples']} samples each at temperature 1 "
+      f"({res['num_rows_per_lambda']} responses per lambda and model), at most "
+      f"{res['max_new_tokens']} tokens.", "",
+      f"Length reward (eq. 10): 0 if {res['window'][0]} <= |y| <= {res['window'][1]} tokens, "
+      f"else -1. SFT samples fall in that window **{100 * res['sft_in_range_fraction']:.1f}%** "
+      f"of the time (measured in this run; required below "
+      f"{100 * res['max_sft_in_range']:.0f}%).", "",
+      f"Base PPO at beta = {res['beta']:g}; DeRa mixes the logits of the SFT model and that "
+      f"PPO model with weight lambda, all lambdas in one batched sampling call. Retrained: PPO "
+      f"from the same SFT model at beta / lambda (lambda = 0: the SFT model itself"
+      + ("; lambda = 1: the base run, reused" if s["retrained_names"].get("1") ==
+         f"ppo_beta{res['beta']:g}" else "") + ").", ""]
+  rows = []
+  for i, x in enumerate(lam):
+    rb = res["retrained_beta"][i]
+    rows.append([f"{x:g}", "inf" if rb is None else f"{rb:g}",
+                 f"{f(res['dera_reward'][i])} ± {f(res['dera_reward_se'][i])}",
+                 f"{f(res['retrained_reward'][i])} ± {f(res['retrained_reward_se'][i])}",
+                 f"{f(res['dera_kl'][i])} ± {f(res['dera_kl_se'][i])}",
+                 f"{f(res['retrained_kl'][i])} ± {f(res['retrained_kl_se'][i])}",
+                 f"{f(res['dera_length'][i], 1)}", f"{f(res['retrained_length'][i], 1)}"])
+  lines += ["## Results", "", rep.markdown_table(
+      ["lambda", "retrained beta", "DeRa reward", "retrained reward", "DeRa KL (nats)",
+       "retrained KL (nats)", "DeRa length", "retrained length"], rows), "",
+      "Means ± standard errors (clustered by prompt). KL is the exact sequence KL to the SFT "
+      "model (sum over steps of the full-vocabulary KL along the sampled responses).", ""]
+  p = res["pearson"]
+  lines += ["## Does DeRa track retraining?", "",
+            f"- Pearson correlation of the mean rewards of DeRa and the retrained models across "
+            f"the {len(lam)} lambdas: **{f(p)}**" + (" (undefined: a constant curve)"
+                                                        if p is None else "") + "; of their KLs: "
+            f"{f(res['pearson_kl'])}."]
+  dis = res["reward_disagreement_lambdas"]
+  if dis:
+    lines.append(f"- **DeRa and retraining disagree** (mean rewards more than 2 standard errors "
+                 f"apart) at lambda = {', '.join(f'{x:g}' for x in dis)}.")
+  else:
+    lines.append("- At no lambda do the mean rewards of DeRa and retraining differ by more than "
+                 "2 standard errors.")
+  if p is not None and p < 0.9:
+    lines.append(f"- The correlation is below 0.9: on this run DeRa is a weak proxy for "
+                 f"retraining.")
+  for k, v in res["identical_samples_fraction"].items():
+    lines.append(f"- Check: at lambda = {k}, DeRa's samples equal the "
+                 f"{'SFT' if k == '0' else 'base PPO'} model's token for token in "
+                 f"{100 * v:.0f}% of rows (same row seeds; expected 100%).")
+  lines += ["", "## Is the base beta over- or under-regularised?", ""]
+  dv, rv = res["dera_verdict"], res["retrained_verdict"]
+  lines.append(f"- From DeRa's reward curve: **{dv['verdict']}**: {dv['reason']}.")
+  lines.append(f"- From the retrained models: **{rv['verdict']}**: {rv['reason']}.")
+  if dv["verdict"] != rv["verdict"]:
+    lines.append("- The two verdicts differ: DeRa and retraining disagree on this point.")
+  lines += ["", "## Figures", "",
+            "![reward against lambda](fig2a_reward_vs_lambda.png)", "",
+            "![KL against lambda](kl_vs_lambda.png)", "",
+            "![DeRa lengths](fig2b_dera_lengths.png)", "",
+            "![retrained lengths](fig2c_retrained_lengths.png)", "",
+            "## Time", ""]
+  st, cpu = res["stage_seconds"], res.get("stage_cpu_seconds") or {}
+  lines.append(rep.markdown_table(
+      ["stage", "wall seconds", "CPU seconds (all threads)"],
+      [[k, f"{v:.0f}", "n/a" if cpu.get(k) is None else f"{cpu[k]:.0f}"] for k, v in st.items()]))
+  tc = res.get("total_stage_cpu_seconds")
+  lines += ["", f"Sum of stage times: {res['total_stage_seconds']:.0f} s wall"
+            + ("" if tc is None else f", {tc:.0f} s CPU") + f" on {os.cpu_count()} cores. "
+            "This invocation: "
+            f"{res['invocation_seconds']:.0f} s wall (stages run now: "
+            f"{', '.join(res['stages_run_now']) or 'none, all cached'})."]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: list) -> int:
+  files, bindings, rest = gin_utils.split_args(argv)
+  if rest:
+    raise UserError(f"unknown arguments: {' '.join(rest)}")
+  if not files:
+    raise UserError("no --gin_file given")
+  logging.basicConfig(level=logging.WARNING)
+  gin_utils.parse(files, bindings)
+  res = gin_utils.call(gin.get_configurable("length_reward"))
+  print(f"Pearson(DeRa, retrained) = {rep.fmt(res['pearson'])}; report: {res['report']}")
+  print("plots: " + ", ".join(res["figure_paths"].values()))
+  return 0
+
+
+if __name__ == "__main__":
+  gin_utils.run_main(main)

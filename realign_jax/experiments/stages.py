@@ -1,0 +1,253 @@
+"""Stage machinery of the studies: each stage in its own directory, cached, resumable.
+
+A study is a sequence of named stages (train SFT, train PPO at some beta,
+decode a sweep, ...). Stage `name` works in `ROOT/name/` and, when it has
+finished, writes `ROOT/name/stage.json`:
+
+  {"name", "settings", "result", "files", "seconds", "cpu_seconds"}
+
+A rerun of the study skips a stage whose stage.json is intact, whose
+settings equal the ones asked for now, and whose listed output files all
+exist; it returns the cached `result`. A stage without an intact stage.json
+(killed half-way, or its marker corrupted) or with an output file missing is
+run again; its function resumes what it can (the trainer restarts from the
+stage directory's latest checkpoint). A finished stage whose settings differ
+from the ones asked for is an error: its outputs belong to another
+configuration, and silently mixing the two would corrupt the study.
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from typing import Any, Callable, Optional
+
+from realign_jax.checkpoints.manager import atomic_write_text
+from realign_jax.errors import UserError
+
+STAGE_JSON = "stage.json"
+
+
+def canonical(value: Any) -> Any:
+  """A JSON-comparable form of settings: dataclasses as dicts, tuples as lists, floats kept."""
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    out = {"__type__": type(value).__name__}
+    for f in dataclasses.fields(value):
+      if f.name.startswith("_"):
+        continue
+      out[f.name] = canonical(getattr(value, f.name))
+    return out
+  if isinstance(value, dict):
+    return {str(k): canonical(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [canonical(v) for v in value]
+  if isinstance(value, float) and not math.isfinite(value):
+    return repr(value)
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  return repr(value)
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> Optional[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in sorted(set(a) | set(b)):
+      if k not in a or k not in b:
+        return f"{path}.{k}".lstrip(".")
+      d = _first_difference(a[k], b[k], f"{path}.{k}")
+      if d:
+        return d
+    return None
+  if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+    for i, (x, y) in enumerate(zip(a, b)):
+      d = _first_difference(x, y, f"{path}[{i}]")
+      if d:
+        return d
+    return None
+  return None if a == b else (path.lstrip(".") or "(settings)")
+
+
+class StageRunner:
+  """Runs a study's stages under `root`, skipping the finished ones."""
+
+  def __init__(self, root: str, total: Optional[int] = None, log: Callable[[str], None] = print):
+    if not root:
+      raise UserError("MODEL_DIR is empty")
+    self.root = root
+    self.total = total
+    self.log = log
+    self.index = 0
+    self.timings = {}  # name -> seconds (of the run that produced the stage)
+    self.cpu_timings = {}  # name -> CPU seconds of this process, all threads
+    self.ran = []  # names of the stages run (not cached) in this invocation
+    os.makedirs(root, exist_ok=True)
+
+  def stage_dir(self, name: str) -> str:
+    return os.path.join(self.root, name)
+
+  def _read(self, name: str) -> Optional[dict]:
+    """The intact stage.json of `name`, or None (absent, corrupted or incomplete)."""
+    path = os.path.join(self.stage_dir(name), STAGE_JSON)
+    if not os.path.exists(path):
+      return None
+    try:
+      with open(path) as f:
+        doc = json.load(f)
+    except (OSError, ValueError) as e:
+      logging.warning("stage %s: %s is unreadable (%s); running the stage again", name, path, e)
+      return None
+    if not (isinstance(doc, dict) and doc.get("name") == name and "settings" in doc
+            and "result" in doc and isinstance(doc.get("files", []), list)):
+      logging.warning("stage %s: %s is incomplete; running the stage again", name, path)
+      return None
+    missing = [f for f in doc.get("files", [])
+               if not os.path.exists(os.path.join(self.stage_dir(name), f))]
+    if missing:
+      logging.warning("stage %s: output %s is missing; running the stage again", name, missing[0])
+      return None
+    return doc
+
+  def is_done(self, name: str, settings: Any) -> bool:
+    doc = self._read(name)
+    return doc is not None and doc["settings"] == canonical(settings)
+
+  def run(self, name: str, settings: Any, fn: Callable[[str], dict], *,
+          files: Callable[[dict], list] = lambda result: []) -> dict:
+    """Runs stage `name` (or returns its cached result).
+
+    Args:
+      name: the stage's directory name under the root.
+      settings: everything the stage's outputs depend on (compared on reruns).
+      fn: fn(stage_dir) -> a JSON-serialisable result dict; must resume or
+        overwrite whatever a killed earlier attempt left in stage_dir.
+      files: result -> the output files (relative to stage_dir) that must
+        exist for the cached stage to count as finished.
+
+    Returns:
+      The stage's result.
+    """
+    self.index += 1
+    count = f"[{self.index}/{self.total}]" if self.total else f"[{self.index}]"
+    settings = canonical(settings)
+    doc = self._read(name)
+    if doc is not None:
+      if doc["settings"] != settings:
+        diff = _first_difference(doc["settings"], settings)
+        raise UserError(
+            f"stage {name} in {self.root} was run with other settings ({diff}: "
+            f"{_at(doc['settings'], diff)!r} then, {_at(settings, diff)!r} now); use a fresh "
+            f"MODEL_DIR or delete {self.stage_dir(name)}")
+      self.timings[name] = float(doc.get("seconds", math.nan))
+      self.cpu_timings[name] = float(doc.get("cpu_seconds", math.nan))
+      self.log(f"{count} {name}: finished earlier, cached ({self.stage_dir(name)})")
+      return doc["result"]
+    self.log(f"{count} {name}: running in {self.stage_dir(name)}")
+    os.makedirs(self.stage_dir(name), exist_ok=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = fn(self.stage_dir(name))
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    doc = {"name": name, "settings": settings, "result": result,
+           "files": list(files(result)), "seconds": seconds, "cpu_seconds": cpu}
+    atomic_write_text(os.path.join(self.stage_dir(name), STAGE_JSON), json.dumps(doc, indent=1))
+    self.timings[name] = seconds
+    self.cpu_timings[name] = cpu
+    self.ran.append(name)
+    self.log(f"{count} {name}: done in {seconds:.0f} s")
+    return result
+
+  def reset(self, name: str) -> None:
+    """Deletes a stage's directory (its outputs and checkpoints)."""
+    shutil.rmtree(self.stage_dir(name), ignore_errors=True)
+
+
+def _at(tree: Any, path: Optional[str]) -> Any:
+  """The value at a dotted path from `_first_difference` (best effort, for messages)."""
+  if not path or path == "(settings)":
+    return tree
+  node = tree
+  for part in path.replace("[", ".[").split("."):
+    if not part:
+      continue
+    try:
+      node = node[int(part[1:-1])] if part.startswith("[") else node[part]
+    except (KeyError, IndexError, TypeError, ValueError):
+      return "<absent>"
+  return node
+
+
+def write_jsonl(path: str, rows: list) -> None:
+  """Writes rows as JSON lines atomically (the file appears only when complete)."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      for r in rows:
+        f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def read_jsonl(path: str) -> list:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+# ---- training stages ------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """The optimizer of a training stage (`training.optim.make_optimizer`'s arguments).
+
+  The studies train several runs of different lengths from one spec, so the
+  schedule's total steps come from the stage, not from the config.
+  """
+
+  name: str = "adamw"
+  learning_rate: float = 1e-3
+  schedule: str = "constant"
+  warmup_steps: int = 0
+  weight_decay: float = 0.0
+  grad_clip_norm: float = 1.0
+
+  def build(self, total_steps: int):
+    from realign_jax.training import optim
+    return optim.make_optimizer(name=self.name, learning_rate=self.learning_rate,
+                                schedule=self.schedule, warmup_steps=self.warmup_steps,
+                                total_steps=total_steps, weight_decay=self.weight_decay,
+                                grad_clip_norm=self.grad_clip_norm)
+
+
+def train_settings(algorithm, steps: int, optimizer: OptimizerSpec, trainer_config) -> dict:
+  """What a training stage's checkpoints depend on (progress display excluded)."""
+  return {"algorithm": algorithm, "steps": int(steps), "optimizer": optimizer,
+          "trainer": dataclasses.replace(trainer_config, progress=True)}
+
+
+def train_stage(run_dir: str, algorithm, steps: int, optimizer: OptimizerSpec,
+                trainer_config) -> dict:
+  """Trains `algorithm` in `run_dir` through the train binary's function (resumes there)."""
+  from realign_jax import train as train_bin
+  result = train_bin.train(model_dir=run_dir, train_steps=steps, algorithm=algorithm,
+                           optimizer=optimizer.build(steps), trainer_config=trainer_config)
+  if result["step"] != steps:
+    raise UserError(f"training in {run_dir} stopped at step {result['step']} of {steps}")
+  last = {k: float(v) for k, v in (result.get("train") or {}).items()
+          if isinstance(v, (int, float)) or getattr(v, "ndim", None) == 0}
+  return {"step": int(result["step"]), "last_train": last}
+
+
+def enable_compilation_cache(directory: str) -> None:
+  """Persists compiled XLA programs under `directory`.
+
+  NOTE: a study trains several PPO runs whose train steps are the same
+  program (beta lives in the checkpointed aux state, not in the code), and a
+  rerun compiles everything again; the persistent cache turns those
+  recompilations into reads.
+  """
+  import jax
+  os.makedirs(directory, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -1,0 +1,315 @@
+"""The studies: stage machinery, results and report from fake stage outputs, configs, a smoke run."""
+
+import glob
+import json
+import math
+import os
+
+import gin
+import numpy as np
+import pytest
+
+from realign_jax import gin_utils
+from realign_jax.errors import UserError
+from realign_jax.experiments import length_reward as lr
+from realign_jax.experiments import report as rep
+from realign_jax.experiments import stages as stages_lib
+from realign_jax.models.api import count_params
+from realign_jax.rewards.length import LengthReward
+from realign_jax.training import trainer as trainer_lib
+from realign_jax.training.ppo import PPO
+from realign_jax.training.sft import SFT
+
+from tests.conftest import REPO_ROOT
+
+LR_GIN = "configs/experiments/length_reward_tiny.gin"
+
+
+@pytest.fixture
+def clean_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+# ---- stage machinery ------------------------------------------------------------------
+class _Counter:
+  def __init__(self):
+    self.calls = 0
+
+  def __call__(self, stage_dir):
+    self.calls += 1
+    with open(os.path.join(stage_dir, "out.txt"), "w") as f:
+      f.write(str(self.calls))
+    return {"value": 7, "calls": self.calls}
+
+
+def _files(result):
+  del result
+  return ["out.txt"]
+
+
+def test_finished_stage_is_skipped_and_its_result_returned(tmp_path):
+  fn = _Counter()
+  r1 = stages_lib.StageRunner(str(tmp_path), log=lambda s: None)
+  assert r1.run("a", {"x": 1}, fn, files=_files) == {"value": 7, "calls": 1}
+  assert r1.ran == ["a"]
+  r2 = stages_lib.StageRunner(str(tmp_path), log=lambda s: None)
+  assert r2.run("a", {"x": 1}, fn, files=_files) == {"value": 7, "calls": 1}
+  assert fn.calls == 1 and r2.ran == [] and r2.timings["a"] >= 0
+
+
+@pytest.mark.parametrize("damage", ["truncated_marker", "no_marker", "missing_output",
+                                    "wrong_name"])
+def test_corrupted_or_partial_stage_is_redone(tmp_path, damage):
+  fn = _Counter()
+  runner = stages_lib.StageRunner(str(tmp_path), log=lambda s: None)
+  runner.run("a", {"x": 1}, fn, files=_files)
+  marker = tmp_path / "a" / stages_lib.STAGE_JSON
+  if damage == "truncated_marker":
+    marker.write_text(marker.read_text()[:20])
+  elif damage == "no_marker":
+    marker.unlink()  # killed before the stage finished
+  elif damage == "missing_output":
+    (tmp_path / "a" / "out.txt").unlink()
+  else:
+    doc = json.loads(marker.read_text())
+    doc["name"] = "b"
+    marker.write_text(json.dumps(doc))
+  again = stages_lib.StageRunner(str(tmp_path), log=lambda s: None)
+  assert again.run("a", {"x": 1}, fn, files=_files)["calls"] == 2
+  assert fn.calls == 2 and again.ran == ["a"]
+  # ... and the redone stage is whole again.
+  assert stages_lib.StageRunner(str(tmp_path), log=lambda s: None).is_done("a", {"x": 1})
+
+
+def test_changed_settings_are_refused_naming_the_field(tmp_path):
+  runner = stages_lib.StageRunner(str(tmp_path), log=lambda s: None)
+  settings = {"ppo": PPO(model=SFT(model=_lm()).model, reward=LengthReward(3, 5), beta=0.1)}
+  runner.run("a", settings, _Counter(), files=_files)
+  changed = {"ppo": PPO(model=SFT(model=_lm()).model, reward=LengthReward(3, 6), beta=0.1)}
+  with pytest.raises(UserError, match=r"ppo\.reward\.max_length: 5 then, 6 now"):
+    stages_lib.StageRunner(str(tmp_path), log=lambda s: None).run("a", changed, _Counter())
+
+
+def test_canonical_settings():
+  c = stages_lib.canonical({"t": (1, 2.5), "inf": math.inf, "obj": object})
+  assert c["t"] == [1, 2.5] and c["inf"] == "inf" and isinstance(c["obj"], str)
+  ppo = stages_lib.canonical(PPO(model=_lm(), reward=LengthReward(3, 5), beta=0.2))
+  assert ppo["__type__"] == "PPO" and ppo["beta"] == 0.2
+  assert ppo["reward"] == {"__type__": "LengthReward", "min_length": 3, "max_length": 5,
+                           "unit": "tokens", "vocab_path": None, "name": "length"}
+  assert json.loads(json.dumps(ppo)) == ppo
+
+
+def _lm():
+  from realign_jax.models.api import LanguageModel
+  from tests.helpers import TINY_BUILTIN
+  return LanguageModel(TINY_BUILTIN["t5"])
+
+
+# ---- numbers and report from fake stage outputs ------------------------------------------
+def test_pearson_by_hand():
+  # x = (0, 1, 2), y = (1, 3, 2): dx = (-1, 0, 1), dy = (-1, 1, 0); r = 1 / sqrt(2 * 2).
+  assert rep.pearson([0, 1, 2], [1, 3, 2]) == pytest.approx(0.5, abs=1e-12)
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=6), rng.normal(size=6)
+  assert rep.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
+  assert rep.pearson(x, 3 * x + 1) == pytest.approx(1.0)
+  assert rep.pearson([1, 1, 1], [1, 2, 3]) is None and rep.pearson([1], [2]) is None
+
+
+@pytest.mark.parametrize("grid,match", [([0.0, 1.0, 1.0], "duplicates"),
+                                        ([0.0, math.inf], "non-finite"),
+                                        ([0.0, math.nan], "non-finite"),
+                                        ([1.0, -0.5], "negative"), ([], "empty")])
+def test_bad_lambda_grid(grid, match):
+  with pytest.raises(UserError, match=match):
+    rep.check_lambdas(grid)
+
+
+def _fake_rows(lambdas, rewards_by_lam, n_prompts=4, samples=2, seed=0):
+  """Rows with rewards in {0, -1} whose per-lambda mean is exactly the given value."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for lam, mean in zip(lambdas, rewards_by_lam):
+    n = n_prompts * samples
+    hits = int(round((1 + mean) * n))  # reward 0 on `hits` rows, -1 on the rest
+    flags = np.array([1] * hits + [0] * (n - hits))
+    rng.shuffle(flags)
+    for i in range(n):
+      length = 5 if flags[i] else 12
+      rows.append({"prompt_index": i // samples, "sample": i % samples, "lam": lam,
+                   "tokens": [7] * length + [1], "length": length,
+                   "reward": 0.0 if flags[i] else -1.0, "kl": 0.5 * lam + 0.01 * i,
+                   "log_ratio": 0.5 * lam, "response": "x " * length})
+  return rows
+
+
+def _fake_results(tmp_path, dera_means, retrained_means, lambdas=(0.0, 0.5, 1.0, 2.0)):
+  lambdas = list(lambdas)
+  dera_rows = _fake_rows(lambdas, dera_means)
+  retr_rows = _fake_rows(lambdas, retrained_means, seed=1)
+  by_lam = {lam: [dict(r, lam=None) for r in retr_rows if r["lam"] == lam] for lam in lambdas}
+  by_lam[0.0] = [dict(r) for r in dera_rows if r["lam"] == 0.0]  # the reference itself
+  by_lam[1.0] = [dict(r) for r in dera_rows if r["lam"] == 1.0]  # the base run itself
+  res = lr.build_results(
+      lambdas=lambdas, beta=0.1, window=(3, 6), dera_rows=dera_rows, retrained_rows=by_lam,
+      sft_in_range=0.125, max_sft_in_range=0.3, stage_seconds={"sft": 3.0, "ppo": 4.0},
+      invocation_seconds=9.0, ran=["ppo"], max_new_tokens=16,
+      settings={"sft_steps": 1, "ppo_steps": 1, "num_eval_prompts": 4, "num_samples": 2,
+                "eval_split": "validation", "task": "t", "model": "m",
+                "retrained_names": {"0.5": "ppo_beta0.2", "1": "ppo_beta0.1",
+                                    "2": "ppo_beta0.05"}})
+  return res, dera_rows, by_lam
+
+
+def test_results_and_report_from_fake_stage_outputs(tmp_path):
+  dera = [-1.0, -0.75, -0.5, -0.25]
+  retrained = [-1.0, -0.875, -0.5, -0.125]
+  res, dera_rows, by_lam = _fake_results(tmp_path, dera, retrained)
+  assert res["lambdas"] == [0.0, 0.5, 1.0, 2.0]
+  assert res["dera_reward"] == pytest.approx(dera)
+  # lambda 0 and 1 are the reference and the base run: the same rows as DeRa's.
+  assert res["retrained_reward"] == pytest.approx([-1.0, -0.875, -0.5, -0.125])
+  assert res["pearson"] == pytest.approx(np.corrcoef(dera, res["retrained_reward"])[0, 1])
+  assert res["dera_kl"] == pytest.approx([0.5 * lam + 0.035 for lam in res["lambdas"]])
+  assert res["retrained_beta"] == [None, 0.2, 0.1, 0.05]
+  assert res["identical_samples_fraction"] == {"0": 1.0, "1": 1.0}
+  assert res["dera_in_range"] == pytest.approx([1 + m for m in dera])
+  # standard errors are per prompt: 4 prompts of 2 samples.
+  lam05 = [r["reward"] for r in dera_rows if r["lam"] == 0.5]
+  per_prompt = np.array(lam05).reshape(4, 2).mean(1)
+  assert res["dera_reward_se"][1] == pytest.approx(per_prompt.std(ddof=1) / 2)
+  figs = lr.write_figures(str(tmp_path), res, dera_rows, by_lam)
+  for path in figs.values():
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  text = lr.render_report(res)
+  assert f"**{res['pearson']:.3f}**" in text
+  assert "12.5%" in text and "fig2a_reward_vs_lambda.png" in text
+  for lam, kl in zip(res["lambdas"], res["dera_kl"]):
+    assert f"{kl:.3f}" in text
+
+
+def test_disagreement_is_reported(tmp_path):
+  # Retraining gains nothing beyond lambda = 1 where DeRa gains everything.
+  res, _, _ = _fake_results(tmp_path, [-1.0, -0.75, -0.5, 0.0], [-1.0, -0.75, -0.5, -1.0])
+  assert res["reward_disagreement_lambdas"] == [2.0]
+  text = lr.render_report(res)
+  assert "**DeRa and retraining disagree**" in text and "lambda = 2" in text
+
+
+def test_regularisation_verdicts():
+  lam = [0.0, 0.5, 1.0, 2.0]
+  se = [0.01] * 4
+  kl = [0.0, 1.0, 2.0, 4.0]
+  over = rep.regularisation_verdict(lam, [-1.0, -0.6, -0.5, -0.2], se, kl)
+  assert over["verdict"] == "over-regularised" and over["lambda"] == 2.0
+  under = rep.regularisation_verdict(lam, [-1.0, -0.5, -0.5, -0.5], se, kl)
+  assert under["verdict"] == "under-regularised" and under["lambda"] == 0.5
+  right = rep.regularisation_verdict(lam, [-1.0, -0.8, -0.5, -0.49], se, kl)
+  assert right["verdict"] == "about right"
+  none = rep.regularisation_verdict(lam, [-1.0, -1.0, -0.99, -0.5], se, kl)
+  assert none["verdict"] == "no alignment gain"
+  assert rep.regularisation_verdict([0.0, 2.0], [0, 0], [0, 0], [0, 0])["verdict"] == \
+      "undetermined"
+
+
+# ---- configs ----------------------------------------------------------------------------
+def _experiment_configs():
+  return sorted(os.path.relpath(p, REPO_ROOT)
+                for p in glob.glob(os.path.join(REPO_ROOT, "configs", "experiments", "*.gin")))
+
+
+def _required(path):
+  names = []
+  for line in open(os.path.join(REPO_ROOT, path)):
+    if "%gin.REQUIRED" in line and not line.lstrip().startswith("#"):
+      names.append(line.split("=")[0].strip())
+  return names
+
+
+@pytest.mark.parametrize("path", _experiment_configs())
+def test_every_experiment_config_parses_and_builds(path, clean_gin, tmp_path):
+  required = _required(path)
+  gin_utils.parse([path], [f"{n} = '{tmp_path / n}'" for n in required])
+  binary = next(b for b in ("length_reward", "tldr_style") if gin.get_bindings(b))
+  built = gin.get_bindings(binary)  # evaluates every @Configurable() it references
+  assert built["model_dir"] == str(tmp_path / "MODEL_DIR")
+  assert isinstance(built["sft"], SFT)
+  rep.check_lambdas(built["lambdas"])
+  for key, value in built.items():
+    if isinstance(value, trainer_lib.Algorithm):
+      abstract, _ = value.abstract_init()
+      assert count_params(abstract) > 0
+    if isinstance(value, stages_lib.OptimizerSpec):
+      value.build(10)
+  if binary == "length_reward":
+    assert isinstance(built["ppo"], PPO) and isinstance(built["ppo"].reward, LengthReward)
+    assert built["ppo"].reward.max_length < built["ppo"].max_new_tokens
+  if required:
+    with pytest.raises(UserError, match=required[0]):
+      gin_utils.parse([path], [])
+
+
+# ---- end to end -------------------------------------------------------------------------
+SMOKE = [
+    "T5Config.d_model = 32", "T5Config.num_heads = 2", "T5Config.head_dim = 16",
+    "T5Config.d_ff = 64", "T5Config.num_encoder_layers = 1", "T5Config.num_decoder_layers = 1",
+    "SFT_STEPS = 2", "PPO_STEPS = 1", "LAMBDAS = [0.0, 1.0]",
+    "SFT.batch_size = 8", "SFT.input_length = 32", "SFT.target_length = 8",
+    "PPO.batch_size = 8", "PPO.input_length = 32", "PPO.max_new_tokens = 8",
+    "PPO.num_epochs = 1", "PPO.num_minibatches = 1",
+    "LengthReward.min_length = 2", "LengthReward.max_length = 5",
+    "length_reward.num_eval_prompts = 6", "length_reward.num_samples = 2",
+    "length_reward.eval_batch_size = 4", "length_reward.max_sft_in_range = 1.0",
+    "length_reward.compilation_cache = False", "length_reward.progress = False",
+    "TrainerConfig.progress = False",
+]
+
+
+def _main(tmp_path, extra=()):
+  args = [f"--gin_file={LR_GIN}", f"--gin.MODEL_DIR='{tmp_path}'"]
+  args += [f"--gin.{b}" for b in list(SMOKE) + list(extra)]
+  return lr.main(args)
+
+
+def test_length_reward_end_to_end_then_resumes(tmp_path, clean_gin, capsys):
+  assert _main(tmp_path) == 0
+  out = capsys.readouterr().out
+  assert f"report: {tmp_path / 'report.md'}" in out and "fig2a_reward_vs_lambda.png" in out
+  res = json.loads((tmp_path / "results.json").read_text())
+  for key in ("lambdas", "dera_reward", "retrained_reward", "dera_kl", "pearson"):
+    assert key in res
+  # NOTE: lambda = 1 only (the base run reused), to keep to one PPO compile; the
+  # beta / lambda retraining path is the same train stage (see the fake-output tests).
+  assert res["lambdas"] == [0.0, 1.0]
+  assert res["num_rows_per_lambda"] == 12
+  assert res["dera_kl"][0] == pytest.approx(0.0, abs=1e-5)  # lambda 0 is the reference
+  assert res["identical_samples_fraction"] == {"0": 1.0, "1": 1.0}
+  assert res["dera_reward"][1] == res["retrained_reward"][1]
+  assert res["stages_run_now"] == ["sft", "eval_sft", "ppo_beta0.1", "dera_sweep",
+                                   "eval_ppo_beta0.1"]
+  assert res["retrained_beta"] == [None, 0.1]
+  for name in res["figures"].values():
+    assert (tmp_path / name).stat().st_size > 0
+  assert "Pearson correlation" in (tmp_path / "report.md").read_text()
+  rows = stages_lib.read_jsonl(str(tmp_path / "dera_sweep" / "samples.jsonl"))
+  assert len(rows) == 6 * 2 * 2
+  for r in rows:  # the reward is eq. 10 on the token count
+    assert r["reward"] == (0.0 if 2 <= r["length"] <= 5 else -1.0)
+  # Rerun: everything cached; a damaged eval stage is redone, training is not.
+  (tmp_path / "eval_ppo_beta0.1" / "samples.jsonl").unlink()
+  assert _main(tmp_path) == 0
+  res2 = json.loads((tmp_path / "results.json").read_text())
+  assert res2["stages_run_now"] == ["eval_ppo_beta0.1"]
+  assert res2["retrained_reward"] == res["retrained_reward"]
+  # A changed training setting is refused rather than mixed into the cached study.
+  with pytest.raises(UserError, match="ppo_beta0.1 .* other settings"):
+    _main(tmp_path, ["PPO_STEPS = 2"])
+  # A bad lambda grid is refused before any compute.
+  with pytest.raises(UserError, match="duplicates"):
+    _main(tmp_path, ["LAMBDAS = [0.0, 1.0, 1.0]"])
+  with pytest.raises(UserError, match="non-finite"):
+    _main(tmp_path, ["LAMBDAS = [0.0, 1e400]"])
