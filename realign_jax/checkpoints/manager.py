@@ -126,7 +126,8 @@ def load_params(model_dir: str, abstract_params: Any, *, step: Optional[int] = N
   if not os.path.isdir(ckpt_dir):
     raise UserError(f"no checkpoint directory at {ckpt_dir}")
   mngr = ocp.CheckpointManager(os.path.abspath(ckpt_dir),
-                               options=ocp.CheckpointManagerOptions(read_only=True),
+                               options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                                   save_interval_steps=0),
                                item_handlers=ocp.PyTreeCheckpointHandler())
   step = mngr.latest_step() if step is None else step
   if step is None:

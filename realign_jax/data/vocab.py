@@ -13,9 +13,13 @@ import os
 import pathlib
 from typing import Iterable, Sequence
 
+import typing
+
 import numpy as np
-import seqio
 import sentencepiece as spm
+
+if typing.TYPE_CHECKING:
+  import seqio
 
 from realign_jax.errors import UserError
 
@@ -51,6 +55,9 @@ def _load(path: str) -> seqio.SentencePieceVocabulary:
         f"vocabulary {path} has pad_id={processor.pad_id()} and "
         f"eos_id={processor.eos_id()}; T5/seqio ids pad_id={PAD_ID} and "
         f"eos_id={EOS_ID} are required")
+  # NOTE: imported here so that modules needing only ids and sentencepiece
+  # (rewards, RL) import on hosts without the TensorFlow stack.
+  import seqio
   vocab = seqio.SentencePieceVocabulary(path)
   # NOTE: seqio loads lazily; touch the model now so a later failure cannot
   # surface deep inside a tf.data pipeline.

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from realign_jax.data import pipeline
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
@@ -202,6 +201,7 @@ class RLAlgorithm(Algorithm):
 
   # ---- data -------------------------------------------------------------------
   def batches(self, start_step: int) -> Iterator[dict]:
+    from realign_jax.data import pipeline  # NOTE: lazily: TensorFlow (see data/vocab.py)
     it = pipeline.batch_iterator(
         self.task, "train", batch_size=self.batch_size // jax.process_count(),
         input_length=self.input_length, target_length=self.max_new_tokens,
@@ -270,6 +270,7 @@ class RLAlgorithm(Algorithm):
     return jax.jit(run)
 
   def eval_inputs(self) -> np.ndarray:
+    from realign_jax.data import pipeline
     batch = next(pipeline.eval_batches(
         self.task, self.eval_split, batch_size=self.max_eval_examples,
         input_length=self.input_length, target_length=self.max_new_tokens,
