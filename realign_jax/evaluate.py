@@ -1,7 +1,7 @@
 r"""Evaluation binary: metrics of decode JSONL files, one JSON summary.
 
   python -m realign_jax.evaluate --gin_file=configs/evaluate/default.gin \
-      --gin.DECODE_FILES="['/tmp/dera.jsonl']" --gin.OUTPUT_FILE="'/tmp/eval.json'"
+      --gin.DECODE_FILES="['runs/dera.jsonl']" --gin.OUTPUT_FILE="'runs/eval.json'"
 
 For every decode file (written by `realign_jax.decode`) and every lambda in it:
 the exact and log-ratio KL to the reference with standard errors, the mean

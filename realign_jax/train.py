@@ -1,7 +1,7 @@
 r"""Training binary: every algorithm runs through the one trainer loop.
 
   python -m realign_jax.train --gin_file=configs/sft/builtin_tiny.gin \
-      --gin.MODEL_DIR="'/tmp/sft'" --gin.TRAIN_STEPS=300
+      --gin.MODEL_DIR="'runs/sft'" --gin.TRAIN_STEPS=300
 
 Runs TRAIN_STEPS steps in total, resuming from MODEL_DIR's latest checkpoint;
 writes checkpoints, metrics.jsonl, TensorBoard events, model.json and the

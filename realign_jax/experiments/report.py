@@ -130,10 +130,12 @@ def _save(fig, path: str) -> str:
 
 
 def plot_curves(path: str, lambdas, curves: dict, *, ylabel: str, title: str,
-                xlabel: str = "lambda") -> str:
-  """Lines with error bars: curves = {label: (values, standard errors)}."""
+                xlabel: str = "lambda", hline: Optional[float] = None) -> str:
+  """Lines with error bars: curves = {label: (values, standard errors)}; `hline` a reference."""
   plt = _plt()
   fig, ax = plt.subplots(figsize=(5.2, 3.6))
+  if hline is not None:
+    ax.axhline(hline, color="red", linewidth=1.0, alpha=0.6)
   for label, (vals, ses) in curves.items():
     ax.errorbar(lambdas, vals, yerr=ses, marker="o", capsize=3, label=label)
   ax.set_xlabel(xlabel)
