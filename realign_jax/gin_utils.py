@@ -127,6 +127,7 @@ def configure_binary(argv: Sequence[str], name: str, fn: Callable,
   if not files:
     raise UserError("no --gin_file given")
   logging.basicConfig(level=logging.WARNING)
+  register()  # NOTE: first, so a package's own registration of `name` is found below
   for obj, obj_name in ((fn, name), *extra):
     try:
       gin.get_configurable(obj_name)

@@ -24,13 +24,11 @@ exact sequence KL to pi_ref (sum of per-step full-vocabulary KL).
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
-import gin
 import numpy as np
 
 from realign_jax import gin_utils
@@ -397,14 +395,7 @@ def render_report(res: dict) -> str:
 
 
 def main(argv: list) -> int:
-  files, bindings, rest = gin_utils.split_args(argv)
-  if rest:
-    raise UserError(f"unknown arguments: {' '.join(rest)}")
-  if not files:
-    raise UserError("no --gin_file given")
-  logging.basicConfig(level=logging.WARNING)
-  gin_utils.parse(files, bindings)
-  res = gin_utils.call(gin.get_configurable("length_reward"))
+  res = gin_utils.call(gin_utils.configure_binary(argv, "length_reward", length_reward))
   print(f"Pearson(DeRa, retrained) = {rep.fmt(res['pearson'])}; report: {res['report']}")
   print("plots: " + ", ".join(res["figure_paths"].values()))
   return 0

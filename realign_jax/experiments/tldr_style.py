@@ -34,14 +34,12 @@ exact sequence KL to pi_ref.
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
-import gin
 import jax
 import numpy as np
 
@@ -698,14 +696,7 @@ def render_report(res: dict) -> str:
 
 
 def main(argv: list) -> int:
-  files, bindings, rest = gin_utils.split_args(argv)
-  if rest:
-    raise UserError(f"unknown arguments: {' '.join(rest)}")
-  if not files:
-    raise UserError("no --gin_file given")
-  logging.basicConfig(level=logging.WARNING)
-  gin_utils.parse(files, bindings)
-  res = gin_utils.call(gin.get_configurable("tldr_style"))
+  res = gin_utils.call(gin_utils.configure_binary(argv, "tldr_style", tldr_style))
   print(f"Pearson(DeRa, retrained) of the PG win rates against SFT = {rep.fmt(res['pearson'])}; "
         f"report: {res['report']}")
   print("plots: " + ", ".join(res["figure_paths"].values()))
