@@ -207,16 +207,8 @@ def _load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir, max_p
 
 
 def write_rows(rows: Sequence[dict], output_file: str) -> None:
-  """JSON lines written to a temporary file, then renamed: the file appears only complete."""
-  tmp = f"{output_file}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "w") as f:
-      for r in rows:
-        f.write(json.dumps(r) + "\n")
-    os.replace(tmp, output_file)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  """JSON lines; the file appears only complete."""
+  ckpt_lib.atomic_write_jsonl(output_file, rows)
 
 
 def _make_runner(ref, aligned, lambdas, mixing, cfg, n):

@@ -25,10 +25,20 @@ MODEL_JSON = "model.json"
 
 
 def atomic_write_text(path: str, text: str) -> None:
+  """Writes `text` to a temporary file, then renames it: `path` appears only complete."""
   tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def atomic_write_jsonl(path: str, rows) -> None:
+  """One JSON object per line, written atomically (see `atomic_write_text`)."""
+  atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ---- model description ------------------------------------------------------

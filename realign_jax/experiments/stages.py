@@ -25,7 +25,7 @@ import shutil
 import time
 from typing import Any, Callable, Optional
 
-from realign_jax.checkpoints.manager import atomic_write_text
+from realign_jax.checkpoints.manager import atomic_write_jsonl, atomic_write_text
 from realign_jax.errors import UserError
 
 STAGE_JSON = "stage.json"
@@ -179,15 +179,7 @@ def _at(tree: Any, path: Optional[str]) -> Any:
 
 def write_jsonl(path: str, rows: list) -> None:
   """Writes rows as JSON lines atomically (the file appears only when complete)."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "w") as f:
-      for r in rows:
-        f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  atomic_write_jsonl(path, rows)
 
 
 def read_jsonl(path: str) -> list:
