@@ -26,7 +26,6 @@ sum_t log q(y_t) - log p_ref(y_t). The other methods write one line per
 """
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -55,19 +54,13 @@ def read_prompt_file(path: str) -> list:
   """JSONL with a non-empty string `prompt` per line."""
   if not os.path.isfile(path):
     raise UserError(f"prompt file {path} not found")
+  from realign_jax.data import jsonl
   prompts = []
-  with open(path) as f:
-    for i, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except ValueError as e:
-        raise UserError(f"{path} row {i}: not valid JSON ({e})") from e
-      p = row.get("prompt") if isinstance(row, dict) else None
-      if not isinstance(p, str) or not p.strip():
-        raise UserError(f"{path} row {i}: missing or empty 'prompt' field")
-      prompts.append(p)
+  for i, row in jsonl.iter_json_lines(path):
+    p = row.get("prompt") if isinstance(row, dict) else None
+    if not isinstance(p, str) or not p.strip():
+      raise UserError(f"{path} row {i}: missing or empty 'prompt' field")
+    prompts.append(p)
   if not prompts:
     raise UserError(f"prompt file {path} holds no prompts")
   return prompts

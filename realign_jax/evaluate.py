@@ -35,19 +35,13 @@ def load_references(*, reference_file: Optional[str] = None, reference_task: Opt
   if reference_file:
     if not os.path.isfile(reference_file):
       raise UserError(f"reference file {reference_file} not found")
-    with open(reference_file, encoding="utf-8") as f:
-      for i, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-        except ValueError as e:
-          raise UserError(f"{reference_file} row {i}: not valid JSON ({e})") from e
-        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)
-                and isinstance(row.get("reference"), str)):
-          raise UserError(f"{reference_file} row {i}: needs string fields 'prompt' and "
-                          f"'reference'")
-        refs.setdefault(row["prompt"], row["reference"])
+    from realign_jax.data import jsonl
+    for i, row in jsonl.iter_json_lines(reference_file):
+      if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)
+              and isinstance(row.get("reference"), str)):
+        raise UserError(f"{reference_file} row {i}: needs string fields 'prompt' and "
+                        f"'reference'")
+      refs.setdefault(row["prompt"], row["reference"])
   elif reference_task:
     from realign_jax.data import pipeline
     for e in pipeline.text_examples(reference_task, reference_split, data_dir=data_dir):

@@ -16,11 +16,11 @@ Bad files raise `UserError` naming the file and the 1-based line.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from typing import Any, Iterator
 
+from realign_jax.data.jsonl import iter_json_lines
 from realign_jax.errors import UserError
 
 SPLITS = ("train", "validation", "test")
@@ -52,26 +52,6 @@ def _check_split(split: str) -> None:
   if split not in SPLITS:
     raise UserError(f"unknown split {split!r}; known splits: "
                     f"{', '.join(SPLITS)}")
-
-
-def iter_json_lines(path: pathlib.Path) -> Iterator[tuple[int, Any]]:
-  """Yields (1-based line number, parsed JSON) of the non-blank lines."""
-  try:
-    f = open(path, encoding="utf-8")
-  except OSError as e:
-    raise UserError(f"cannot read {path}: {e.strerror}") from e
-  with f:
-    try:
-      for number, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        try:
-          yield number, json.loads(line)
-        except json.JSONDecodeError as e:
-          raise UserError(
-              f"{path} row {number}: not valid JSON ({e.msg})") from e
-    except UnicodeDecodeError as e:
-      raise UserError(f"{path}: not valid UTF-8 text") from e
 
 
 def check_sft_dir(data_dir: str | os.PathLike[str]) -> pathlib.Path:

@@ -23,7 +23,6 @@ exact sequence KL to pi_ref (sum of per-step full-vocabulary KL).
 """
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -32,10 +31,8 @@ from typing import Sequence
 import numpy as np
 
 from realign_jax import gin_utils
-from realign_jax.checkpoints.manager import atomic_write_text
 from realign_jax.data import pipeline
 from realign_jax.errors import UserError
-from realign_jax.evaluation.stats import clean_for_json
 from realign_jax.experiments import report as rep
 from realign_jax.experiments import sampling
 from realign_jax.experiments import stages as stages_lib
@@ -213,13 +210,7 @@ def length_reward(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_ste
                 "task": ppo.task, "model": rep_model(sft), "retrained_names": {
                     f"{lam:g}": retrain_names[lam] for lam in retrain}})
   figures = write_figures(model_dir, results, dera_rows, retrained_rows)
-  results["figures"] = {k: os.path.basename(v) for k, v in figures.items()}
-  atomic_write_text(os.path.join(model_dir, "results.json"),
-                    json.dumps(clean_for_json(results), indent=1))
-  atomic_write_text(os.path.join(model_dir, "report.md"), render_report(results))
-  results["report"] = os.path.join(model_dir, "report.md")
-  results["figure_paths"] = figures
-  return results
+  return rep.write_outputs(model_dir, results, figures, render_report)
 
 
 def rep_model(sft: SFT) -> str:
@@ -363,8 +354,8 @@ def render_report(res: dict) -> str:
     lines.append("- At no lambda do the mean rewards of DeRa and retraining differ by more than "
                  "2 standard errors.")
   if p is not None and p < 0.9:
-    lines.append(f"- The correlation is below 0.9: on this run DeRa is a weak proxy for "
-                 f"retraining.")
+    lines.append("- The correlation is below 0.9: on this run DeRa is a weak proxy for "
+                 "retraining.")
   for k, v in res["identical_samples_fraction"].items():
     lines.append(f"- Check: at lambda = {k}, DeRa's samples equal the "
                  f"{'SFT' if k == '0' else 'base PPO'} model's token for token in "

@@ -6,12 +6,14 @@ where the two disagree, whether the base beta looks over- or
 under-regularised, and the PNG figures (matplotlib, Agg backend).
 """
 
+import json
 import math
 import os
 from typing import Optional, Sequence
 
 import numpy as np
 
+from realign_jax.checkpoints.manager import atomic_write_text
 from realign_jax.errors import UserError
 from realign_jax.evaluation import stats
 from realign_jax.evaluation.records import check_lambda_grid
@@ -179,3 +181,18 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
   return "\n".join(lines)
+
+
+def write_outputs(model_dir: str, results: dict, figures: dict, render) -> dict:
+  """Writes MODEL_DIR/results.json and report.md (`render(results)`) atomically.
+
+  Returns `results` with the figure file names, and the paths of the report
+  and the figures for the binary to print.
+  """
+  results["figures"] = {k: os.path.basename(v) for k, v in figures.items()}
+  atomic_write_text(os.path.join(model_dir, "results.json"),
+                    json.dumps(stats.clean_for_json(results), indent=1))
+  atomic_write_text(os.path.join(model_dir, "report.md"), render(results))
+  results["report"] = os.path.join(model_dir, "report.md")
+  results["figure_paths"] = figures
+  return results

@@ -33,7 +33,6 @@ exact sequence KL to pi_ref.
 """
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -44,7 +43,6 @@ import jax
 import numpy as np
 
 from realign_jax import gin_utils
-from realign_jax.checkpoints.manager import atomic_write_text
 from realign_jax.data import pipeline
 from realign_jax.data import preferences as prefs_lib
 from realign_jax.data import synthetic_preferences as synth
@@ -52,7 +50,6 @@ from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
 from realign_jax.evaluation import judges, pairwise, text_metrics
 from realign_jax.evaluation import win_rate as win_rate_lib
-from realign_jax.evaluation.stats import clean_for_json
 from realign_jax.experiments import length_reward as lr
 from realign_jax.experiments import report as rep
 from realign_jax.experiments import sampling
@@ -407,13 +404,7 @@ def tldr_style(*, model_dir: str, sft: SFT, reward_model: RewardModel, pg: Calla
                 "num_train_pair_prompts": num_train_pair_prompts,
                 "num_heldout_pair_prompts": num_heldout_pair_prompts})
   figures = write_figures(model_dir, results)
-  results["figures"] = {k: os.path.basename(v) for k, v in figures.items()}
-  atomic_write_text(os.path.join(model_dir, "results.json"),
-                    json.dumps(clean_for_json(results), indent=1))
-  atomic_write_text(os.path.join(model_dir, "report.md"), render_report(results))
-  results["report"] = os.path.join(model_dir, "report.md")
-  results["figure_paths"] = figures
-  return results
+  return rep.write_outputs(model_dir, results, figures, render_report)
 
 
 # ---- numbers ---------------------------------------------------------------------------
