@@ -293,30 +293,25 @@ def tldr_style(*, model_dir: str, sft: SFT, reward_model: RewardModel, pg: Calla
   pol_fn = sampling.policy_fn(lm, samp, num_samples)
   swp_fn = sampling.sweep_fn(lm, samp, num_samples)
 
-  def with_gold(rows):
-    for r in rows:
-      r["gold"] = float(gold_scores([eval_refs[r["prompt_index"]]], [r["response"]])[0])
+  def decode(d, fn, models, lambdas_, desc):
+    """Samples `models` (run directories) with `fn`, scores them by the gold reward, writes them."""
+    params = tuple(sampling.load_lm_params(m, lm, mesh, rules) for m in models)
+    rows = sampling.decode_rows(
+        fn, params, inputs, num_samples=num_samples, lambdas=lambdas_,
+        batch_size=eval_batch_size, seed=eval_seed, reward=row_reward, vocab=vocab, desc=desc,
+        mesh=mesh, rules=rules, progress=progress)
+    gold = gold_scores([eval_refs[r["prompt_index"]] for r in rows], [r["response"] for r in rows])
+    for r, g in zip(rows, gold):
+      r["gold"] = float(g)
+    stages_lib.write_jsonl(os.path.join(d, SAMPLES), rows)
     return rows
 
   def decode_policy(d, policy_dir, desc):
-    ref = sampling.load_lm_params(sft_dir, lm, mesh, rules)
-    pol = sampling.load_lm_params(policy_dir, lm, mesh, rules)
-    rows = with_gold(sampling.decode_rows(
-        pol_fn, (pol, ref), inputs, num_samples=num_samples, lambdas=None,
-        batch_size=eval_batch_size, seed=eval_seed, reward=row_reward, vocab=vocab, desc=desc,
-        mesh=mesh, rules=rules, progress=progress))
-    stages_lib.write_jsonl(os.path.join(d, SAMPLES), rows)
+    rows = decode(d, pol_fn, (policy_dir, sft_dir), None, desc)
     return rep.summarize_rows(rows, fields=("reward", "gold", "kl", "length"))
 
   def decode_sweep(d, aligned_dir, desc):
-    ref = sampling.load_lm_params(sft_dir, lm, mesh, rules)
-    aligned = sampling.load_lm_params(aligned_dir, lm, mesh, rules)
-    rows = with_gold(sampling.decode_rows(
-        swp_fn, (ref, aligned), inputs, num_samples=num_samples, lambdas=lambdas,
-        batch_size=eval_batch_size, seed=eval_seed, reward=row_reward, vocab=vocab, desc=desc,
-        mesh=mesh, rules=rules, progress=progress))
-    stages_lib.write_jsonl(os.path.join(d, SAMPLES), rows)
-    return {"num_rows": len(rows)}
+    return {"num_rows": len(decode(d, swp_fn, (sft_dir, aligned_dir), lambdas, desc))}
 
   eval_common = {"eval": ev, "reward_model": rm_set, "gold": GOLD_NAME}
   runner.run("eval_sft", dict(eval_common, policy=sft_set),
