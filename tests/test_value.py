@@ -116,3 +116,42 @@ def test_value_vocab_mismatch_and_nan_reward(mdp, tmp_path):
     _train(alg, 2, 0.1, tmp_path / "b")
   with pytest.raises(UserError, match="reference_checkpoint is not set"):
     value.CDQValue(model=TabularLM(), token_reward=nan)
+
+
+# ---- init_checkpoint: the trunk of a run directory, the value output at zero ----------------
+@pytest.mark.parametrize("cls,head_key", [(value.FudgeValue, "scalar_head"),
+                                          (value.CDQValue, "logits_dense")])
+def test_value_init_checkpoint(tmp_path, cls, head_key):
+  from realign_jax.checkpoints import manager as ckpt_lib
+  from realign_jax.models.api import LanguageModel
+  from realign_jax.models.config import replace
+  from realign_jax.parallel import partitioning
+  from realign_jax.rewards.length import LengthReward
+  from tests.helpers import TINY_BUILTIN
+  cfg = replace(TINY_BUILTIN["t5"], dropout_rate=0.0)
+  run = tmp_path / "sft"
+  sft = jax.jit(lambda r: LanguageModel(cfg).init(r)[0])(jax.random.PRNGKey(7))
+  ckpt_lib.write_model_json(str(run), cfg, "lm")
+  ck = ckpt_lib.Checkpointer(str(run), keep=1, async_save=False)
+  ck.save(1, {"step": np.int32(1), "params": sft})
+  ck.close()
+  alg = cls(model=LanguageModel(cfg), reward=LengthReward(), reference_checkpoint=str(run),
+            init_checkpoint=str(run))
+  alg.setup(partitioning.create_mesh(), partitioning.logical_axis_rules())
+  abstract, _ = alg.model.abstract_init()
+  params = jax.device_get(alg.initial_params(abstract))
+  assert set(params) == set(abstract)
+  for k, v in params.items():
+    want = (jax.tree_util.tree_map(np.zeros_like, jax.device_get(sft.get(k, v)))
+            if k == head_key else jax.device_get(sft[k]))
+    for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(want)):
+      np.testing.assert_array_equal(a, b, err_msg=k)
+  # the value output is zero everywhere before training
+  x = jnp.ones((2, 6), jnp.int32)
+  out = alg.model.forward(params, x, jnp.ones((2, 3), jnp.int32))
+  v = out["values"] if head_key == "scalar_head" else out["logits"]
+  assert float(jnp.max(jnp.abs(v))) == 0.0
+  other = cls(model=LanguageModel(replace(cfg, num_heads=cfg.num_heads * 2)),
+              reward=LengthReward(), reference_checkpoint=str(run), init_checkpoint=str(run))
+  with pytest.raises(UserError, match="init_checkpoint .* holds another architecture: num_heads"):
+    other.setup(partitioning.create_mesh(), partitioning.logical_axis_rules())

@@ -83,12 +83,23 @@ def cdq_loss(q_logits, tokens, targets, mask):
   return jnp.mean(0.5 * jnp.sum(jnp.square((q - targets) * mask), axis=1))
 
 
+# The parameter collections that hold the value output of each value-model head
+# (a Q-head's is the LM output layer: T5's logits_dense, the decoder's lm_head).
+VALUE_OUTPUT = {"scalar": (policy_lib.VALUE_HEAD,), "lm+scalar": (policy_lib.VALUE_HEAD,),
+                "lm": ("logits_dense", "lm_head")}
+
+
 # ---- the algorithms --------------------------------------------------------------------
 @dataclasses.dataclass
 class ValueAlgorithm(Algorithm):
   """Shared: the reference p, the reward, prompts, on-the-fly samples y ~ p.
 
   `reference_checkpoint` is a run directory of the reference (e.g. SFT).
+  `init_checkpoint` (optional) is a run directory whose language model (of the
+  value model's architecture) gives the value model's trunk; the value output
+  starts at zero: a fresh scalar head, or, for a Q-head, a zeroed output layer
+  (the LM head's logits are not values). Without it the value model starts
+  from a seeded init.
   Programmatic use may pass `reference` (an object with `.lm` and `.params`)
   and `token_reward` `(inputs, responses, lengths) -> [B]` instead, and
   `prompts` ([N, Li] ids, cycled) instead of the task's prompts.
@@ -97,6 +108,7 @@ class ValueAlgorithm(Algorithm):
   model: LanguageModel = None
   reward: Optional[rewards_base.Reward] = None
   reference_checkpoint: Optional[str] = None
+  init_checkpoint: Optional[str] = None
   task: str = "builtin_summarize"
   batch_size: int = 32
   input_length: int = 96
@@ -136,12 +148,37 @@ class ValueAlgorithm(Algorithm):
       raise UserError(f"the value model's vocabulary ({self.model.vocab_size}) differs from the "
                       f"reference's ({self._ref_lm.vocab_size}"
                       f"{', ' + self.reference_checkpoint if self.reference_checkpoint else ''})")
+    if self.init_checkpoint:
+      policy_lib.check_init_checkpoint(self.init_checkpoint, self.model.config,
+                                       what="init_checkpoint")
+      if self.output_head == "lm" and self.model.config.tie_embeddings:
+        raise UserError(f"init_checkpoint {self.init_checkpoint}: a Q-head value model with tied "
+                        f"embeddings would read the LM's logits as values; untie them or drop "
+                        f"init_checkpoint")
     if self.reward is not None:
       self.reward.setup(mesh, rules)
     self._frozen = None
 
   def init(self, rng):
     return self.model.init(rng)
+
+  def initial_params(self, abstract_params):
+    """init_checkpoint's trunk with a zero value output, sharded like `abstract_params`."""
+    if not self.init_checkpoint:
+      return None
+    lm = LanguageModel(self.model.config, "lm")
+    abstract, axes = lm.abstract_init()
+    sh = partitioning.logical_to_mesh_sharding(axes, self._mesh, self._rules)
+    target = jax.tree_util.tree_map(
+        lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), abstract, sh)
+    trunk = policy_lib.load_init_params(self.init_checkpoint, target, config=self.model.config,
+                                        what="init_checkpoint")
+    zeros = lambda s: jax.device_put(jnp.zeros(s.shape, s.dtype), s.sharding)
+    # NOTE: every leaf not in the LM (the scalar head) and the Q-head's output
+    # layer start at zero, so V = 0 and Q = 0 before the first step.
+    heads = VALUE_OUTPUT[self.output_head]
+    return {k: (jax.tree_util.tree_map(zeros, v) if k in heads or k not in trunk else trunk[k])
+            for k, v in abstract_params.items()}
 
   def frozen(self):
     if self._frozen is None:
