@@ -152,7 +152,7 @@ def decode(*, ref_checkpoint: str, output_file: str, lambdas: Sequence[float] = 
       raise UserError(f"reference and aligned models have different vocabulary sizes: "
                       f"{ref_cfg.vocab_size} ({ref_checkpoint}) vs {al_cfg.vocab_size} "
                       f"({aligned_checkpoint})")
-  vocab, prompts, inputs = _load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir,
+  vocab, prompts, inputs = load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir,
                                          max_prompts, input_length)
 
   mesh = partitioning.create_mesh()
@@ -181,7 +181,7 @@ def _check_common(num_samples: int, batch_size: int, output_file: str) -> None:
     raise UserError(f"output directory {out_dir} does not exist")
 
 
-def _load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir, max_prompts,
+def load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir, max_prompts,
                   input_length):
   """(vocab, prompts, inputs [N, input_length]) with the vocabulary checked against the model."""
   vocab = vocab_lib.load_vocabulary(vocab_path)
@@ -301,7 +301,7 @@ def _sharded_abstract(lm: LanguageModel, mesh, rules):
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
 
 
-def _reward_label(r: Reward) -> str:
+def reward_label(r: Reward) -> str:
   """A short, stable description of a reward (rows' setting; distinctness check)."""
   from realign_jax.rewards import learned
   if isinstance(r, learned.LearnedReward):
@@ -320,7 +320,7 @@ def _same_reward(a: Reward, b: Reward) -> bool:
   if isinstance(a, learned.LearnedReward) and isinstance(b, learned.LearnedReward):
     return os.path.realpath(a.model_dir) == os.path.realpath(b.model_dir)
   return (dataclasses.is_dataclass(a) and type(a) is type(b)
-          and _reward_label(a) == _reward_label(b))
+          and reward_label(a) == reward_label(b))
 
 
 def _resolve_reward(method: str, obj: Optional[Reward], ckpt: Optional[str], what: str,
@@ -339,7 +339,7 @@ def _resolve_reward(method: str, obj: Optional[Reward], ckpt: Optional[str], wha
                     f"{type(obj).__name__}")
   lm = getattr(obj, "lm", None)
   if lm is not None and lm.vocab_size != vocab_size:
-    raise UserError(f"the {what} model {_reward_label(obj)} has vocabulary size "
+    raise UserError(f"the {what} model {reward_label(obj)} has vocabulary size "
                     f"{lm.vocab_size} but the policy has {vocab_size}; they must share one "
                     f"vocabulary")
   return obj
@@ -395,7 +395,7 @@ def _validate_method(method, *, ref_cfg, aligned_checkpoint, value_checkpoint,
                                "baseline_reward", vocab_path, input_length, vocab_size)
       if _same_reward(target, base_r):
         raise UserError(f"indirect Transfer Q* needs two different rewards, but reward and "
-                        f"baseline_reward are the same ({_reward_label(target)}); use "
+                        f"baseline_reward are the same ({reward_label(target)}); use "
                         f"tq_direct when the baseline is aligned to the target reward")
     elif baseline_reward is not None or baseline_reward_checkpoint:
       raise UserError(f"baseline_reward is read by method 'tq_indirect' only, not {method!r}")
@@ -409,15 +409,15 @@ def _validate_method(method, *, ref_cfg, aligned_checkpoint, value_checkpoint,
     transfer_q.validate_tq(ref, dera.Component(LanguageModel(bcfg), None), tq_cfg,
                            baseline_reward=None if base_r is None else (lambda *a: None))
     setting = {"top_k": tq_cfg.top_k, "horizon": tq_cfg.horizon, "alpha": float(tq_cfg.alpha),
-               "num_rollouts": tq_cfg.num_rollouts, "reward": _reward_label(target),
+               "num_rollouts": tq_cfg.num_rollouts, "reward": reward_label(target),
                "temperature": temp}
     if method == "tq_indirect":
       setting.update(weighting=tq_cfg.weighting, alpha_traj=float(tq_cfg.alpha_traj),
-                     baseline_reward=_reward_label(base_r))
+                     baseline_reward=reward_label(base_r))
   if method == "args":
     transfer_q.validate_args(ref, args_top_k, args_weight)
     setting = {"top_k": args_top_k, "weight": float(args_weight),
-               "reward": _reward_label(target), "temperature": temp}
+               "reward": reward_label(target), "temperature": temp}
   return setting, tq_cfg, target, base_r
 
 
@@ -439,7 +439,7 @@ def _decode_method(method: str, *, ref_checkpoint, output_file, aligned_checkpoi
       block_candidates=block_candidates, block_length=block_length, tq=tq, args_top_k=args_top_k,
       args_weight=args_weight, vocab_path=vocab_path, input_length=input_length,
       sampling=sampling)
-  vocab, prompts, inputs = _load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir,
+  vocab, prompts, inputs = load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir,
                                          max_prompts, input_length)
 
   mesh = partitioning.create_mesh()
@@ -459,7 +459,7 @@ def _decode_method(method: str, *, ref_checkpoint, output_file, aligned_checkpoi
         probe = jax.jit(lambda p, x, y, n, r=r: r.score_tokens(p, x, y, n))
         transfer_q.check_reward_finite(
             lambda x, y, n, p=r.params(), probe=probe: probe(p, x, y, n),
-            jnp.asarray(inputs[:batch_size]), what=f"{key} {_reward_label(r)}")
+            jnp.asarray(inputs[:batch_size]), what=f"{key} {reward_label(r)}")
     params = {k: c.params for k, c in comps.items()}
     params.update({k: r.params() for k, r in rewards.items()})
     run = _method_runner(method, {k: c.lm for k, c in comps.items()}, rewards, sampling,
@@ -474,6 +474,7 @@ def _decode_method(method: str, *, ref_checkpoint, output_file, aligned_checkpoi
              "output_file": output_file, **timing}
   if method == "cd_block":
     summary["mean_kl_bound"] = float(np.mean([r["kl_bound"] for r in rows]))
+    summary["mean_kl_estimate"] = float(np.mean([r["kl_estimate"] for r in rows]))
     summary["kl_kind"] = "bound"
   else:
     summary["mean_kl"] = float(np.mean([r["kl"] for r in rows]))
@@ -569,11 +570,14 @@ def _decode_method_all(run, params, inputs, prompts, vocab, method, setting, n, 
         if method == "cd_block":
           blocks = int(controlled.num_blocks_used(length, block_length))
           # NOTE: blockwise CD has no per-token distribution; each block is a
-          # best-of-K draw, so by the chain rule over blocks the mean of
-          # blocks x (log K - (K - 1) / K) bounds KL(cd || p).
+          # best-of-K draw from p(. | s), so by the chain rule over blocks the
+          # mean of blocks x (log K - (K - 1) / K) bounds KL(cd || p), and the
+          # sum over blocks of the best-of-K estimator KL_hat(p(block | s), K)
+          # estimates it.
           row.update(ref_logprobs=ref_lp.tolist(), blocks=blocks, block_latency_s=latency,
                      kl_kind="bound",
-                     kl_bound=blocks * best_of_n_theory.kl_bound(block_candidates))
+                     kl_bound=blocks * best_of_n_theory.kl_bound(block_candidates),
+                     kl_estimate=block_kl_estimate(ref_lp, block_length, block_candidates))
         else:
           if cfg.greedy:  # a point mass per step: log q = 0, KL = -log p_ref(y_t)
             lp = np.zeros_like(ref_lp)
@@ -595,6 +599,21 @@ def _decode_method_all(run, params, inputs, prompts, vocab, method, setting, n, 
   return rows, timing
 
 
+def block_kl_estimate(ref_logprobs, block_length: int, num_candidates: int) -> float:
+  """Sum over the blocks of a response of KL_hat(eps, K), eps = p(block | prefix).
+
+  The best-of-n estimator per block (`best_of_n_theory.kl_estimator`); a
+  block cut by EOS counts with the tokens it has.
+  """
+  from realign_jax.evaluation import best_of_n_theory
+  lp = np.asarray(ref_logprobs, np.float64)
+  if lp.size == 0:
+    return 0.0
+  sums = np.add.reduceat(lp, np.arange(0, lp.size, block_length))
+  eps = np.clip(np.exp(sums), np.finfo(np.float64).tiny, 1.0)
+  return float(np.sum(best_of_n_theory.kl_estimator(eps, num_candidates)))
+
+
 def main(argv: list) -> int:
   summary = gin_utils.call(gin_utils.configure_binary(
       argv, "decode", decode, extra=[(sampler.SamplingConfig, "SamplingConfig")]))
@@ -605,6 +624,7 @@ def main(argv: list) -> int:
     return 0
   if summary["kl_kind"] == "bound":
     kl = (f"KL to the reference <= {summary['mean_kl_bound']:.4f} nats (best-of-K bound per "
+          f"block), estimated {summary['mean_kl_estimate']:.4f} nats (best-of-K estimator per "
           f"block); per-block latency {summary['block_latency_s'] * 1e3:.1f} ms")
   else:
     kl = f"mean KL to the reference {summary['mean_kl']:.4f} nats (exact)"

@@ -345,6 +345,12 @@ def test_cd_block_config_through_main_reports_blocks_bound_and_latency(dirs, tmp
     assert r["blocks"] == math.ceil(r["length"] / m)
     np.testing.assert_allclose(r["kl_bound"], r["blocks"] * (math.log(k) - (k - 1) / k))
     np.testing.assert_allclose(r["kl_bound"], r["blocks"] * best_of_n_theory.kl_bound(k))
+    # the estimator, block by block from the emitted tokens' log-probs under p
+    lp = np.asarray(r["ref_logprobs"])
+    want = sum(best_of_n_theory.kl_estimator(math.exp(lp[i:i + m].sum()), k)
+               for i in range(0, len(lp), m))
+    np.testing.assert_allclose(r["kl_estimate"], want, rtol=1e-9)
+    assert 0.0 <= r["kl_estimate"] <= r["kl_bound"] + 1e-9
     assert r["block_latency_s"] > 0 and "kl" not in r
   # batches of 2 and 1 prompts: each proposes until its longest row is done
   lat = [r["block_latency_s"] for r in rows]

@@ -10,3 +10,6 @@ def register() -> None:
   # The TL;DR-style study (DeRa paper, Figures 3, 6, 7).
   from realign_jax.experiments import tldr_style
   gin.external_configurable(tldr_style.tldr_style, "tldr_style")
+  # The reward-vs-KL frontier of every method (controlled decoding and Transfer Q* included).
+  from realign_jax.experiments import frontier
+  gin.external_configurable(frontier.frontier, "frontier")
