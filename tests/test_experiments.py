@@ -234,11 +234,14 @@ def _required(path):
 def test_every_experiment_config_parses_and_builds(path, clean_gin, tmp_path):
   required = _required(path)
   gin_utils.parse([path], [f"{n} = '{tmp_path / n}'" for n in required])
-  binary = next(b for b in ("length_reward", "tldr_style") if gin.get_bindings(b))
+  binary = next(b for b in ("length_reward", "tldr_style", "frontier") if gin.get_bindings(b))
   built = gin.get_bindings(binary)  # evaluates every @Configurable() it references
   assert built["model_dir"] == str(tmp_path / "MODEL_DIR")
   assert isinstance(built["sft"], SFT)
   rep.check_lambdas(built["lambdas"])
+  if binary == "frontier":
+    assert built["aligned_beta"] in built["betas"]
+    assert isinstance(built["ppo"], PPO) and built["ppo"].kl_target is None
   for key, value in built.items():
     if isinstance(value, trainer_lib.Algorithm):
       abstract, _ = value.abstract_init()

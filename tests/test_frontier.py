@@ -1,0 +1,154 @@
+"""The reward-vs-KL frontier study: its numbers by hand, then a smoke run of every method."""
+
+import json
+import math
+
+import gin
+import numpy as np
+import pytest
+
+from realign_jax.errors import UserError
+from realign_jax.evaluation import best_of_n_theory as bon
+from realign_jax.experiments import frontier as fr
+from realign_jax.experiments import stages as stages_lib
+
+GIN = "configs/experiments/frontier_tiny.gin"
+
+
+@pytest.fixture
+def clean_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+# ---- numbers by hand ---------------------------------------------------------------------
+def _rows(rewards_by_prompt, logp=-2.0):
+  rows = []
+  for p, rs in enumerate(rewards_by_prompt):
+    for j, r in enumerate(rs):
+      rows.append({"prompt_index": p, "sample": j, "reward": float(r), "length": j + 1,
+                   "ref_logprobs": [logp / 2, logp / 2 + 0.01 * j]})
+  return rows
+
+
+def test_best_of_n_entries_by_hand():
+  # prompt 0: rewards -1, 0, -1, 0; prompt 1: all -1 (ties everywhere)
+  rows = _rows([[-1, 0, -1, 0], [-1, -1, -1, -1]])
+  rows.reverse()  # order of rows must not matter
+  e1, e2, e4 = fr.best_of_n_entries(rows, [1, 2, 4])
+  assert [e["setting"] for e in (e1, e2, e4)] == ["n=1", "n=2", "n=4"]
+  assert e1["reward"] == -1.0 and e2["reward"] == -0.5 and e4["reward"] == -0.5
+  # kept: n=1 sample 0 of both prompts; n=2 sample 1 of prompt 0, sample 0 of prompt 1
+  eps = lambda j: math.exp(-2.0 + 0.01 * j)
+  assert e2["kl"] == pytest.approx((bon.kl_estimator(eps(1), 2) + bon.kl_estimator(eps(0), 2)) / 2)
+  assert e1["kl"] == pytest.approx(0.0, abs=1e-12)
+  assert e4["kl_bound"] == pytest.approx(math.log(4) - 3 / 4)
+  # levels: prompt 0 has P(0) = 1/2: best-of-n puts 1 - 2^-n on it; prompt 1 one level, KL 0
+  for e, n in ((e2, 2), (e4, 4)):
+    q = 1 - 0.5 ** n
+    want = q * math.log(q / 0.5) + (1 - q) * math.log((1 - q) / 0.5)
+    assert e["kl_levels"] == pytest.approx(want / 2, rel=1e-12)
+    assert e["kl_levels"] < e["kl_bound"] and e["kl_kind"] == "bon_estimator"
+  with pytest.raises(UserError, match="prompt 1 has 3 samples, not 4"):
+    fr.best_of_n_entries([r for r in rows if not (r["prompt_index"] == 1 and r["sample"] == 3)],
+                         [1, 4])
+
+
+def test_pareto_and_budgets_by_hand():
+  es = [{"method": "a", "setting": "1", "reward": -1.0, "kl": 0.0, "kl_kind": "exact"},
+        {"method": "a", "setting": "2", "reward": -0.5, "kl": 1.0, "kl_kind": "exact"},
+        {"method": "b", "setting": "1", "reward": -0.6, "kl": 1.5, "kl_kind": "exact"},  # dominated
+        {"method": "b", "setting": "2", "reward": -0.1, "kl": 3.0, "kl_kind": "bon_estimator"},
+        {"method": "c", "setting": "1", "reward": -1.0, "kl": 0.0, "kl_kind": "exact"}]  # tie
+  assert fr.pareto(es) in ([0, 4, 1, 3], [4, 0, 1, 3])
+  b = {x["budget"]: x for x in fr.budget_table(es, budgets=(0.5, 1.0, 2.0, 4.0))}
+  assert (b[0.5]["method"], b[1.0]["setting"], b[2.0]["reward"]) == ("a", "2", -0.5)
+  assert (b[4.0]["method"], b[4.0]["kl_kind"]) == ("b", "bon_estimator")
+  assert fr.budget_table(es, budgets=(-1.0,))[0]["method"] is None
+
+
+# ---- end to end ------------------------------------------------------------------------------
+SMOKE = [
+    "T5Config.d_model = 32", "T5Config.num_heads = 2", "T5Config.head_dim = 16",
+    "T5Config.d_ff = 64", "T5Config.num_encoder_layers = 1", "T5Config.num_decoder_layers = 1",
+    "SFT_STEPS = 2", "PPO_STEPS = 1", "VALUE_STEPS = 1",
+    "SFT.batch_size = 8", "SFT.input_length = 32", "SFT.target_length = 6",
+    "PPO.batch_size = 8", "PPO.input_length = 32", "PPO.max_new_tokens = 6",
+    "PPO.num_epochs = 1", "PPO.num_minibatches = 1",
+    "LengthReward.min_length = 2", "LengthReward.max_length = 4",
+    "frontier.betas = [0.1]", "frontier.lambdas = [0.0, 1.0]", "frontier.best_of_n = [1, 2, 4]",
+    "frontier.cd_betas = [0.1]", "frontier.block_candidates = [2]", "frontier.block_length = 3",
+    "frontier.tq_alphas = [1.0]", "frontier.tq_horizon = 3", "frontier.args_weights = [1.0]",
+    "frontier.cd_top_k = 4", "frontier.tq_top_k = 3", "frontier.args_top_k = 4",
+    "frontier.value_batch_size = 8", "frontier.num_prompts = 3", "frontier.batch_size = 2",
+    "frontier.compilation_cache = False", "frontier.progress = False",
+    "TrainerConfig.progress = False",
+]
+
+
+def _main(tmp_path, extra=()):
+  args = [f"--gin_file={GIN}", f"--gin.MODEL_DIR='{tmp_path}'"]
+  return fr.main(args + [f"--gin.{b}" for b in list(SMOKE) + list(extra)])
+
+
+def test_frontier_end_to_end_then_resumes(tmp_path, clean_gin, capsys):
+  assert _main(tmp_path) == 0
+  assert f"report: {tmp_path / 'report.md'}" in capsys.readouterr().out
+  assert (tmp_path / "frontier.png").stat().st_size > 0
+  res = json.loads((tmp_path / "results.json").read_text())
+  got = [(e["method"], e["setting"]) for e in res["entries"]]
+  assert got == [("best_of_n", "n=1"), ("best_of_n", "n=2"), ("best_of_n", "n=4"),
+                 ("ppo", "beta=0.1"), ("dera", "lambda=0"), ("dera", "lambda=1"),
+                 ("cd_token_fudge", "beta=0.1"), ("cd_token_q", "beta=0.1"),
+                 ("cd_block", "K=2,M=3"), ("tq_direct", "alpha=1"), ("args", "w=1")]
+  e = {(x["method"], x["setting"]): x for x in res["entries"]}
+  for x in res["entries"]:
+    for k in ("method", "setting", "reward", "kl", "kl_kind"):
+      assert x[k] is not None, (k, x)
+    assert -1.0 <= x["reward"] <= 0.0 and x["kl"] >= -1e-6
+    want = "bon_estimator" if x["method"] in ("best_of_n", "cd_block") else "exact"
+    assert x["kl_kind"] == want
+    if want == "bon_estimator":
+      assert x["kl"] <= x["kl_bound"] + 1e-9
+  # exact identities of the pipeline
+  assert e[("dera", "lambda=0")]["kl"] == pytest.approx(0.0, abs=1e-5)  # DeRa at 0 is p
+  for k in ("reward", "kl", "length"):  # DeRa at 1 is the PPO model, same row seeds
+    assert e[("dera", "lambda=1")][k] == e[("ppo", "beta=0.1")][k]
+  bon_rewards = [e[("best_of_n", f"n={n}")]["reward"] for n in (1, 2, 4)]
+  assert bon_rewards == sorted(bon_rewards)  # nested subsets: never worse with n
+  for n in (1, 2, 4):
+    assert e[("best_of_n", f"n={n}")]["kl_bound"] == pytest.approx(bon.kl_bound(n))
+  rows = stages_lib.read_jsonl(str(tmp_path / "best_of_n" / "samples.jsonl"))
+  assert len(rows) == 3 * 4
+  for r in rows:  # eq. 10 on the token count, EOS not counted
+    assert r["reward"] == (0.0 if 2 <= r["length"] - (r["tokens"][-1] == 1) <= 4 else -1.0)
+  assert any(x["pareto"] for x in res["entries"]) and len(res["budgets"]) == len(fr.BUDGETS)
+  report = (tmp_path / "report.md").read_text()
+  assert "Transfer Q* direct" in report and "bon_estimator" in report
+  # Rerun: everything cached; a damaged decode stage is redone, nothing else.
+  (tmp_path / "args_w1" / "samples.jsonl").unlink()
+  assert _main(tmp_path) == 0
+  res2 = json.loads((tmp_path / "results.json").read_text())
+  assert res2["stages_run_now"] == ["args_w1"]
+  assert [x["reward"] for x in res2["entries"]] == [x["reward"] for x in res["entries"]]
+  # A changed training setting is refused rather than mixed into the cached study.
+  with pytest.raises(UserError, match="value_fudge .* other settings"):
+    _main(tmp_path, ["VALUE_STEPS = 2"])
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["frontier.aligned_beta = 0.5"], r"aligned_beta = 0.5 .* is not one of frontier.betas"),
+    (["frontier.methods = ['best_of_n', 'beam']"], "frontier.methods must be distinct names"),
+    (["frontier.best_of_n = [0, 2]"], r"best_of_n must hold integers >= 1, got 0"),
+    (["frontier.cd_betas = [0.0]"], r"cd_betas must hold numbers > 0"),
+    (["frontier.cd_top_k = 99999"], r"cd_top_k = 99999 is larger than the vocabulary"),
+    (["frontier.tq_horizon = 0"], r"tq_horizon \(H\) must be an integer >= 1"),
+    (["frontier.block_length = 0"], r"block_length \(M\) must be an integer >= 1"),
+    (["frontier.args_weights = [1.0, 1.0]"], "args_weights holds duplicates"),
+    (["PPO.kl_target = 1.0"], "sweeps a fixed beta"),
+])
+def test_bad_settings_are_refused_before_any_compute(tmp_path, clean_gin, extra, match):
+  with pytest.raises(UserError, match=match):
+    _main(tmp_path / "d", extra)
+  assert not (tmp_path / "d").exists()
