@@ -80,7 +80,8 @@ SMOKE = [
     "frontier.betas = [0.1]", "frontier.lambdas = [0.0, 1.0]", "frontier.best_of_n = [1, 2, 4]",
     "frontier.cd_betas = [0.1]", "frontier.block_candidates = [2]", "frontier.block_length = 3",
     "frontier.tq_alphas = [1.0]", "frontier.tq_horizon = 3", "frontier.args_weights = [1.0]",
-    "frontier.cd_top_k = 4", "frontier.tq_top_k = 3", "frontier.args_top_k = 4",
+    "frontier.cd_top_k = 4", "frontier.cd_q_top_k = 0", "frontier.tq_top_k = 3",
+    "frontier.args_top_k = 4",
     "frontier.value_batch_size = 8", "frontier.num_prompts = 3", "frontier.batch_size = 2",
     "frontier.compilation_cache = False", "frontier.progress = False",
     "TrainerConfig.progress = False",
@@ -100,7 +101,7 @@ def test_frontier_end_to_end_then_resumes(tmp_path, clean_gin, capsys):
   got = [(e["method"], e["setting"]) for e in res["entries"]]
   assert got == [("best_of_n", "n=1"), ("best_of_n", "n=2"), ("best_of_n", "n=4"),
                  ("ppo", "beta=0.1"), ("dera", "lambda=0"), ("dera", "lambda=1"),
-                 ("cd_token_fudge", "beta=0.1"), ("cd_token_q", "beta=0.1"),
+                 ("cd_token_fudge", "beta=0.1,k=4"), ("cd_token_q", "beta=0.1,k=vocab"),
                  ("cd_block", "K=2,M=3"), ("tq_direct", "alpha=1"), ("args", "w=1")]
   e = {(x["method"], x["setting"]): x for x in res["entries"]}
   for x in res["entries"]:

@@ -14,11 +14,13 @@ on the same prompts, with the same seed and sampling settings:
                    of the first n (nested subsets of one draw)
   ppo_beta{B}_eval each PPO policy
   dera_sweep       DeRa between p and the PPO model at `aligned_beta`, every lambda
-  cd_token_fudge_beta{b}  token-wise CD over the top-k of p with the FUDGE value
-  cd_token_q_beta{b}      token-wise CD over the whole vocabulary with the Q-head
+  cd_token_fudge_k{k}_beta{b}  token-wise CD over the top-k of p with the FUDGE value
+  cd_token_q_k{k}_beta{b}      token-wise CD with the Q-head, over the top-k of p or
+                   (k = 0) the whole vocabulary
   cd_block_K{K}    blockwise CD (K blocks of M tokens, the best by the FUDGE value)
   tq_direct_alpha{a}      Transfer Q*, baseline = the PPO model at `aligned_beta`
-  args_w{w}        ARGS with the task reward
+  args_w{w}        ARGS with the task reward (w = 0: sampling p truncated to its top-k,
+                   the KL that the truncation alone costs)
 then MODEL_DIR/results.json (one entry per method and setting: method, setting,
 reward, kl, kl_kind, ...), report.md and frontier.png.
 
@@ -54,8 +56,8 @@ SAMPLES = "samples.jsonl"
 METHODS = ("best_of_n", "ppo", "dera", "cd_token_fudge", "cd_token_q", "cd_block", "tq_direct",
            "args")
 LABELS = {"best_of_n": "best-of-n", "ppo": "PPO (retrained per beta)", "dera": "DeRa (lambda)",
-          "cd_token_fudge": "token-wise CD, FUDGE (top-k)",
-          "cd_token_q": "token-wise CD, Q-head (vocabulary)", "cd_block": "blockwise CD (K)",
+          "cd_token_fudge": "token-wise CD, FUDGE", "cd_token_q": "token-wise CD, Q-head",
+          "cd_block": "blockwise CD (K)",
           "tq_direct": "Transfer Q* direct (alpha)", "args": "ARGS (w)"}
 # NOTE: the KL budgets of the report's "best method under a budget" table, in nats.
 BUDGETS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -94,6 +96,7 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
              lambdas: Sequence[float] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
              best_of_n: Sequence[int] = (1, 2, 4, 8, 16, 32),
              cd_betas: Sequence[float] = (3.0, 1.0, 0.3), cd_top_k: int = 10,
+             cd_q_top_k: int = 10,
              block_candidates: Sequence[int] = (2, 4, 8), block_length: int = 4,
              tq_alphas: Sequence[float] = (0.1, 0.3, 1.0), tq_top_k: int = 10,
              tq_horizon: int = 16, args_weights: Sequence[float] = (0.3, 1.0, 3.0),
@@ -131,6 +134,8 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
   args_weights = _check_grid("args_weights", args_weights)
   vocab_size = sft.model.vocab_size
   controlled.check_top_k(cd_top_k, vocab_size, "frontier.cd_top_k")
+  if cd_q_top_k != 0:  # 0: the whole vocabulary
+    controlled.check_top_k(cd_q_top_k, vocab_size, "frontier.cd_q_top_k")
   controlled.check_top_k(tq_top_k, vocab_size, "frontier.tq_top_k")
   controlled.check_top_k(args_top_k, vocab_size, "frontier.args_top_k")
   controlled.check_at_least_one("frontier.block_length (M)", block_length)
@@ -245,11 +250,11 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
         "dera_sweep", [_name("ppo_beta", aligned_beta)], {"lambdas": lambdas},
         method="dera", aligned_checkpoint=aligned_dir, lambdas=lambdas))
   for method, value_stage, top_k in (("cd_token_fudge", "value_fudge", cd_top_k),
-                                     ("cd_token_q", "value_cdq", 0)):
+                                     ("cd_token_q", "value_cdq", cd_q_top_k)):
     if method in methods:
       for b in cd_betas:
-        st = _name(f"{method}_beta", b)
-        add(method, f"beta={b:g}", st, decode_stage(
+        st = _name(f"{method}_k{top_k}_beta", b)
+        add(method, f"beta={b:g},k={top_k or 'vocab'}", st, decode_stage(
             st, [value_stage], {"beta": b, "top_k": top_k}, method="cd_token",
             value_checkpoint=runner.stage_dir(value_stage), cd_beta=float(b), cd_top_k=top_k))
   if "cd_block" in methods:
@@ -291,7 +296,8 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
       "task": ppo.task, "split": split, "num_prompts": num_prompts, "num_samples": num_samples,
       "max_new_tokens": sampling.max_new_tokens, "reward": decode_bin.reward_label(reward),
       "sft_steps": sft_steps, "ppo_steps": ppo_steps, "value_steps": value_steps,
-      "aligned_beta": aligned_beta, "cd_top_k": cd_top_k, "block_length": block_length,
+      "aligned_beta": aligned_beta, "cd_top_k": cd_top_k, "cd_q_top_k": cd_q_top_k,
+      "block_length": block_length,
       "tq_top_k": tq_top_k, "tq_horizon": tq_horizon, "args_top_k": args_top_k,
       "model": f"{type(sft.model.config).__name__}"})
   results["stage_seconds"] = dict(runner.timings)
@@ -441,8 +447,12 @@ def plot_frontier(path: str, results: dict) -> str:
       ax.plot([e["kl_bound"] for e in es], [e["reward"] for e in es], linestyle=":",
               color=line[0].get_color(), marker=markers[method], markerfacecolor="none",
               alpha=0.6, label=f"{LABELS[method]} [KL: bound log n - (n-1)/n]")
+    if es[0].get("kl_levels") is not None:
+      ax.plot([e["kl_levels"] for e in es], [e["reward"] for e in es], linestyle="--",
+              color=line[0].get_color(), marker=markers[method], markerfacecolor="none",
+              alpha=0.6, label=f"{LABELS[method]} [KL: exact by reward level, plug-in]")
   ax.set_xscale("symlog", linthresh=0.1)
-  ax.set_xlabel("KL(pi || pi_ref), nats (filled: exact; hollow: best-of-n estimator/bound)")
+  ax.set_xlabel("KL(pi || pi_ref), nats (filled: exact; hollow: best-of-n estimates)")
   ax.set_ylabel("mean task reward")
   ax.set_title("Reward against KL to the SFT model")
   ax.grid(alpha=0.3)
@@ -461,8 +471,10 @@ def render_report(res: dict) -> str:
            f"Evaluation: the first {s['num_prompts']} prompts of `{s['split']}`, "
            f"{s['num_samples']} samples each (best-of-n: its own draw), temperature 1, at most "
            f"{s['max_new_tokens']} tokens. DeRa and Transfer Q* use the PPO model at beta = "
-           f"{s['aligned_beta']:g}; token-wise CD (FUDGE) scores the top {s['cd_top_k']} tokens "
-           f"of p, token-wise CD (Q) the whole vocabulary; blockwise CD draws blocks of "
+           f"{s['aligned_beta']:g}; token-wise CD scores the top {s['cd_top_k']} tokens of p "
+           f"with the FUDGE value and " + (f"the top {s['cd_q_top_k']}" if s["cd_q_top_k"] else
+                                           "the whole vocabulary") +
+           f" with the Q-head; blockwise CD draws blocks of "
            f"{s['block_length']} tokens; TQ* takes the top {s['tq_top_k']} with rollouts of "
            f"{s['tq_horizon']} tokens; ARGS the top {s['args_top_k']}.", "",
            "KL kinds: **exact** = mean over responses of the sum over steps of the "
@@ -481,6 +493,13 @@ def render_report(res: dict) -> str:
       ["method", "setting", "reward", "KL (nats)", "KL kind", "KL bound", "KL levels",
        "length", "on the frontier"], rows), "",
       "Means ± standard errors (clustered by prompt; best-of-n: over prompts).", ""]
+  trunc = [e for e in res["entries"] if e["method"] == "args" and e["setting"] == "w=0"]
+  if trunc:
+    t = trunc[0]
+    lines += [f"Sampling p truncated to its top {s['args_top_k']} tokens (ARGS at w = 0) costs "
+              f"{f(t['kl'])} nats of KL by itself (reward {f(t['reward'])}): every method that "
+              f"restricts each step to the top-k of p (token-wise CD over the top-k, Transfer Q*, "
+              f"ARGS) starts from about there.", ""]
   lines += ["## The frontier", "",
             "Entries no other entry beats on both reward and KL (point estimates), by KL: " +
             "; ".join(f"{LABELS[m]} {st or ''}".strip() for m, st in res["pareto"]) + ".", ""]
