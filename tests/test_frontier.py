@@ -4,7 +4,6 @@ import json
 import math
 
 import gin
-import numpy as np
 import pytest
 
 from realign_jax.errors import UserError

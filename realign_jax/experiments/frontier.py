@@ -430,13 +430,13 @@ def build_results(entries: list, settings: dict) -> dict:
 # ---- figure and report -------------------------------------------------------------------
 def plot_frontier(path: str, results: dict) -> str:
   plt = rep._plt()
-  fig, ax = plt.subplots(figsize=(7.0, 4.6))
+  fig, ax = plt.subplots(figsize=(7.0, 4.8))
   markers = dict(zip(METHODS, "os^v<>Dp"))
   for method in METHODS:
     es = [e for e in results["entries"] if e["method"] == method]
     if not es:
       continue
-    es = sorted(es, key=lambda e: e["kl"])
+    # NOTE: points joined in the order of the method's grid (n, lambda, beta, ...).
     exact = es[0]["kl_kind"] == "exact"
     label = LABELS[method] + ("" if exact else " [KL: best-of-n estimator]")
     line = ax.errorbar([e["kl"] for e in es], [e["reward"] for e in es],
@@ -456,7 +456,7 @@ def plot_frontier(path: str, results: dict) -> str:
   ax.set_ylabel("mean task reward")
   ax.set_title("Reward against KL to the SFT model")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=6.5, loc="lower right")
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
   out = rep._save(fig, path)
   plt.close(fig)
   return out

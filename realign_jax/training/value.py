@@ -29,14 +29,12 @@ Losses are sums over a response's tokens, averaged over the batch.
 """
 
 import dataclasses
-import functools
 from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.data import pipeline
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
