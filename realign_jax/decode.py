@@ -153,7 +153,7 @@ def decode(*, ref_checkpoint: str, output_file: str, lambdas: Sequence[float] = 
                       f"{ref_cfg.vocab_size} ({ref_checkpoint}) vs {al_cfg.vocab_size} "
                       f"({aligned_checkpoint})")
   vocab, prompts, inputs = load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir,
-                                         max_prompts, input_length)
+                                        max_prompts, input_length)
 
   mesh = partitioning.create_mesh()
   rules = partitioning.logical_axis_rules()
@@ -182,7 +182,7 @@ def _check_common(num_samples: int, batch_size: int, output_file: str) -> None:
 
 
 def load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir, max_prompts,
-                  input_length):
+                 input_length):
   """(vocab, prompts, inputs [N, input_length]) with the vocabulary checked against the model."""
   vocab = vocab_lib.load_vocabulary(vocab_path)
   if vocab.vocab_size > ref_cfg.vocab_size:
@@ -440,7 +440,7 @@ def _decode_method(method: str, *, ref_checkpoint, output_file, aligned_checkpoi
       args_weight=args_weight, vocab_path=vocab_path, input_length=input_length,
       sampling=sampling)
   vocab, prompts, inputs = load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir,
-                                         max_prompts, input_length)
+                                        max_prompts, input_length)
 
   mesh = partitioning.create_mesh()
   rules = partitioning.logical_axis_rules()
