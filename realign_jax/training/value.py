@@ -160,15 +160,18 @@ class ValueAlgorithm(Algorithm):
   def init(self, rng):
     return self.model.init(rng)
 
+  def _sharded_abstract(self, lm: LanguageModel):
+    """ShapeDtypeStructs of `lm`'s params with their shardings on this run's mesh."""
+    abstract, axes = lm.abstract_init()
+    sh = partitioning.logical_to_mesh_sharding(axes, self._mesh, self._rules)
+    return jax.tree_util.tree_map(
+        lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), abstract, sh)
+
   def initial_params(self, abstract_params):
     """init_checkpoint's trunk with a zero value output, sharded like `abstract_params`."""
     if not self.init_checkpoint:
       return None
-    lm = LanguageModel(self.model.config, "lm")
-    abstract, axes = lm.abstract_init()
-    sh = partitioning.logical_to_mesh_sharding(axes, self._mesh, self._rules)
-    target = jax.tree_util.tree_map(
-        lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), abstract, sh)
+    target = self._sharded_abstract(LanguageModel(self.model.config, "lm"))
     trunk = policy_lib.load_init_params(self.init_checkpoint, target, config=self.model.config,
                                         what="init_checkpoint")
     zeros = lambda s: jax.device_put(jnp.zeros(s.shape, s.dtype), s.sharding)
@@ -183,10 +186,7 @@ class ValueAlgorithm(Algorithm):
       if self.reference is not None:
         ref = self.reference.params
       else:
-        abstract, axes = self._ref_lm.abstract_init()
-        sh = partitioning.logical_to_mesh_sharding(axes, self._mesh, self._rules)
-        target = jax.tree_util.tree_map(
-            lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), abstract, sh)
+        target = self._sharded_abstract(self._ref_lm)
         ref = policy_lib.load_init_params(self.reference_checkpoint, target,
                                           config=self._ref_lm.config,
                                           what="reference_checkpoint")
