@@ -12,6 +12,10 @@ gold reward by default, or an LLM judge). The summary file appears only when
 complete.
 """
 
+from realign_jax import startup
+
+startup.precheck(__name__)  # NOTE: before the heavy imports (see startup.py)
+
 import json
 import logging
 import os

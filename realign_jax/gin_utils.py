@@ -71,7 +71,7 @@ def split_args(argv: Sequence[str]) -> tuple[list, list, list]:
   return files, bindings, rest
 
 
-def _resolve(path: str) -> str:
+def resolve_gin_file(path: str) -> str:
   for base in ("", os.getcwd(), REPO_ROOT):
     cand = os.path.join(base, path) if base else path
     if os.path.isfile(cand):
@@ -85,17 +85,17 @@ def parse(files: Sequence[str], bindings: Sequence[str]) -> None:
   gin.clear_config()
   for p in (os.getcwd(), REPO_ROOT):
     gin.add_config_file_search_path(p)
-  resolved = [_resolve(f) for f in files]
+  resolved = [resolve_gin_file(f) for f in files]
   try:
     # NOTE: finalizing runs gin's hooks, which reject a macro left at
     # %gin.REQUIRED (e.g. MODEL_DIR); without them the REQUIRED sentinel object
     # itself would be passed on as the value.
     gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=True)
   except (ValueError, KeyError, SyntaxError, TypeError, IOError) as e:
-    raise UserError(f"gin: {_first_line(e)}") from e
+    raise UserError(f"gin: {first_line(e)}") from e
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
   return " ".join(text[:3]) if text else type(e).__name__
 
@@ -108,7 +108,7 @@ def call(fn: Callable, **kwargs):
     msg = str(e)
     if "Required bindings" in msg or "gin.REQUIRED" in msg or "required" in msg.lower() and (
         "gin" in msg.lower()):
-      raise UserError(f"gin: {_first_line(e)}") from e
+      raise UserError(f"gin: {first_line(e)}") from e
     raise
 
 
@@ -120,13 +120,15 @@ def configure_binary(argv: Sequence[str], name: str, fn: Callable,
   parses the gin files and overrides, and returns the configured callable;
   unknown arguments or no gin file are a UserError.
   """
-  import logging
+  from realign_jax import startup
+  argv, level = startup.strip_verbosity(list(argv))
   files, bindings, rest = split_args(argv)
   if rest:
     raise UserError(f"unknown arguments: {' '.join(rest)}")
   if not files:
     raise UserError("no --gin_file given")
-  logging.basicConfig(level=logging.WARNING)
+  if level != startup.verbosity():
+    startup.configure(level)
   register()  # NOTE: first, so a package's own registration of `name` is found below
   for obj, obj_name in ((fn, name), *extra):
     try:

@@ -8,6 +8,10 @@ writes checkpoints, metrics.jsonl, TensorBoard events, model.json and the
 operative gin config into MODEL_DIR.
 """
 
+from realign_jax import startup
+
+startup.precheck(__name__)  # NOTE: before the heavy imports (see startup.py)
+
 import os
 from typing import Optional
 

@@ -97,7 +97,9 @@ class _Launcher:
 
   def env(self, devices: int = 1) -> dict:
     env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="",
+    # NOTE: no TF_CPP_MIN_LOG_LEVEL: the binaries must be quiet on their own.
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
                JAX_COMPILATION_CACHE_DIR=str(self.cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                PYTHONPATH=os.pathsep.join(
@@ -312,6 +314,7 @@ def _check_one_line_error(run: _Run, needles):
   assert "Traceback" not in run.stderr, run.describe()
   errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1, run.describe()
+  assert run.stderr.strip().splitlines() == errors, run.describe()  # nothing else
   for needle in needles:
     assert needle in errors[0], (needle, errors[0])
   assert "error" not in run.stdout.lower(), run.describe()
@@ -506,3 +509,7 @@ def test_tiny_sft_lowers_validation_loss_by_30_percent(launched):
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(model_dir / "tb"))
   assert _checkpoint_steps(model_dir) == [SFT_STEPS]
   assert f"done: step {SFT_STEPS}" in run.stdout
+  # stderr holds the progress bar and nothing else (no native start-up logging)
+  noise = [seg for seg in re.split(r"[\r\n]+", run.stderr)
+           if seg.strip() and not seg.startswith("sft:")]
+  assert noise == [], run.describe()

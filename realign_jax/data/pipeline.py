@@ -27,18 +27,29 @@ import itertools
 import os
 from typing import Iterator, Mapping, Sequence
 
-import numpy as np
-import seqio
+import typing
 
-from realign_jax.data import tasks
+import numpy as np
+
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.errors import UserError
+
+if typing.TYPE_CHECKING:
+  import seqio
 
 Batch = dict[str, np.ndarray]
 
 # Task feature -> batch key (the prompt of a preference pair is the input).
 _BATCH_KEYS = {"inputs": "inputs", "targets": "targets", "prompt": "inputs",
                "chosen": "chosen", "rejected": "rejected"}
+
+
+def _tasks():
+  # NOTE: the task registry pulls in seqio and TensorFlow (seconds to import);
+  # imported on first use so a binary that never reads a split, or stops on a
+  # user error, does not pay for it.
+  from realign_jax.data import tasks  # pylint: disable=g-import-not-at-top
+  return tasks
 
 
 def _check_shard(shard_index: int, num_shards: int) -> None:
@@ -50,6 +61,7 @@ def _check_shard(shard_index: int, num_shards: int) -> None:
 @functools.lru_cache(maxsize=16)
 def _cached_texts(task: str, split: str, data_dir: str | None,
                   vocab_path: str | None) -> tuple[dict[str, str], ...]:
+  tasks = _tasks()
   seqio_task = tasks.get_task(task, data_dir=data_dir, vocab_path=vocab_path)
   features = tasks.task_features(task)
   rows = []
@@ -78,7 +90,7 @@ def text_examples(
     "rejected"} for preference tasks.
   """
   _check_shard(shard_index, num_shards)
-  resolved = tasks.resolve_data_dir(task, data_dir)
+  resolved = _tasks().resolve_data_dir(task, data_dir)
   rows = _cached_texts(task, split, resolved, None)
   if limit is not None:
     rows = rows[:limit]
@@ -168,7 +180,7 @@ def encoded_split(
   """A whole split as read-only arrays `[num_examples, length]`, memoised."""
   _check_shard(shard_index, num_shards)
   return _encoded(
-      task, split, tasks.resolve_data_dir(task, data_dir),
+      task, split, _tasks().resolve_data_dir(task, data_dir),
       None if vocab_path is None else vocab_lib.resolve_vocab_path(vocab_path),
       input_length, target_length, limit, shard_index, num_shards)
 

@@ -18,6 +18,10 @@ As a binary (prompts from a task's splits, the policy from a run directory):
       --gin.POLICY_CHECKPOINT="'SFT_DIR'" --gin.OUTPUT_DIR="'P'"
 """
 
+from realign_jax import startup
+
+startup.precheck(__name__)  # NOTE: before the heavy imports (see startup.py)
+
 import dataclasses
 import functools
 from typing import Any, Callable, Optional, Sequence

@@ -31,8 +31,11 @@ from typing import Callable, Sequence
 
 from absl import logging
 import numpy as np
-import seqio
-import tensorflow as tf
+
+from realign_jax import startup
+
+tf = startup.import_tensorflow()
+import seqio  # noqa: E402  (after TensorFlow's quiet import)
 
 from realign_jax.data import corpus
 from realign_jax.data import preferences

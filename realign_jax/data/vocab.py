@@ -57,6 +57,8 @@ def _load(path: str) -> seqio.SentencePieceVocabulary:
         f"eos_id={EOS_ID} are required")
   # NOTE: imported here so that modules needing only ids and sentencepiece
   # (rewards, RL) import on hosts without the TensorFlow stack.
+  from realign_jax import startup
+  startup.import_tensorflow()
   import seqio
   vocab = seqio.SentencePieceVocabulary(path)
   # NOTE: seqio loads lazily; touch the model now so a later failure cannot

@@ -77,6 +77,8 @@ def prepare_xsum(data_dir: str | os.PathLike[str]) -> str:
   provide_importlib_resources()
   # NOTE: imported here, since TFDS is slow to import and most runs never
   # prepare XSum.
+  from realign_jax import startup  # pylint: disable=g-import-not-at-top
+  startup.import_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
   from tensorflow_datasets.core.download import download_manager

@@ -22,6 +22,10 @@ rewards are scored on the sampled tokens exactly as in training; KL is the
 exact sequence KL to pi_ref (sum of per-step full-vocabulary KL).
 """
 
+from realign_jax import startup
+
+startup.precheck(__name__)  # NOTE: before the heavy imports (see startup.py)
+
 import dataclasses
 import math
 import os

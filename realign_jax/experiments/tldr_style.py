@@ -32,6 +32,10 @@ the same row seeds, temperature 1, `max_new_tokens` tokens at most; KL is the
 exact sequence KL to pi_ref.
 """
 
+from realign_jax import startup
+
+startup.precheck(__name__)  # NOTE: before the heavy imports (see startup.py)
+
 import dataclasses
 import math
 import os
