@@ -65,7 +65,7 @@ class RandomSFT(SFT):
     return _random_batches(self, self.model.vocab_size, self.batch_size, self.input_length,
                            self.target_length, True, start_step)
 
-  def evaluate(self, params, step):
+  def evaluate(self, params, step, aux=None):
     return {}, []
 
 
@@ -95,7 +95,7 @@ class RandomPPO(PPO):
     return _random_batches(self, self.model.vocab_size, self.batch_size, self.input_length,
                            self.max_new_tokens, False, start_step)
 
-  def evaluate(self, params, step):
+  def evaluate(self, params, step, aux=None):
     return {}, []
 
 

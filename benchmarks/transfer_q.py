@@ -84,6 +84,8 @@ def bench_size(name, batch, new_tokens, k, horizon, repeats, input_length=32):
   row = {"params": sum(x.size for x in jax.tree_util.tree_leaves(ref.params))}
   tokens = {}
   for how in ("fork", "recompute", "refeed"):
+    # NOTE: alpha = 1 is the same policy under either alpha_convention (temperature 1);
+    # the timing does not depend on it.
     tcfg = tq.TQConfig(top_k=k, horizon=horizon, alpha=1.0, rollouts=how)
     tq.validate_tq(ref, base, tcfg)
     run = jax.jit(lambda r, tcfg=tcfg: tq.transfer_q(ref, base, inputs, r, dcfg, tcfg,

@@ -10,7 +10,10 @@ r"""Decoding binary: DeRa, controlled decoding, Transfer Q* and ARGS from run di
                  'scalar' scores the top-k candidates, 'lm' is a Q-head over the vocabulary);
   'cd_block'     blockwise CD: K candidate blocks of M tokens, the best by V kept;
   'tq_direct'    Transfer Q* with a baseline aligned to the target reward;
-  'tq_indirect'  Transfer Q* with a baseline aligned to another reward r_BL;
+  'tq_indirect'  Transfer Q* with a baseline aligned to another reward r_BL
+                 (both: `TQConfig.alpha_convention` = 'paper', the default, samples
+                 p exp(Q / alpha), alpha the KL weight; 'authors' scores
+                 log p + alpha Q as the authors' code);
   'args'         ARGS: log p(z | s) + w r(x, [s, z]) over the top-k.
 The rewards of TQ* and ARGS are a reward-model run directory
 (`reward_checkpoint`) or a `Reward` bound by gin (`decode.reward = @LengthReward()`).
@@ -20,10 +23,19 @@ DeRa writes one JSON line per (prompt, sample, lambda): prompt, response, lam, s
 row_seed, tokens, the per-token log-probs of the sampled distribution and of
 each model, the exact sequence KL to the reference (sum over steps of the
 full-vocabulary KL) and the sequence log-ratio estimate
-sum_t log q(y_t) - log p_ref(y_t). The other methods write one line per
-(prompt, sample) with the same fields plus `method` and `setting` (see
-`_method_rows`). The file appears only when complete.
+sum_t log q(y_t) - log p_ref(y_t) (greedy rows: a point mass per step,
+log q = 0 and KL = -sum_t log p_ref(y_t)). Several aligned models
+(`decode.aligned_checkpoints` with `decode.lambda_vectors`, Appendix B of the
+paper, configs/decode/dera_multi_builtin_tiny.gin) mix
+sum_i lam_i h_i + (1 - sum_i lam_i) h_ref; their rows' `lam` is the weight
+vector and `aligned_model_logprobs` holds one list per aligned model. The
+other methods write one line per (prompt, sample) with the same fields plus
+`method` and `setting` (see `_decode_method_all`). The file appears only when complete.
 """
+
+from realign_jax import startup
+
+startup.precheck(__name__)  # NOTE: before the heavy imports (see startup.py)
 
 import dataclasses
 import logging
@@ -94,8 +106,10 @@ def encode_prompts(vocab, prompts: Sequence[str], input_length: int) -> np.ndarr
   return pipeline.fit(ids, input_length)
 
 
-def decode(*, ref_checkpoint: str, output_file: str, lambdas: Sequence[float] = (1.0,),
+def decode(*, ref_checkpoint: str, output_file: str, lambdas: Optional[Sequence[float]] = None,
            aligned_checkpoint: Optional[str] = None, mixing: str = "logits",
+           aligned_checkpoints: Optional[Sequence[str]] = None,
+           lambda_vectors: Optional[Sequence[Sequence[float]]] = None,
            method: str = "dera", value_checkpoint: Optional[str] = None,
            baseline_checkpoint: Optional[str] = None, reward: Optional[Reward] = None,
            reward_checkpoint: Optional[str] = None, baseline_reward: Optional[Reward] = None,
@@ -111,21 +125,36 @@ def decode(*, ref_checkpoint: str, output_file: str, lambdas: Sequence[float] = 
            progress: bool = True) -> dict:
   """Decodes every prompt with `method` (at every lambda for DeRa); returns a summary dict.
 
+  DeRa settings: `lambdas` (default [1.0]) with one `aligned_checkpoint`
+  (or none: the reference alone), mixing 'logits' or 'weights'; or, for
+  several aligned models (Appendix B of the paper), `aligned_checkpoints`
+  [M] with `lambda_vectors` [K][M] (one weight per aligned model): row k
+  samples softmax(sum_i lam_ki h_i + (1 - sum_i lam_ki) h_ref), all K in one
+  batched call (logit mixing only).
   Method settings (each read only by its method):
     cd_token: value_checkpoint, cd_beta (beta of pi ~ p exp(V / beta)), cd_top_k
       (candidates per step; 0 = the whole vocabulary, Q-head value models only).
     cd_block: value_checkpoint, block_candidates (K), block_length (M).
     tq_direct / tq_indirect: baseline_checkpoint, `tq` (TQConfig; its `mode` is
-      set by the method), the target reward (reward or reward_checkpoint) and,
+      set by the method; `alpha_convention` 'paper' (default): alpha is the KL
+      weight, p exp(Q / alpha), larger = closer to p; 'authors': log p + alpha Q
+      as the authors' code, larger = further), the target reward (reward or
+      reward_checkpoint) and,
       for indirect, the baseline's reward (baseline_reward or
       baseline_reward_checkpoint), which must be a different reward.
     args: args_top_k, args_weight and the reward.
   `sampling` decodes (temperature / greedy; KL is exact for the sampled
   distribution; blockwise CD draws its blocks with it).
   """
+  # NOTE: gin passes values on as written (batch_size='8'): types first.
+  from realign_jax import config_check
+  config_check.check_args(decode, dict(locals()))
   if method not in METHODS:
     raise UserError(f"decode method must be one of {METHODS}, got {method!r}")
   if method != "dera":
+    if aligned_checkpoints is not None or lambda_vectors is not None:
+      raise UserError(f"aligned_checkpoints and lambda_vectors are read by method 'dera' only, "
+                      f"not {method!r}")
     return _decode_method(
         method, ref_checkpoint=ref_checkpoint, output_file=output_file,
         aligned_checkpoint=aligned_checkpoint, value_checkpoint=value_checkpoint,
@@ -138,20 +167,29 @@ def decode(*, ref_checkpoint: str, output_file: str, lambdas: Sequence[float] = 
         max_prompts=max_prompts, input_length=input_length, batch_size=batch_size,
         num_samples=num_samples, sampling=sampling, seed=seed, progress=progress)
   # ---- validate everything before any compute --------------------------------
-  lambdas = dera.check_lambdas(lambdas)
-  if len(set(lambdas)) != len(lambdas):
-    raise UserError(f"the lambda list has duplicates: {lambdas}")
   if mixing not in MIXINGS:
     raise UserError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
+  multi = aligned_checkpoints is not None
+  if multi:
+    aligned_dirs, lambdas = _check_multi(aligned_checkpoint, aligned_checkpoints, lambdas,
+                                         lambda_vectors, mixing)
+  else:
+    if lambda_vectors is not None:
+      raise UserError("lambda_vectors weighs several aligned models: give them as "
+                      "decode.aligned_checkpoints (or use decode.lambdas with one "
+                      "aligned_checkpoint)")
+    lambdas = dera.check_lambdas((1.0,) if lambdas is None else lambdas)
+    if len(set(lambdas)) != len(lambdas):
+      raise UserError(f"the lambda list has duplicates: {lambdas}")
+    aligned_dirs = [aligned_checkpoint] if aligned_checkpoint else []
   _check_common(num_samples, batch_size, output_file)
   ref_cfg, _ = ckpt_lib.read_model_json(ref_checkpoint)
-  al_cfg = None
-  if aligned_checkpoint:
-    al_cfg, _ = ckpt_lib.read_model_json(aligned_checkpoint)
+  for aligned_dir in aligned_dirs:  # NOTE: every aligned model, before any params are read
+    al_cfg, _ = ckpt_lib.read_model_json(aligned_dir)
     if al_cfg.vocab_size != ref_cfg.vocab_size:
       raise UserError(f"reference and aligned models have different vocabulary sizes: "
                       f"{ref_cfg.vocab_size} ({ref_checkpoint}) vs {al_cfg.vocab_size} "
-                      f"({aligned_checkpoint})")
+                      f"({aligned_dir})")
   vocab, prompts, inputs = load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir,
                                         max_prompts, input_length)
 
@@ -159,16 +197,40 @@ def decode(*, ref_checkpoint: str, output_file: str, lambdas: Sequence[float] = 
   rules = partitioning.logical_axis_rules()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     ref = load_component(ref_checkpoint, mesh, rules)
-    aligned = load_component(aligned_checkpoint, mesh, rules) if aligned_checkpoint else None
-    if mixing == "weights" and aligned is not None:
-      dera.check_same_architecture(aligned.params, ref.params)
-    run = _make_runner(ref, aligned, lambdas, mixing, sampling, num_samples)
+    aligned = [load_component(d, mesh, rules) for d in aligned_dirs]
+    if mixing == "weights" and aligned:
+      dera.check_same_architecture(aligned[0].params, ref.params)
+    run = _make_runner(ref, aligned, lambdas, mixing, sampling, num_samples, multi)
     rows = _decode_all(run, inputs, prompts, vocab, lambdas, num_samples, batch_size, seed,
-                       mixing, aligned is not None, progress)
+                       mixing, bool(aligned), progress, multi=multi, greedy=sampling.greedy)
   write_rows(rows, output_file)
   kl = np.array([r["kl"] for r in rows])
   return {"rows": len(rows), "prompts": len(prompts), "lambdas": lambdas,
           "mean_kl": float(kl.mean()), "output_file": output_file}
+
+
+def _check_multi(aligned_checkpoint, aligned_checkpoints, lambdas, lambda_vectors,
+                 mixing) -> tuple:
+  """(aligned run directories, weight vectors) of multi-model DeRa, or a one-line UserError."""
+  if aligned_checkpoint:
+    raise UserError("give decode.aligned_checkpoint (one aligned model, with lambdas) or "
+                    "decode.aligned_checkpoints (several, with lambda_vectors), not both")
+  if (isinstance(aligned_checkpoints, (str, bytes)) or not aligned_checkpoints
+      or not all(isinstance(d, str) and d for d in aligned_checkpoints)):
+    raise UserError(f"aligned_checkpoints must be a non-empty list of run directories, got "
+                    f"{aligned_checkpoints!r}")
+  if lambdas is not None:
+    raise UserError("with aligned_checkpoints the weights are decode.lambda_vectors (one "
+                    "weight per aligned model per row), not decode.lambdas")
+  if lambda_vectors is None:
+    raise UserError(f"aligned_checkpoints needs decode.lambda_vectors: a list of weight lists, "
+                    f"each with {len(aligned_checkpoints)} weights (one per aligned model)")
+  if mixing != "logits":
+    # NOTE: Appendix B mixes logits; weight mixing is defined here for one aligned model.
+    raise UserError(f"several aligned models are mixed in logits only (mixing='logits'), got "
+                    f"mixing={mixing!r}")
+  return list(aligned_checkpoints), dera.check_lambda_vectors(lambda_vectors,
+                                                              len(aligned_checkpoints))
 
 
 def _check_common(num_samples: int, batch_size: int, output_file: str) -> None:
@@ -176,9 +238,8 @@ def _check_common(num_samples: int, batch_size: int, output_file: str) -> None:
     raise UserError(f"num_samples must be >= 1, got {num_samples}")
   if batch_size < 1:
     raise UserError(f"batch_size must be >= 1, got {batch_size}")
-  out_dir = os.path.dirname(os.path.abspath(output_file))
-  if not os.path.isdir(out_dir):
-    raise UserError(f"output directory {out_dir} does not exist")
+  from realign_jax import config_check
+  config_check.check_output_file(output_file)
 
 
 def load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir, max_prompts,
@@ -204,14 +265,23 @@ def write_rows(rows: Sequence[dict], output_file: str) -> None:
   ckpt_lib.atomic_write_jsonl(output_file, rows)
 
 
-def _make_runner(ref, aligned, lambdas, mixing, cfg, n):
-  """Returns jitted run(inputs, seeds, rng) -> SampleOutput with rows (b, j, k)."""
-  if aligned is None:
+def _make_runner(ref, aligned, lambdas, mixing, cfg, n, multi=False):
+  """Returns jitted run(inputs, seeds, rng) -> SampleOutput with rows (b, j, k).
+
+  `aligned` is a list of Components (empty: the reference alone); with
+  `multi`, `lambdas` are weight vectors, one weight per aligned model.
+  """
+  if multi:
+    lam_vecs = jnp.asarray(lambdas, jnp.float32)  # [K, M]
+    return [(None, jax.jit(lambda x, s, r: dera.multi_sweep(ref, aligned, x, lam_vecs, r, cfg,
+                                                            seeds=s, num_samples=n)))]
+  if not aligned:
     def run(inputs, seeds, rng):
       sample_ids = (seeds[:, None] * n + jnp.arange(n)[None]).reshape(-1)
       return dera.sample_mixture([ref], jnp.ones((1,)), inputs, rng, cfg, num_samples=n,
                                  row_ids=sample_ids, reference_index=0)
     return [(None, jax.jit(run))]
+  aligned = aligned[0]
   if mixing == "logits":
     lam = jnp.asarray(lambdas, jnp.float32)
     return [(None, jax.jit(lambda x, s, r: dera.dera_sweep(ref, aligned, x, lam, r, cfg, seeds=s,
@@ -231,7 +301,7 @@ def _make_runner(ref, aligned, lambdas, mixing, cfg, n):
 
 
 def _decode_all(runners, inputs, prompts, vocab, lambdas, n, batch_size, seed, mixing,
-                has_aligned, progress):
+                has_aligned, progress, *, multi=False, greedy=False):
   from tqdm import tqdm
   rng = jax.random.PRNGKey(seed)
   num = inputs.shape[0]
@@ -254,20 +324,33 @@ def _decode_all(runners, inputs, prompts, vocab, lambdas, n, batch_size, seed, m
             r = (bi * n + j) * kk + ki
             length = int(out.lengths[r])
             total_tokens += length
-            lp = out.logprobs[r, :length]
             comp = out.model_logprobs[:, r, :length]
             ref_lp = comp[0] if mixing == "logits" or not has_aligned else comp[1]
+            if greedy:
+              # NOTE: greedy decoding samples a point mass per step, not softmax
+              # of the mixed logits: log q = 0 and KL(q || p_ref) = -log p_ref(y_t),
+              # as every other method's greedy rows (`_decode_method_all`).
+              lp = np.zeros_like(ref_lp)
+              kl = float(-np.sum(ref_lp))
+            else:
+              lp = out.logprobs[r, :length]
+              kl = float(np.sum(out.kl[r, :length]))
+            if lam is None:
+              lam_value = None
+            else:
+              lam_value = [float(x) for x in lam] if multi else float(lam)
             row = {
                 "prompt": prompts[p_idx], "response": vocab_lib.decode(vocab, out.tokens[r].tolist()),
-                "lam": None if lam is None else float(lam), "seed": seed,
+                "lam": lam_value, "seed": seed,
                 "row_seed": int(p_idx * n + j), "prompt_index": int(p_idx), "sample": j,
                 "mixing": mixing if has_aligned else "none",
                 "tokens": out.tokens[r, :length].tolist(), "length": length,
                 "logprobs": lp.tolist(), "ref_logprobs": ref_lp.tolist(),
-                "kl": float(np.sum(out.kl[r, :length])),
-                "log_ratio": float(np.sum(lp - ref_lp)),
+                "kl": kl, "log_ratio": float(np.sum(lp - ref_lp)),
             }
-            if has_aligned:
+            if multi:  # one list per aligned model, in the order of aligned_checkpoints
+              row["aligned_model_logprobs"] = comp[1:].tolist()
+            elif has_aligned:
               row["aligned_logprobs"] = (comp[1] if mixing == "logits" else comp[2]).tolist()
             lam_pos = 0 if lam is None else lambdas.index(lam)
             rows[(p_idx * n + j) * (len(lambdas) if has_aligned else 1) + lam_pos] = row
@@ -408,7 +491,9 @@ def _validate_method(method, *, ref_cfg, aligned_checkpoint, value_checkpoint,
     tq_cfg = dataclasses.replace(tq, mode="direct" if method == "tq_direct" else "indirect")
     transfer_q.validate_tq(ref, dera.Component(LanguageModel(bcfg), None), tq_cfg,
                            baseline_reward=None if base_r is None else (lambda *a: None))
+    # NOTE: alpha means opposite things under the two conventions; the rows say which.
     setting = {"top_k": tq_cfg.top_k, "horizon": tq_cfg.horizon, "alpha": float(tq_cfg.alpha),
+               "alpha_convention": tq_cfg.alpha_convention,
                "num_rollouts": tq_cfg.num_rollouts, "reward": reward_label(target),
                "temperature": temp}
     if method == "tq_indirect":
@@ -476,6 +561,7 @@ def _decode_method(method: str, *, ref_checkpoint, output_file, aligned_checkpoi
     summary["mean_kl_bound"] = float(np.mean([r["kl_bound"] for r in rows]))
     summary["mean_kl_estimate"] = float(np.mean([r["kl_estimate"] for r in rows]))
     summary["kl_kind"] = "bound"
+    summary["kl_to"] = rows[0]["kl_to"]
   else:
     summary["mean_kl"] = float(np.mean([r["kl"] for r in rows]))
     summary["kl_kind"] = "exact"
@@ -514,7 +600,8 @@ def _method_runner(method, lms, rewards, cfg, n, *, cd_beta, cd_top_k, block_can
                                               weight=args_weight, num_samples=n,
                                               row_ids=row_ids)
     return {"tokens": out.tokens, "logprobs": out.logprobs, "lengths": out.lengths,
-            "ref_logprobs": out.model_logprobs[0], "kl": out.kl, "nonfinite": nonfinite}
+            "ref_logprobs": out.model_logprobs[0], "kl": out.kl, "nonfinite": nonfinite,
+            "proposal_logprobs": out.model_logprobs[1] if method == "cd_block" else None}
   return jax.jit(run)
 
 
@@ -569,15 +656,19 @@ def _decode_method_all(run, params, inputs, prompts, vocab, method, setting, n, 
                "tokens": out["tokens"][r, :length].tolist(), "length": length}
         if method == "cd_block":
           blocks = int(controlled.num_blocks_used(length, block_length))
+          prop_lp = np.asarray(out["proposal_logprobs"][r, :length])
           # NOTE: blockwise CD has no per-token distribution; each block is a
-          # best-of-K draw from p(. | s), so by the chain rule over blocks the
-          # mean of blocks x (log K - (K - 1) / K) bounds KL(cd || p), and the
-          # sum over blocks of the best-of-K estimator KL_hat(p(block | s), K)
-          # estimates it.
-          row.update(ref_logprobs=ref_lp.tolist(), blocks=blocks, block_latency_s=latency,
-                     kl_kind="bound",
+          # best-of-K draw from the proposal p~(. | s), so by the chain rule over
+          # blocks the mean of blocks x (log K - (K - 1) / K) bounds KL(cd || p~),
+          # and the sum over blocks of the best-of-K estimator
+          # KL_hat(p~(block | s), K) estimates it. p~ is p itself only at
+          # temperature 1 without top-k / top-p (`kl_to` says which);
+          # ref_logprobs are always under p, proposal_logprobs under p~.
+          row.update(ref_logprobs=ref_lp.tolist(), proposal_logprobs=prop_lp.tolist(),
+                     blocks=blocks, block_latency_s=latency, kl_kind="bound",
+                     kl_to=_block_kl_to(cfg),
                      kl_bound=blocks * best_of_n_theory.kl_bound(block_candidates),
-                     kl_estimate=block_kl_estimate(ref_lp, block_length, block_candidates))
+                     kl_estimate=block_kl_estimate(prop_lp, block_length, block_candidates))
         else:
           if cfg.greedy:  # a point mass per step: log q = 0, KL = -log p_ref(y_t)
             lp = np.zeros_like(ref_lp)
@@ -599,14 +690,24 @@ def _decode_method_all(run, params, inputs, prompts, vocab, method, setting, n, 
   return rows, timing
 
 
-def block_kl_estimate(ref_logprobs, block_length: int, num_candidates: int) -> float:
-  """Sum over the blocks of a response of KL_hat(eps, K), eps = p(block | prefix).
+def _block_kl_to(cfg: sampler.SamplingConfig) -> str:
+  """What blockwise CD's KL bound and estimate are relative to: 'p' or 'proposal'."""
+  is_p = (not cfg.greedy and cfg.temperature == 1.0 and not cfg.top_k and cfg.top_p >= 1.0)
+  return "p" if is_p else "proposal"
+
+
+def block_kl_estimate(proposal_logprobs, block_length: int, num_candidates: int) -> float:
+  """Sum over the blocks of a response of KL_hat(eps, K), eps = p~(block | prefix).
+
+  `proposal_logprobs` are the tokens' log-probs under the distribution the
+  blocks were drawn from (the proposal p~; p itself at temperature 1 without
+  truncation).
 
   The best-of-n estimator per block (`best_of_n_theory.kl_estimator`); a
   block cut by EOS counts with the tokens it has.
   """
   from realign_jax.evaluation import best_of_n_theory
-  lp = np.asarray(ref_logprobs, np.float64)
+  lp = np.asarray(proposal_logprobs, np.float64)
   if lp.size == 0:
     return 0.0
   sums = np.add.reduceat(lp, np.arange(0, lp.size, block_length))
@@ -623,7 +724,9 @@ def main(argv: list) -> int:
           f"{summary['mean_kl']:.4f} nats")
     return 0
   if summary["kl_kind"] == "bound":
-    kl = (f"KL to the reference <= {summary['mean_kl_bound']:.4f} nats (best-of-K bound per "
+    to = ("the reference" if summary.get("kl_to", "p") == "p" else
+          "the proposal (the reference after temperature / top-k / top-p)")
+    kl = (f"KL to {to} <= {summary['mean_kl_bound']:.4f} nats (best-of-K bound per "
           f"block), estimated {summary['mean_kl_estimate']:.4f} nats (best-of-K estimator per "
           f"block); per-block latency {summary['block_latency_s'] * 1e3:.1f} ms")
   else:

@@ -65,7 +65,7 @@ def _group_metrics(rows, path, *, reward_judge, references, orders) -> dict:
   out["mean_length_words"], out["mean_length_words_se"] = stats.mean_and_stderr(
       [len(text_metrics.tokenize(t)) for t in responses])
   if reward_judge is not None:
-    scores = reward_judge.scores(prompts, responses)
+    scores = reward_judge.scores(prompts, responses, _row_ids(rows))
     bad = np.flatnonzero(~np.isfinite(scores))
     if bad.size:
       raise UserError(f"{path} row {rows[bad[0]]['_line']}: reward {reward_judge.name} is "
@@ -79,6 +79,18 @@ def _group_metrics(rows, path, *, reward_judge, references, orders) -> dict:
                       f"({len(missing)} of {len(rows)} rows lack one)")
     out["rouge"] = text_metrics.rouge_scores(responses, [references[p] for p in prompts])
   return out
+
+
+def _row_ids(rows) -> Optional[list]:
+  """The rows' sampled ids (decode rows' `tokens`), or None when a row lacks them.
+
+  NOTE: where ids are known they are the source of truth for rewards of ids
+  (a length in tokens): re-encoding a response's text can give other ids.
+  """
+  ids = [r.get("tokens") for r in rows]
+  if all(isinstance(x, list) and all(isinstance(t, int) for t in x) for x in ids):
+    return ids
+  return None
 
 
 def _comparisons(groups, other, path, compare_file):
@@ -120,15 +132,16 @@ def evaluate(*, decode_files: Sequence[str], output_file: str,
     seed: seeds the random pair order of the win rates.
   """
   # ---- validate everything before any compute --------------------------------
+  # NOTE: gin passes values on as written (seed='0'): types first.
+  from realign_jax import config_check
+  config_check.check_args(evaluate, dict(locals()))
   if isinstance(decode_files, str):
     decode_files = [decode_files]
   if not decode_files:
     raise UserError("no decode files given (DECODE_FILES is empty)")
   if len(set(decode_files)) != len(decode_files):
     raise UserError(f"decode files listed twice: {list(decode_files)}")
-  out_dir = os.path.dirname(os.path.abspath(output_file))
-  if not os.path.isdir(out_dir):
-    raise UserError(f"output directory {out_dir} does not exist")
+  config_check.check_output_file(output_file)
   orders = [int(n) for n in diversity_orders]
   if any(n < 1 for n in orders):
     raise UserError(f"diversity orders must be >= 1, got {orders}")
@@ -169,7 +182,9 @@ def evaluate(*, decode_files: Sequence[str], output_file: str,
     for (path, lam, other_lam), matched in pairs.items():
       res = win_rate_lib.win_rate(judge, [a["prompt"] for a, _ in matched],
                                   [a["response"] for a, _ in matched],
-                                  [b["response"] for _, b in matched], seed=seed)
+                                  [b["response"] for _, b in matched], seed=seed,
+                                  ids_1=_row_ids([a for a, _ in matched]),
+                                  ids_2=_row_ids([b for _, b in matched]))
       if res["num_failed"]:
         logging.warning("judge %s gave no verdict on %d of %d pairs (%s vs %s, lam %s): %s",
                         judge.describe().get("name"), res["num_failed"], res["num_pairs"], path,
@@ -182,17 +197,22 @@ def evaluate(*, decode_files: Sequence[str], output_file: str,
   return summary
 
 
+def _se(se, digits: int = 4) -> str:
+  """A standard error for printing: "n/a" when undefined (None, or NaN with n < 2)."""
+  return "n/a" if se is None or not np.isfinite(se) else f"{se:.{digits}f}"
+
+
 def _print_summary(summary: dict) -> None:
   for path, groups in summary["files"].items():
     for g in groups:
       parts = [f"{path} lam={g['lam']}", f"n={g['num_rows']}"]
       if g.get("kl_exact") is not None:
-        parts.append(f"KL={g['kl_exact']:.4f}±{g['kl_exact_se'] or 0:.4f}")
+        parts.append(f"KL={g['kl_exact']:.4f}±{_se(g['kl_exact_se'])}")
       if g.get("reward") is not None:
         parts.append(f"reward={g['reward']:.4f}")
       print("  ".join(parts))
   for w in summary["win_rates"]:
-    rate = "n/a" if w["win_rate"] is None else f"{w['win_rate']:.3f}±{w['win_rate_se'] or 0:.3f}"
+    rate = "n/a" if w["win_rate"] is None else f"{w['win_rate']:.3f}±{_se(w['win_rate_se'], 3)}"
     print(f"win rate {w['file']} lam={w['lam']} vs {w['against']} lam={w['against_lam']}: {rate} "
           f"({w['num_judged']}/{w['num_pairs']} judged, failures {w['failures'] or 0})")
   print(f"wrote {summary['output_file']}")

@@ -30,8 +30,15 @@ def train(*, model_dir: str, train_steps: int, algorithm: trainer_lib.Algorithm,
           mesh_data: int = -1, mesh_model: int = 1, fsdp: bool = False,
           ) -> dict:
   """Trains `algorithm` for `train_steps` steps in total in `model_dir`."""
+  # NOTE: gin passes values on as written (TRAIN_STEPS='ten', batch_size='8'):
+  # their types are checked here, before anything is built or written.
+  from realign_jax import config_check
+  config_check.check_args(train, dict(
+      model_dir=model_dir, train_steps=train_steps, algorithm=algorithm,
+      trainer_config=trainer_config, mesh_data=mesh_data, mesh_model=mesh_model, fsdp=fsdp))
   if not model_dir:
     raise UserError("MODEL_DIR is empty")
+  ckpt_lib.check_run_dir(model_dir)
   partitioning.maybe_initialize_distributed()
   mesh = partitioning.create_mesh(mesh_data, mesh_model)
   rules = partitioning.logical_axis_rules(fsdp)

@@ -22,3 +22,59 @@ def repo_root():
 def pytest_configure(config):
   del config
   assert len(jax.devices()) == 8, "tests expect 8 simulated CPU devices"
+
+
+# ---- a tiny SFT start shared by the tests that align from one ----------------------
+# NOTE: the RL (PPO, PG) and DPO tests start from this run; its thresholds were
+# measured against it (see those tests). Changing these settings means re-measuring.
+TINY_SFT_STEPS = 100
+TINY_SFT_LR = 3e-3
+
+
+def _train_tiny_sft(model_dir: str) -> None:
+  from realign_jax.checkpoints import manager as ckpt_lib
+  from realign_jax.models.api import LanguageModel
+  from realign_jax.parallel import partitioning
+  from realign_jax.training import optim, trainer
+  from realign_jax.training.sft import SFT
+  from tests.helpers import TINY_BUILTIN
+  cfg = TINY_BUILTIN["t5"]
+  ckpt_lib.write_model_json(model_dir, cfg)
+  sft = SFT(model=LanguageModel(cfg), batch_size=16, input_length=32, target_length=16,
+            num_eval_samples=0, max_eval_examples=16)
+  trainer.train(
+      algorithm=sft, model_dir=model_dir, train_steps=TINY_SFT_STEPS,
+      optimizer=optim.make_optimizer(name="adamw", learning_rate=TINY_SFT_LR),
+      mesh=partitioning.create_mesh(1, 1, devices=jax.devices()[:1]),
+      rules=partitioning.logical_axis_rules(),
+      config=trainer.TrainerConfig(checkpoint_every=1000, eval_every=0, log_every=1,
+                                   progress=False, async_checkpoint=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_dir(tmp_path_factory):
+  """A run directory of TINY_BUILTIN["t5"] trained by SFT on the built-in corpus.
+
+  Trained once per test run: under pytest-xdist (session fixtures are per
+  worker) the first worker to ask trains it into the run's shared temporary
+  directory while holding a file lock; the others wait on the lock and reuse
+  it. Treat it as read-only (start other runs from it; do not train in it).
+  """
+  import fcntl
+  import shutil
+  base = tmp_path_factory.getbasetemp()
+  # NOTE: under xdist each worker's basetemp is <run>/popen-gwN; without xdist
+  # the parent is shared by every pytest run of this user, so stay in basetemp.
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  model_dir = root / "shared_tiny_sft"
+  done = root / "shared_tiny_sft.done"
+  with open(root / "shared_tiny_sft.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not done.exists():
+        shutil.rmtree(model_dir, ignore_errors=True)  # a failed attempt's leftovers
+        _train_tiny_sft(str(model_dir))
+        done.write_text("ok\n")
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return str(model_dir)

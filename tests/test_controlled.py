@@ -21,6 +21,7 @@ from realign_jax.decoding import controlled, sampler
 from realign_jax.decoding.dera import Component
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
+from realign_jax.models.config import replace
 from tests.helpers import TINY, random_batch
 
 VOCAB, MAX_LEN, EOS = 5, 4, 1
@@ -297,6 +298,176 @@ def test_blockwise_short_blocks_keep_the_best_block(mdp):
       assert tokens[i, t] == cands[int(np.argmax(vals))]
       checked += 1
   assert checked > b
+
+
+# ---- real tiny models: incremental scores = teacher-forced scores at every step ----------
+FAMILIES = ["t5", "decoder"]
+REAL_PROMPTS = random_batch(np.random.default_rng(0), 4, 6, 4, 64)[0]  # [4, 6]
+
+
+def _tiny(family, head, seed):
+  """A random tiny model, one layer per stack (these tests are about the caches)."""
+  one = ({"num_encoder_layers": 1, "num_decoder_layers": 1} if family == "t5"
+         else {"num_layers": 1})
+  lm = LanguageModel(replace(TINY[family], **one), output_head=head)
+  params = lm.init(jax.random.PRNGKey(seed))[0]
+  if "scalar" in head:
+    # NOTE: ScalarHead starts at zero, and V = 0 everywhere would hide any cache error.
+    kernel = jax.random.normal(jax.random.PRNGKey(seed + 1), params["scalar_head"]["kernel"].shape)
+    params = dict(params, scalar_head=dict(params["scalar_head"], kernel=kernel))
+  return Component(lm, params)
+
+
+def _consumed(family, index) -> int:
+  """Tokens a value cache has consumed since prefill, from its "index"."""
+  return int(index) - (0 if family == "t5" else REAL_PROMPTS.shape[1] - 1)
+
+
+def _record(monkeypatch, name, keep):
+  """Wraps controlled.<name> so that keep(args, result) reaches the host at every call."""
+  records, inner = [], getattr(controlled, name)
+
+  def wrapped(*args):
+    res = inner(*args)
+    jax.debug.callback(lambda *xs: records.append([np.asarray(x) for x in xs]),
+                       *keep(args, res))
+    return res
+  monkeypatch.setattr(controlled, name, wrapped)
+  return records
+
+
+def _values_tf(value, inputs, prefixes, width):
+  """Teacher-forced V([x_n, s_n]) [N] for prompts [N, Li] and prefixes (token lists)."""
+  targets = np.zeros((len(prefixes), width), np.int32)
+  for i, s in enumerate(prefixes):
+    targets[i, :len(s)] = s
+  v = jax.jit(lambda x, y: value.lm.forward(value.params, x, y)["values"])(
+      jnp.asarray(inputs), jnp.asarray(targets))
+  return np.asarray(v)[np.arange(len(prefixes)), [len(s) for s in prefixes]]
+
+
+def _logp_tf(policy, inputs, tokens):
+  """Teacher-forced log p(. | x, y^{<t}) [B, T, V] without the pad id, in float64."""
+  logits = np.asarray(policy.lm.forward(policy.params, jnp.asarray(inputs),
+                                        jnp.asarray(tokens))["logits"], np.float64)
+  logits[..., sampler.PAD_ID] = -np.inf
+  m = logits.max(-1, keepdims=True)
+  return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+
+
+def _max_error_per_step(steps, err) -> dict:
+  steps = np.asarray(steps)
+  return {int(t): float(err[steps == t].max()) for t in sorted(set(steps.tolist()))}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokenwise_cd_scalar_values_equal_teacher_forced_at_every_step(family, monkeypatch):
+  """Every candidate's V([s, z]) from the forked value cache = a teacher-forced pass.
+
+  The last step scores [x, y^{<T-1}, z], one token more than the response
+  length T, so the value cache needs T + 1 slots.
+  """
+  policy, value = _tiny(family, "lm", 0), _tiny(family, "scalar", 1)
+  beta, k, t_max, n = 1.0, 4, 5, 2
+  records = _record(monkeypatch, "candidate_values",
+                    lambda args, v: (args[1]["index"], args[2], v))
+  cfg = sampler.SamplingConfig(max_new_tokens=t_max)
+  out = jax.jit(lambda r: controlled.tokenwise_cd(policy, value, jnp.asarray(REAL_PROMPTS), r, cfg,
+                                                  beta=beta, top_k=k, num_samples=n))(
+      jax.random.PRNGKey(0))
+  jax.effects_barrier()
+  tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+  x = np.repeat(REAL_PROMPTS, n, axis=0)
+  keys, prefixes, got = [], [], []
+  for index, cands, v in records:
+    t = _consumed(family, index) - 1  # the step consumed its own token first
+    for b in range(tokens.shape[0]):
+      if t < lengths[b]:
+        for z, vz in zip(cands[b].tolist(), v[b].tolist()):
+          keys.append((b, t, z))
+          prefixes.append(tokens[b, :t].tolist() + [z])
+          got.append(vz)
+  steps = [t for _, t, _ in keys]
+  assert sorted(set(steps)) == list(range(t_max))  # the rows reach the last step
+  want = _values_tf(value, x[[b for b, _, _ in keys]], prefixes, t_max + 1)
+  err = np.abs(np.asarray(got) - want)
+  assert err.max() < 1e-4, f"max |V_incremental - V_teacher_forced| per step: " \
+                           f"{_max_error_per_step(steps, err)}"
+  # ...and the sampler's log-probs are those of p(z | s) exp(V([s, z]) / beta) over the top-k
+  # of p (pad excluded), all from teacher-forced passes.
+  v_tf = {key: w for key, w in zip(keys, want)}
+  logp = _logp_tf(policy, x, tokens)
+  for b in range(tokens.shape[0]):
+    for t in range(lengths[b]):
+      cands = np.argsort(-logp[b, t])[:k]
+      assert {z for bb, tt, z in keys if (bb, tt) == (b, t)} == set(cands.tolist())
+      scores = np.array([logp[b, t, z] + v_tf[(b, t, z)] / beta for z in cands])
+      lse = scores.max() + np.log(np.exp(scores - scores.max()).sum())
+      want_lq = scores[list(cands).index(tokens[b, t])] - lse
+      assert abs(float(out.logprobs[b, t]) - want_lq) < 1e-4, (b, t)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokenwise_cd_q_head_equals_teacher_forced_at_every_step(family):
+  """With a Q-head over the whole vocabulary, every step's log-prob and KL = teacher forcing."""
+  policy, qmodel = _tiny(family, "lm", 0), _tiny(family, "lm", 2)
+  beta, t_max, n = 0.5, 5, 2
+  cfg = sampler.SamplingConfig(max_new_tokens=t_max)
+  out = jax.jit(lambda r: controlled.tokenwise_cd(policy, qmodel, jnp.asarray(REAL_PROMPTS), r,
+                                                  cfg, beta=beta, num_samples=n))(
+      jax.random.PRNGKey(0))
+  tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+  x = np.repeat(REAL_PROMPTS, n, axis=0)
+  assert lengths.max() == t_max
+  logp = _logp_tf(policy, x, tokens)
+  q = np.asarray(qmodel.lm.forward(qmodel.params, jnp.asarray(x), jnp.asarray(tokens))["logits"],
+                 np.float64)
+  scores = logp + q / beta
+  logq = scores - scores.max(-1, keepdims=True)
+  logq -= np.log(np.exp(logq).sum(-1, keepdims=True))
+  for b in range(tokens.shape[0]):
+    for t in range(lengths[b]):
+      y = tokens[b, t]
+      assert abs(float(out.logprobs[b, t]) - logq[b, t, y]) < 1e-4, (b, t)
+      assert abs(float(out.model_logprobs[0, b, t]) - logp[b, t, y]) < 1e-4, (b, t)
+      live = np.isfinite(logq[b, t])
+      kl = np.sum(np.exp(logq[b, t, live]) * (logq[b, t, live] - logp[b, t, live]))
+      assert abs(float(out.kl[b, t]) - kl) < 1e-4, (b, t)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_blockwise_cd_block_values_equal_teacher_forced(family, monkeypatch):
+  """Every candidate block's V([s, z^M]) from the forked value cache = teacher forcing,
+  including the last block, which runs past the response length."""
+  policy, value = _tiny(family, "lm", 0), _tiny(family, "scalar", 1)
+  kk, m, t_max = 3, 2, 5
+  records = _record(monkeypatch, "block_values",
+                    lambda args, res: (args[1]["index"], args[3], args[4], res[0]))
+  cfg = sampler.SamplingConfig(max_new_tokens=t_max)
+  out = jax.jit(lambda r: controlled.blockwise_cd(policy, value, jnp.asarray(REAL_PROMPTS), r,
+                                                  cfg, num_blocks=kk, block_len=m))(
+      jax.random.PRNGKey(0))
+  jax.effects_barrier()
+  tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+  rows, prefixes, got, steps = [], [], [], []
+  for index, blocks, blens, v in records:
+    t = _consumed(family, index)  # the pending token is not consumed yet
+    assert t % m == 0
+    for r in range(blocks.shape[0]):
+      b = r // kk
+      if t < lengths[b]:
+        rows.append(b)
+        prefixes.append(tokens[b, :t].tolist() + blocks[r, :max(int(blens[r]), 1)].tolist())
+        got.append(float(v[r]))
+        steps.append(t)
+      if t < lengths[b] and r % kk == 0:  # the emitted block is the best-scored one
+        best = r + int(np.argmax(v[r:r + kk]))
+        np.testing.assert_array_equal(tokens[b, t:t + m], blocks[best, :min(m, t_max - t)])
+  assert sorted(set(steps)) == list(range(0, t_max, m))
+  want = _values_tf(value, REAL_PROMPTS[rows], prefixes, t_max + m + 1)
+  err = np.abs(np.asarray(got) - want)
+  assert err.max() < 1e-4, f"max |V_incremental - V_teacher_forced| per block start: " \
+                           f"{_max_error_per_step(steps, err)}"
 
 
 # ---- bad input -------------------------------------------------------------------------

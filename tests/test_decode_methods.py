@@ -7,7 +7,8 @@ model. Each method runs in-process on 3 prompts; the rows are checked against
 identities that hold exactly:
   - token-wise CD with V = 0 over the whole vocabulary IS sampling the
     reference (same tokens as DeRa with the reference alone, KL 0);
-  - with V = 0 over the top-k (and TQ* with alpha = 0) it samples p restricted
+  - with V = 0 over the top-k (and TQ* with the authors' alpha = 0, i.e. the
+    paper's alpha = infinity) it samples p restricted
     to its top-k, q = p / Z on k tokens, so per token KL(q || p) = log q(y) -
     log p(y) = -log Z: each row's exact KL equals its log-ratio;
   - blockwise CD with K = 1 and M = the maximum length is plain sampling
@@ -185,13 +186,16 @@ def test_cd_block_with_one_candidate_is_plain_sampling(dirs, tmp_path):
 
 # ---- Transfer Q* ---------------------------------------------------------------------------
 def test_tq_direct_with_alpha_zero_is_the_truncated_reference(dirs, tmp_path):
-  tq = TQConfig(top_k=3, horizon=2, alpha=0.0, num_rollouts=1)
+  # NOTE: the paper's alpha (the KL weight) must be > 0; its limit alpha -> infinity
+  # is the authors' alpha = 0.
+  tq = TQConfig(top_k=3, horizon=2, alpha=0.0, num_rollouts=1, alpha_convention="authors")
   summary, rows = _decode(dirs, tmp_path / "tq.jsonl", "tq_direct",
                           baseline_checkpoint=dirs["baseline"], tq=tq,
                           reward=LengthReward(min_length=2, max_length=4))
   _check_rows(rows, "tq_direct")
   s = rows[0]["setting"]
   assert (s["top_k"], s["horizon"], s["alpha"], s["num_rollouts"]) == (3, 2, 0.0, 1)
+  assert s["alpha_convention"] == "authors"
   assert s["reward"].startswith("length(min_length=2, max_length=4")
   for r in rows:
     np.testing.assert_allclose(r["kl"], r["log_ratio"], atol=1e-4)
@@ -210,6 +214,7 @@ def test_tq_indirect_greedy_rows(dirs, tmp_path):
   _check_rows(rows, "tq_indirect")
   s = rows[0]["setting"]
   assert (s["weighting"], s["alpha_traj"], s["temperature"]) == ("unnormalized", 0.5, None)
+  assert s["alpha_convention"] == "paper"  # the default
   assert s["baseline_reward"].startswith("length(min_length=0, max_length=1")
   for r in rows:  # greedy: a point mass per step, KL = -sum log p_ref(y_t)
     assert r["logprobs"] == [0.0] * r["length"]
@@ -234,7 +239,7 @@ def test_args_with_a_reward_model_first_token_is_exact(dirs, tmp_path):
   @jax.jit
   def first_step(params, rm_params):
     cache, first = ref.lm.prefill(params, inputs, T)
-    logp = jax.nn.log_softmax(ref.lm.step(params, first, cache)[0].astype(jnp.float32), -1)
+    logp = jax.nn.log_softmax(sampler.mask_pad(ref.lm.step(params, first, cache)[0]), -1)
     top_lp, top_idx = jax.lax.top_k(logp, k)
     n = len(PROMPTS)
     r = rm.score_tokens(rm_params, jnp.repeat(inputs, k, 0), top_idx.reshape(-1, 1),
@@ -291,6 +296,9 @@ BAD = [
                    "tq": TQConfig(top_k=2, horizon=0)}, "horizon H must be an integer >= 1"),
     ("tq_direct", {"baseline_checkpoint": "baseline", "reward": LEN,
                    "tq": TQConfig(top_k=4096)}, "larger than the vocabulary"),
+    ("tq_direct", {"baseline_checkpoint": "baseline", "reward": LEN,
+                   "tq": TQConfig(top_k=2, alpha=0.0)},
+     "alpha must be a finite number > 0 under alpha_convention 'paper'"),
     ("tq_direct", {"baseline_checkpoint": "v_other", "reward": LEN},
      "baseline model has vocabulary size 4096"),
     ("tq_direct", {"baseline_checkpoint": "baseline"}, "needs decode.reward_checkpoint"),

@@ -14,6 +14,7 @@ from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import replace
 from realign_jax.parallel import partitioning
+from realign_jax.training import policy as policy_lib
 from tests.helpers import TINY, random_batch
 
 FAMILIES = ["t5", "decoder"]
@@ -153,9 +154,12 @@ def test_proposition1(family, lam):
     expected /= expected.sum(-1, keepdims=True)
     np.testing.assert_allclose(q, expected, atol=1e-6)
     live = t < np.asarray(out.lengths)
+    sampled = expected.copy()  # the sampler draws from it without pad, renormalised
+    sampled[:, sampler.PAD_ID] = 0.0
+    sampled /= sampled.sum(-1, keepdims=True)
     np.testing.assert_allclose(
         np.asarray(out.logprobs)[live, t],
-        np.log(expected[np.arange(3), toks[:, t]])[live], atol=1e-5)
+        np.log(sampled[np.arange(3), toks[:, t]][live]), atol=1e-5)
     tok = jnp.asarray(toks[:, t])
 
 
@@ -181,14 +185,6 @@ def test_batched_sweep_equals_separate_calls(family):
     np.testing.assert_allclose(kl[:, k], np.asarray(sep.kl), atol=1e-5)
 
 
-def _no_pad(step):
-  """Wraps a step so the pad id is never sampled (keeps the no-cache replay exact)."""
-  def wrapped(tok, cache):
-    logits, cache = step(tok, cache)
-    return logits.at[:, 0].set(-1e9), cache
-  return wrapped
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_decoding_equals_recomputation(family):
   c = _model(family, 0)
@@ -199,7 +195,7 @@ def test_cached_decoding_equals_recomputation(family):
 
   def cached(r):
     cache, first = lm.prefill(params, inputs, t_max)
-    return sampler.sample_loop(_no_pad(lambda t, k: lm.step(params, t, k)), cache, first, r, cfg)
+    return sampler.sample_loop(lambda t, k: lm.step(params, t, k), cache, first, r, cfg)
 
   def uncached(r):
     # The "cache" is the response so far; every step recomputes the whole prefix.
@@ -209,12 +205,61 @@ def test_cached_decoding_equals_recomputation(family):
       logits = lm.forward(params, inputs, buf)["logits"]
       return jnp.take(logits, t, axis=1), (buf, t + 1)
     init = (jnp.zeros((inputs.shape[0], t_max), jnp.int32), jnp.zeros((), jnp.int32))
-    return sampler.sample_loop(_no_pad(step), init, jnp.zeros((3,), jnp.int32), r, cfg)
+    return sampler.sample_loop(step, init, jnp.zeros((3,), jnp.int32), r, cfg)
 
   a = jax.jit(cached)(jax.random.PRNGKey(3))
   b = jax.jit(uncached)(jax.random.PRNGKey(3))
   np.testing.assert_array_equal(a.tokens, b.tokens)
   np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_sampled_rows_never_hold_pad_and_teacher_forcing_scores_them_exactly():
+  """A random tiny decoder: no pad before EOS, and teacher-forced log-probs = the sampler's.
+
+  NOTE: the decoder-only teacher-forced pass masks `tokens != 0`, so a sampled
+  pad would be scored as if absent (PPO's old/reference log-probs and KL, and
+  pairwise scoring, would then be of another distribution than the sampled one).
+  """
+  ref, al = _model("decoder", 0), _model("decoder", 1)
+  inputs, n, t_max = _prompts(16), 4, 8
+  cfg = sampler.SamplingConfig(max_new_tokens=t_max)
+  x = jnp.repeat(inputs, n, axis=0)
+  # lam = 1: the policy al sampled with the reference's log-probs and the exact KL to it.
+  out = jax.jit(lambda r: dera.sample_mixture([ref, al], dera.dera_weights(jnp.ones(16 * n)),
+                                              inputs, r, cfg, num_samples=n))(
+      jax.random.PRNGKey(0))
+  single = jax.jit(lambda r: sampler.generate(al.lm, al.params, inputs, r, cfg, num_samples=n))(
+      jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(out.tokens, single.tokens)
+  tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+  mask = policy_lib.length_mask(out.lengths, t_max)
+  live = np.asarray(mask) > 0
+  bad = sorted({int(b) for b in np.nonzero((tokens == sampler.PAD_ID) & live)[0]})
+  assert not bad, f"rows {bad} of {tokens.shape[0]} sampled the pad id before EOS"
+  for row, length in zip(tokens, lengths):
+    assert len(bon.trim(row)) == length - (row[length - 1] == sampler.EOS_ID)
+  al_logits = al.lm.forward(al.params, x, out.tokens)["logits"]
+  ref_logits = ref.lm.forward(ref.params, x, out.tokens)["logits"]
+  tf = np.asarray(policy_lib.logprobs_from_logits(al_logits, out.tokens) * mask)
+  tf_ref = np.asarray(policy_lib.logprobs_from_logits(ref_logits, out.tokens) * mask)
+  kl, _ = policy_lib.full_kl_and_entropy(al_logits, ref_logits)
+  for b in range(tokens.shape[0]):
+    np.testing.assert_allclose(tf[b], np.asarray(out.logprobs[b]), atol=2e-5, err_msg=f"row {b}")
+    np.testing.assert_allclose(tf[b], np.asarray(single.logprobs[b]), atol=2e-5,
+                               err_msg=f"row {b}")
+    np.testing.assert_allclose(tf[b], np.asarray(out.model_logprobs[1, b]), atol=2e-5,
+                               err_msg=f"row {b}")
+    np.testing.assert_allclose(tf_ref[b], np.asarray(out.model_logprobs[0, b]), atol=2e-5,
+                               err_msg=f"row {b}")
+    np.testing.assert_allclose(np.asarray(kl * mask)[b], np.asarray(out.kl[b]), atol=2e-5,
+                               err_msg=f"row {b}")
+  # pad targets (after EOS) score 0, and the gradients (PPO, DPO, entropy bonus) are finite
+  def loss(p):
+    lg = al.lm.forward(p, x, out.tokens)["logits"]
+    kl, ent = policy_lib.full_kl_and_entropy(lg, ref_logits)
+    return jnp.sum(policy_lib.logprobs_from_logits(lg, out.tokens)) + jnp.sum(kl + ent)
+  grad = jax.grad(loss)(al.params)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grad))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -242,9 +242,10 @@ def tiny_pair():
 
 
 def _manual_logprob(forward, params_list, w, inputs, targets):
-  """Sum over real tokens of log softmax(sum_m w_m logits_m), by hand in numpy."""
+  """Sum over real tokens of log softmax(sum_m w_m logits_m) without pad, by hand in numpy."""
   logits = sum(wi * np.asarray(forward(p, inputs, targets), np.float64)
                for wi, p in zip(w, params_list))
+  logits[..., 0] = -np.inf  # pad is never sampled, so never scored
   logits = logits - logits.max(-1, keepdims=True)
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   out = []

@@ -35,7 +35,6 @@ from realign_jax.training.reward_model import (RewardModel, bradley_terry_losses
                                                init_params_sharded, load_trunk_params,
                                                preference_metrics,
                                                sequence_rewards)
-from realign_jax.training.sft import SFT
 from tests.helpers import TINY_BUILTIN
 
 NEUTRAL = "the a of to in and is it for on with as was at by from this that an be".split()
@@ -228,15 +227,14 @@ def test_learned_reward_scores_texts_and_tokens_alike(reward_run, separable_dir)
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-  """A tiny T5 SFT run directory (the start of DPO) and its final params."""
-  cfg = TINY_BUILTIN["t5"]
-  sft_dir = tmp_path_factory.mktemp("sft")
-  sft = SFT(model=LanguageModel(cfg), batch_size=16, input_length=32, target_length=10,
-            num_eval_samples=0)
-  _train(sft, sft_dir, 60, lr=1e-2, mesh=_one_device_mesh())
-  ckpt_lib.write_model_json(str(sft_dir), cfg)
-  return str(sft_dir), sft.final_state["params"]
+def sft_run(tiny_sft_dir):
+  """The tiny T5 SFT run shared with the RL tests (conftest.py; the start of DPO) and its
+  final params."""
+  abstract, _ = LanguageModel(TINY_BUILTIN["t5"]).abstract_init()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
+  return tiny_sft_dir, ckpt_lib.load_params(tiny_sft_dir, abstract)
 
 
 def test_reward_model_starts_from_sft_trunk(sft_run):
@@ -281,6 +279,9 @@ def test_dpo_on_synthetic_preferences_raises_heldout_accuracy(sft_run, tmp_path_
   for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
     assert abs(first[k]) < 1e-5
   ev = _metrics(model_dir, "eval")
+  print(f"synthetic pairs: train {stats['train'].pairs} of 256, validation "
+        f"{stats['validation'].pairs} of 128; DPO held-out accuracy "
+        f"{ev[-1]['rewards/accuracies']:.3f}, margin {ev[-1]['rewards/margins']:.3f}")
   assert ev[0]["rewards/accuracies"] == 0.0 and ev[0]["pairs"] == stats["validation"].pairs
   assert ev[-1]["rewards/accuracies"] > 0.7, ev[-1]
   assert ev[-1]["rewards/margins"] > 0

@@ -91,11 +91,12 @@ def test_kl_penalised_rewards_and_reinforce_by_hand():
 
 
 def test_exact_kl_and_entropy_by_enumeration():
-  p, q = np.array([0.5, 0.5, 0.0]), np.array([0.25, 0.75, 0.0])
-  logits = jnp.log(jnp.array([[[0.5, 0.5, 1e-30]]]))
-  ref = jnp.log(jnp.array([[[0.25, 0.75, 1e-30]]]))
+  # Token 0 (pad) is excluded from both distributions, as the sampler excludes it.
+  p, q = np.array([0.0, 0.5, 0.5, 0.0]), np.array([0.0, 0.25, 0.75, 0.0])
+  logits = jnp.log(jnp.array([[[0.3, 0.35, 0.35, 1e-30]]]))
+  ref = jnp.log(jnp.array([[[0.6, 0.1, 0.3, 1e-30]]]))
   kl, ent = policy.full_kl_and_entropy(logits, ref)
-  np.testing.assert_allclose(kl[0, 0], np.sum(p[:2] * np.log(p[:2] / q[:2])), rtol=1e-5)
+  np.testing.assert_allclose(kl[0, 0], np.sum(p[1:3] * np.log(p[1:3] / q[1:3])), rtol=1e-5)
   np.testing.assert_allclose(ent[0, 0], math.log(2), rtol=1e-5)
   same, _ = policy.full_kl_and_entropy(logits * 3.7, logits * 3.7)
   assert float(same[0, 0]) == 0.0

@@ -50,24 +50,49 @@ def _greedy_completion(mdp, y):
   return y
 
 
-def _tq_policy(ref, q_fn, alpha, k):
-  """log pi(z | s) = log softmax over the top-k of p of log p + alpha Q(s, z)."""
+def _top_k(ref, i, k):
+  """The top-k tokens of p at state index i."""
+  kth = np.sort(ref.logp[i])[::-1][k - 1]
+  return [z for z in range(VOCAB) if np.isfinite(ref.logp[i, z]) and ref.logp[i, z] >= kth]
+
+
+def _paper_policy(ref, q_fn, alpha, k, temperature=1.0):
+  """The paper's token policy (Section 3.3), as log-probs, by enumeration:
+
+  pi(z | s) = p(z | s)^(1/T) exp(Q(s, z) / alpha) / Z over the top-k of p
+  (at T = 1: p exp(Q / alpha), normalised), alpha the KL weight.
+  """
   out = np.full_like(ref.logp, -np.inf)
   for s in all_states():
     i = np_index(s)
-    kth = np.sort(ref.logp[i])[::-1][k - 1]
+    cand = _top_k(ref, i, k)
+    w = {z: np.exp(ref.logp[i, z]) ** (1.0 / temperature) * np.exp(q_fn(s, z) / alpha)
+         for z in cand}
+    total = sum(w.values())
+    for z in cand:
+      out[i, z] = np.log(w[z] / total)
+  return out
+
+
+def _authors_policy(ref, q_fn, alpha, k):
+  """log pi(z | s) = log softmax over the top-k of p of log p + alpha Q(s, z).
+
+  The authors' code (alpha multiplies Q), and ARGS with w for alpha.
+  """
+  out = np.full_like(ref.logp, -np.inf)
+  for s in all_states():
+    i = np_index(s)
     scores = np.full(VOCAB, -np.inf)
-    for z in range(VOCAB):
-      if np.isfinite(ref.logp[i, z]) and ref.logp[i, z] >= kth:
-        scores[z] = ref.logp[i, z] + alpha * q_fn(s, z)
+    for z in _top_k(ref, i, k):
+      scores[z] = ref.logp[i, z] + alpha * q_fn(s, z)
     m = scores.max()
     out[i] = scores - m - np.log(np.sum(np.exp(scores - m)))
   return out
 
 
-def _decode(ref, base, cfg, reward, baseline_reward=None, n=96, seed=0):
+def _decode(ref, base, cfg, reward, baseline_reward=None, n=96, seed=0, temperature=1.0):
   inputs = jnp.asarray(np.repeat(PROMPTS, n, axis=0))
-  dcfg = sampler.SamplingConfig(max_new_tokens=MAX_LEN)
+  dcfg = sampler.SamplingConfig(max_new_tokens=MAX_LEN, temperature=temperature)
   f = jax.jit(lambda r: tq.transfer_q(ref.policy(), base.policy(), inputs, r, dcfg, cfg, reward,
                                       baseline_reward=baseline_reward))
   out, bad = f(jax.random.PRNGKey(seed))
@@ -87,25 +112,89 @@ def _check(out, ref, policy_logp, min_seen=8):
 GREEDY_ROLLOUT = sampler.SamplingConfig(max_new_tokens=1, greedy=True)
 
 
-@pytest.mark.parametrize("mode,weighting", [("direct", "self_normalized"),
-                                            ("indirect", "self_normalized"),
-                                            ("indirect", "unnormalized")])
-def test_tq_with_exhaustive_rollouts_equals_enumeration(world, mode, weighting):
-  """Greedy baseline rollouts are exhaustive (one trajectory per candidate)."""
-  ref, base, r_bl = world
-  alpha, alpha_traj, k = 2.0, 0.5, 3
-  cfg = tq.TQConfig(top_k=k, horizon=MAX_LEN, alpha=alpha, num_rollouts=2, mode=mode,
-                    weighting=weighting, alpha_traj=alpha_traj, rollout=GREEDY_ROLLOUT)
-
+def _greedy_q(ref, base, r_bl, mode="direct", weighting="self_normalized",
+              alpha_traj=1.0, convention="paper"):
+  """Q(s, z) of exhaustive (greedy) baseline rollouts, from the paper's eq. 15 weights."""
   def q(s, z):
     y = _greedy_completion(base, tuple(s) + (z,))
     r, rb = ref.reward[np_index(y)], r_bl[np_index(y)]
     if mode == "indirect" and weighting == "unnormalized":
-      return np.exp((r - rb) / alpha_traj) * r
+      logw = (r - rb) / alpha_traj if convention == "paper" else alpha_traj * (r - rb)
+      return np.exp(logw) * r
     return r
+  return q
+
+
+@pytest.mark.parametrize("mode,weighting,convention,temperature", [
+    ("direct", "self_normalized", "paper", 1.0),
+    ("indirect", "self_normalized", "paper", 1.0),
+    ("indirect", "unnormalized", "paper", 1.0),
+    ("direct", "self_normalized", "paper", 0.5),
+    ("direct", "self_normalized", "authors", 1.0),
+    ("indirect", "unnormalized", "authors", 1.0)])
+def test_tq_with_exhaustive_rollouts_equals_enumeration(world, mode, weighting, convention,
+                                                         temperature):
+  """Greedy baseline rollouts are exhaustive (one trajectory per candidate).
+
+  "paper" (the default) against p^(1/T) exp(Q / alpha) normalised over the top-k;
+  "authors" against log p + alpha Q.
+  """
+  ref, base, r_bl = world
+  k = 3
+  # NOTE: alpha = 0.5 (paper) and 2 (authors) are the same tilt: a code that
+  # multiplied by the paper's alpha would tilt by 0.5 Q instead of 2 Q and fail.
+  alpha, alpha_traj = (0.5, 0.5) if convention == "paper" else (2.0, 2.0)
+  cfg = tq.TQConfig(top_k=k, horizon=MAX_LEN, alpha=alpha, num_rollouts=2, mode=mode,
+                    weighting=weighting, alpha_traj=alpha_traj, alpha_convention=convention,
+                    rollout=GREEDY_ROLLOUT)
+  tq.validate_tq(ref.policy(), base.policy(), cfg, baseline_reward=ref.token_reward(r_bl))
+  q = _greedy_q(ref, base, r_bl, mode, weighting, alpha_traj, convention)
   out = _decode(ref, base, cfg, ref.token_reward(),
-                ref.token_reward(r_bl) if mode == "indirect" else None)
-  _check(out, ref, _tq_policy(ref, q, alpha, k))
+                ref.token_reward(r_bl) if mode == "indirect" else None, temperature=temperature)
+  want = (_paper_policy(ref, q, alpha, k, temperature) if convention == "paper"
+          else _authors_policy(ref, q, alpha, k))
+  _check(out, ref, want)
+
+
+def test_tq_larger_paper_alpha_is_closer_to_the_reference(world):
+  """alpha is the KL weight: the exact KL of the first step (every row starts at
+  the empty prefix) decreases as alpha grows and equals the enumeration's, and so
+  do the exact sequence KL of the enumerated policy and the decoder's mean KL."""
+  ref, base, r_bl = world
+  k = 3
+  q = _greedy_q(ref, base, r_bl)
+  first, exact, mean = [], [], []
+  for alpha in (0.25, 1.0, 4.0):
+    cfg = tq.TQConfig(top_k=k, horizon=MAX_LEN, alpha=alpha, rollout=GREEDY_ROLLOUT)
+    kl = np.asarray(_decode(ref, base, cfg, ref.token_reward(), n=256).kl)
+    np.testing.assert_allclose(kl[:, 0], kl[0, 0], rtol=1e-6)
+    pol = _paper_policy(ref, q, alpha, k)
+    i = np_index(())
+    want = sum(np.exp(pol[i, z]) * (pol[i, z] - ref.logp[i, z]) for z in _top_k(ref, i, k))
+    assert abs(kl[0, 0] - want) < 1e-5, (alpha, kl[0, 0], want)
+    first.append(want)
+    exact.append(sum(ref.prob(y, pol) * np.log(ref.prob(y, pol) / ref.prob(y))
+                     for y in ref.responses if ref.prob(y, pol) > 0))
+    mean.append(kl.sum(1).mean())
+  assert first[0] > first[1] > first[2], first
+  assert exact[0] > exact[1] > exact[2], exact
+  assert mean[0] > mean[1] > mean[2], mean
+
+
+def test_alpha_conventions_are_reciprocal():
+  """"authors" with 1 / alpha (and 1 / alpha_traj) is "paper" with alpha, at T = 1."""
+  paper = tq.TQConfig(alpha=4.0)
+  authors = dataclasses.replace(paper, alpha=0.25, alpha_convention="authors")
+  assert tq.q_coefficient(paper) == tq.q_coefficient(authors) == 0.25
+  # the paper's alpha keeps its meaning at any temperature: logits / T + Q / alpha
+  assert tq.q_coefficient(paper, temperature=2.0) == 0.5
+  assert tq.q_coefficient(authors, temperature=2.0) == 0.25
+  rng = np.random.default_rng(0)
+  r, rb = (jnp.asarray(rng.uniform(size=(3, 5)), jnp.float32) for _ in range(2))
+  for weighting in tq.WEIGHTINGS:
+    p = tq.TQConfig(mode="indirect", weighting=weighting, alpha_traj=0.5)
+    a = dataclasses.replace(p, alpha_traj=2.0, alpha_convention="authors")
+    np.testing.assert_allclose(tq.combine(r, rb, p), tq.combine(r, rb, a), rtol=1e-6)
 
 
 def test_tq_q_values_match_expectations(world):
@@ -165,7 +254,8 @@ def test_args_equals_enumeration(world):
                                               ref.token_reward(partial), top_k=k, weight=w))(
       jax.random.PRNGKey(2))
   assert not np.any(np.asarray(bad))
-  _check(out, ref, _tq_policy(ref, lambda s, z: partial[np_index(tuple(s) + (z,))], w, k), 4)
+  _check(out, ref, _authors_policy(ref, lambda s, z: partial[np_index(tuple(s) + (z,))], w, k),
+         4)
 
 
 # ---- real tiny models: forked caches = from scratch -------------------------------------
@@ -227,6 +317,19 @@ def test_bad_settings_are_one_line_errors(world):
   other = Component(TabularLM(vocab_size=6), b.params)
   with pytest.raises(UserError, match="baseline model has vocabulary size 6"):
     tq.validate_tq(p, other, tq.TQConfig(top_k=2))
+  # alpha: the paper's KL weight divides Q (> 0); the authors' multiplier may be 0
+  for alpha in (0.0, -1.0, float("inf"), float("nan")):
+    with pytest.raises(UserError, match=r"^alpha must be a finite number > 0 under "
+                                        r"alpha_convention 'paper'[^\n]*$"):
+      tq.validate_tq(p, b, tq.TQConfig(top_k=2, alpha=alpha))
+  tq.validate_tq(p, b, tq.TQConfig(top_k=2, alpha=0.0, alpha_convention="authors"))
+  with pytest.raises(UserError, match="alpha must be a finite number >= 0, got -1"):
+    tq.validate_tq(p, b, tq.TQConfig(top_k=2, alpha=-1.0, alpha_convention="authors"))
+  with pytest.raises(UserError, match="alpha_traj must be a finite number > 0 under"):
+    tq.validate_tq(p, b, tq.TQConfig(top_k=2, mode="indirect", alpha_traj=0.0),
+                   baseline_reward=ref.token_reward())
+  with pytest.raises(UserError, match="alpha_convention must be one of"):
+    tq.validate_tq(p, b, tq.TQConfig(top_k=2, alpha_convention="inverse"))
   with pytest.raises(UserError, match="larger than the vocabulary"):
     tq.validate_args(p, top_k=VOCAB + 1, weight=1.0)
   nan_reward = lambda x, y, n: jnp.full((x.shape[0],), jnp.nan)

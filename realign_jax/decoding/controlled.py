@@ -147,7 +147,9 @@ def tokenwise_step(policy: Component, value: Component, *, beta: float, top_k: i
     pc, vc = cache["models"]
     logits, pc = policy.lm.step(policy.params, tok[POLICY], pc)
     logits = logits.astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
+    # NOTE: p without pad, as the sampler samples and reports it: the top-k
+    # candidates are then k real tokens.
+    logp = jax.nn.log_softmax(sampler.mask_pad(logits), axis=-1)  # [B, V]
     v_out, vc = value.lm.step_outputs(value.params, tok[VALUE], vc)
     if kind == "q":
       scores = logp + v_out["logits"].astype(jnp.float32) / beta  # [B, V]
@@ -171,7 +173,12 @@ def tokenwise_cd(policy: Component, value: Component, inputs, rng,
   `config` should sample at temperature 1 without truncation for the exact
   CD distribution (the candidate restriction is `top_k` here).
   """
-  cache = repeat(prefill([policy, value], inputs, [config.max_new_tokens] * 2), num_samples)
+  # NOTE: at the last step (T - 1) the value cache holds T tokens (the prefill
+  # token, y_0 .. y_{T-2}) and a scalar head scores each candidate as one token
+  # more: T + 1 slots. With T, dynamic_update_slice clamps the candidate's write
+  # onto the last prefix token and the last step is scored wrongly.
+  t = config.max_new_tokens
+  cache = repeat(prefill([policy, value], inputs, [t, t + 1]), num_samples)
   b = inputs.shape[0] * num_samples
   return sampler.sample_loop(tokenwise_step(policy, value, beta=beta, top_k=top_k), cache,
                              jnp.zeros((b,), jnp.int32), rng, config, row_ids=row_ids,
@@ -229,7 +236,9 @@ def blockwise_step(policy: Component, value: Component, *, num_blocks: int, bloc
   cache replaces the policy cache. In between the step only emits the chosen
   block's tokens (one-hot logits), so SampleOutput.logprobs are 0 there:
   blockwise CD has no per-token distribution. The chosen tokens' log-probs
-  under p go into cache["ref_lp"].
+  under p itself go into cache["ref_lp"], those under the proposal (p after
+  `proposal`'s temperature / top-k / top-p, what the blocks are drawn from)
+  into cache["proposal_lp"].
   """
   kk, m = num_blocks, block_len
   vocab = policy.lm.vocab_size
@@ -241,17 +250,23 @@ def blockwise_step(policy: Component, value: Component, *, num_blocks: int, bloc
     b = tok.shape[1]
     ids = (row_ids[:, None] * kk + jnp.arange(kk)[None]).reshape(-1)
     brng = jax.random.fold_in(rng, cache["t"] // m)
-    out, pck = sampler.sample_loop(lambda t_, c_: policy.lm.step(policy.params, t_, c_),
-                                   sampler.repeat_cache(pc, kk), jnp.repeat(tok[POLICY], kk),
-                                   brng, pcfg, row_ids=ids, return_cache=True)
+    def pstep(t_, c_):
+      lg, c_ = policy.lm.step(policy.params, t_, c_)
+      # NOTE: p's raw logits ride along as the one component, so the loop also
+      # reports each token's log-prob under p itself (temperature 1, no
+      # truncation), not only under the proposal it was drawn from.
+      return sampler.MixedLogits(lg, lg[None]), c_
+    out, pck = sampler.sample_loop(pstep, sampler.repeat_cache(pc, kk),
+                                   jnp.repeat(tok[POLICY], kk), brng, pcfg, row_ids=ids,
+                                   with_components=True, return_cache=True)
     v, vck = block_values(value, sampler.repeat_cache(vc, kk), jnp.repeat(tok[VALUE], kk),
                           out.tokens, jnp.maximum(out.lengths, 1))
     v = v.reshape(b, kk)
     best = jnp.argmax(v, axis=1)  # ties: the lowest index, as best_of_n
     sel = jnp.arange(b) * kk + best
     return dict(cache, models=(take_rows(pck, sel), take_rows(vck, sel)),
-                block=out.tokens[sel], block_lp=out.logprobs[sel],
-                block_value=v[jnp.arange(b), best])
+                block=out.tokens[sel], block_lp=out.model_logprobs[0][sel],
+                block_proposal_lp=out.logprobs[sel], block_value=v[jnp.arange(b), best])
 
   def step(tokens, cache):
     t = cache["t"]
@@ -260,7 +275,8 @@ def blockwise_step(policy: Component, value: Component, *, num_blocks: int, bloc
     tok = cache["block"][:, j]
     logits = jnp.where(jnp.arange(vocab)[None] == tok[:, None], 0.0, -jnp.inf)
     ref_lp = cache["ref_lp"].at[:, t].set(cache["block_lp"][:, j])
-    return logits, dict(cache, t=t + 1, ref_lp=ref_lp)
+    proposal_lp = cache["proposal_lp"].at[:, t].set(cache["block_proposal_lp"][:, j])
+    return logits, dict(cache, t=t + 1, ref_lp=ref_lp, proposal_lp=proposal_lp)
   return step
 
 
@@ -270,10 +286,13 @@ def blockwise_cd(policy: Component, value: Component, inputs, rng,
                  proposal: Optional[sampler.SamplingConfig] = None) -> sampler.SampleOutput:
   """Blockwise CD (call inside jit).
 
-  Returns a SampleOutput whose `model_logprobs` [1, B, T] are the log-probs
-  of the emitted tokens under p and whose `kl` is None (no per-token
-  distribution exists). Block j of row r draws with key fold_in(rng, j) and
-  row seeds r * K + k, exactly as `generate(..., num_samples=K)` with that key.
+  Returns a SampleOutput whose `model_logprobs` [2, B, T] are the log-probs
+  of the emitted tokens under p itself ([0]: temperature 1, no truncation)
+  and under the proposal the blocks were drawn from ([1]: p after
+  `proposal`'s temperature / top-k / top-p; the same numbers when it has
+  none), and whose `kl` is None (no per-token distribution exists). Block j
+  of row r draws with key fold_in(rng, j) and row seeds r * K + k, exactly
+  as `generate(..., num_samples=K)` with that key.
   `proposal` (default: `config`) sets temperature/top-k/top-p of the blocks.
   """
   proposal = proposal or config
@@ -285,15 +304,18 @@ def blockwise_cd(policy: Component, value: Component, inputs, rng,
                  num_samples)
   cache.update(block=jnp.zeros((b, block_len), jnp.int32),
                block_lp=jnp.zeros((b, block_len), jnp.float32),
+               block_proposal_lp=jnp.zeros((b, block_len), jnp.float32),
                block_value=jnp.zeros((b,), jnp.float32),
-               ref_lp=jnp.zeros((b, t), jnp.float32))
+               ref_lp=jnp.zeros((b, t), jnp.float32),
+               proposal_lp=jnp.zeros((b, t), jnp.float32))
   step = blockwise_step(policy, value, num_blocks=num_blocks, block_len=block_len, rng=rng,
                         row_ids=row_ids, proposal=proposal)
   emit = dataclasses.replace(config, greedy=True)
   out, final = sampler.sample_loop(step, cache, jnp.zeros((b,), jnp.int32), rng, emit,
                                    row_ids=row_ids, return_cache=True)
   live = jnp.arange(t)[None] < out.lengths[:, None]
-  return out._replace(model_logprobs=jnp.where(live, final["ref_lp"], 0.0)[None])
+  lps = jnp.stack([final["ref_lp"], final["proposal_lp"]])
+  return out._replace(model_logprobs=jnp.where(live[None], lps, 0.0))
 
 
 def validate_blockwise(policy: Component, value: Component, num_blocks, block_len) -> None:

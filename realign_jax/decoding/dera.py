@@ -1,8 +1,10 @@
 """Decoding-time realignment (DeRa, Liu et al. 2024, Algorithm 1) as step composition.
 
 Logit mixing: next-token logits `sum_m w_m h_m` (DeRa: w = (1 - lam, lam) over
-(reference, aligned)), mixed in float32 whatever the params' dtype, with the
-weights given PER ROW, so a sweep over K lambdas is one batched call.
+(reference, aligned); several aligned models, Appendix B of the paper:
+w = (1 - sum_i lam_i, lam_1, ..., lam_M), `multi_sweep`), mixed in float32
+whatever the params' dtype, with the weights given PER ROW, so a sweep over K
+lambdas (or weight vectors) is one batched call.
 By Proposition 1 of the paper the sampled distribution is
 normalise(p_ref * (p_aligned / p_ref) ** lam).
 
@@ -55,6 +57,40 @@ def dera_weights(lam) -> jax.Array:
   """[B] lambdas -> [2, B] weights over (reference, aligned)."""
   lam = jnp.asarray(lam, jnp.float32)
   return jnp.stack([1.0 - lam, lam])
+
+
+def check_lambda_vectors(vectors: Sequence[Sequence[float]], num_aligned: int) -> list:
+  """Appendix B weight vectors: finite, one weight per aligned model, distinct; one-line errors."""
+  if isinstance(vectors, (str, bytes)) or not isinstance(vectors, Sequence):
+    raise UserError(f"lambda_vectors must be a list of weight lists, got {vectors!r}")
+  out = []
+  for i, vec in enumerate(vectors):
+    if isinstance(vec, (str, bytes)) or not isinstance(vec, Sequence):
+      raise UserError(f"lambda_vectors[{i}] must be a list of {num_aligned} weights (one per "
+                      f"aligned model), got {vec!r}")
+    if len(vec) != num_aligned:
+      raise UserError(f"lambda_vectors[{i}] = {list(vec)} has {len(vec)} weights but there are "
+                      f"{num_aligned} aligned models: give one weight per aligned model")
+    try:
+      out.append(check_lambdas(vec))
+    except (TypeError, ValueError) as e:
+      raise UserError(f"lambda_vectors[{i}] must hold numbers, got {list(vec)!r}") from e
+  if not out:
+    raise UserError("the lambda_vectors list is empty")
+  dup = [v for i, v in enumerate(out) if v in out[:i]]
+  if dup:
+    raise UserError(f"lambda_vectors has duplicates: {dup[0]}")
+  return out
+
+
+def multi_weights(lambda_rows) -> jax.Array:
+  """[B, M] per-row weights of M aligned models -> [1 + M, B] over (reference, aligned...).
+
+  Appendix B of the paper: h = sum_i lam_i h_i + (1 - sum_i lam_i) h_ref. With
+  M = 1 this is `dera_weights`.
+  """
+  lam = jnp.asarray(lambda_rows, jnp.float32)
+  return jnp.concatenate([(1.0 - jnp.sum(lam, axis=1))[None], lam.T], axis=0)
 
 
 def prefill(components: Sequence[Component], inputs, max_new_tokens: int):
@@ -130,13 +166,27 @@ def dera_sweep(ref: Component, aligned: Component, inputs, lambdas, rng,
   separate calls token for token.
   """
   lambdas = jnp.asarray(lambdas, jnp.float32)
-  k = lambdas.shape[0]
+  return multi_sweep(ref, [aligned], inputs, lambdas[:, None], rng, config, seeds=seeds,
+                     num_samples=num_samples)
+
+
+def multi_sweep(ref: Component, aligned: Sequence[Component], inputs, lambda_vectors, rng,
+                config: sampler.SamplingConfig, *, seeds=None, num_samples: int = 1):
+  """Multi-model DeRa (Appendix B): all K weight vectors in ONE batched call.
+
+  `lambda_vectors` [K, M] holds one weight per aligned model; row (b, j, k)
+  samples from softmax(sum_i lam_ki h_i + (1 - sum_i lam_ki) h_ref), with
+  the row order and row seeds of `dera_sweep` (the M = 1 case). The output's
+  components are (reference, aligned_1, ..., aligned_M); the KL is to the reference.
+  """
+  lambda_vectors = jnp.asarray(lambda_vectors, jnp.float32)
+  k = lambda_vectors.shape[0]
   b = inputs.shape[0]
   seeds = jnp.arange(b, dtype=jnp.int32) if seeds is None else jnp.asarray(seeds, jnp.int32)
   sample_ids = (seeds[:, None] * num_samples + jnp.arange(num_samples)[None, :]).reshape(-1)
-  lam_rows = jnp.tile(lambdas, b * num_samples)  # [B * n * K]
+  lam_rows = jnp.tile(lambda_vectors, (b * num_samples, 1))  # [B * n * K, M]
   row_ids = jnp.repeat(sample_ids, k)
-  return sample_mixture([ref, aligned], dera_weights(lam_rows), inputs, rng, config,
+  return sample_mixture([ref, *aligned], multi_weights(lam_rows), inputs, rng, config,
                         num_samples=k * num_samples, row_ids=row_ids)
 
 

@@ -10,6 +10,10 @@ Randomness is per row: row i at step t draws with
 `fold_in(fold_in(rng, row_ids[i]), t)`, so a row's sample does not depend on
 which other rows share the batch (a lambda sweep batched as one call gives the
 same tokens as separate calls).
+
+The pad id is never sampled (`mask_pad`): every distribution the loop samples
+from or reports (log-probs, each component's log-probs, the KL) is over the
+vocabulary without pad, renormalised.
 """
 
 import dataclasses
@@ -54,11 +58,23 @@ class SamplingConfig:
 
 
 class SampleOutput(NamedTuple):
-  tokens: jax.Array  # [B, T] int32, pad after EOS
+  tokens: jax.Array  # [B, T] int32, pad after EOS (and only there: pad is never sampled)
   logprobs: jax.Array  # [B, T] log q(y_t) under the sampled distribution; 0 after EOS
   lengths: jax.Array  # [B] number of generated tokens, EOS included
   model_logprobs: Optional[jax.Array]  # [M, B, T] each component's log p_m(y_t) (T = 1)
   kl: Optional[jax.Array]  # [B, T] full-vocabulary KL(q_t || p_ref,t); 0 after EOS
+
+
+def mask_pad(logits, pad_id: int = PAD_ID):
+  """[..., V] logits -> float32 with the pad id at -inf: padding is never a token.
+
+  NOTE: a response ends at EOS and pad only fills what follows; the
+  decoder-only teacher-forced pass masks `tokens != 0` and `best_of_n.trim`
+  stops at pad. Every distribution a response is sampled from, scored under
+  (`training.policy.logprobs_from_logits`) or compared with (KL) therefore
+  excludes pad, so they all agree with what was sampled.
+  """
+  return logits.astype(jnp.float32).at[..., pad_id].set(-jnp.inf)
 
 
 def process_logits(logits, config: SamplingConfig):
@@ -146,7 +162,7 @@ def sample_loop(step: Callable[[jax.Array, Any], tuple], cache: Any, first_token
   def body(state):
     t, tok, cache, done, lengths, toks, lps, comp_lps, kls = state
     out, cache = step(tok, cache)
-    raw = out.logits if mixed else out
+    raw = mask_pad(out.logits if mixed else out, config.pad_id)
     logits = process_logits(raw, config)
     logq = jax.nn.log_softmax(logits, axis=-1)
     keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
@@ -156,13 +172,17 @@ def sample_loop(step: Callable[[jax.Array, Any], tuple], cache: Any, first_token
     lp = jnp.take_along_axis(logq, new[:, None], axis=1)[:, 0]
     toks = toks.at[:, t].set(new)
     lps = lps.at[:, t].set(jnp.where(live, lp, 0.0))
+    if mixed:
+      # NOTE: each model's distribution without pad too, so the KL and the
+      # component log-probs compare like with like.
+      comps = mask_pad(out.components, config.pad_id)  # [M, B, V]
     if with_components:
-      comp_logp = jax.nn.log_softmax(out.components, axis=-1)
+      comp_logp = jax.nn.log_softmax(comps, axis=-1)
       clp = jnp.take_along_axis(comp_logp, jnp.broadcast_to(new[None, :, None], (n_comp, b, 1)),
                                 axis=2)[..., 0]
       comp_lps = comp_lps.at[:, :, t].set(jnp.where(live[None], clp, 0.0))
     if reference_index is not None:
-      logp_ref = jax.nn.log_softmax(out.components[reference_index], axis=-1)
+      logp_ref = jax.nn.log_softmax(comps[reference_index], axis=-1)
       kls = kls.at[:, t].set(jnp.where(live, _kl(logq, logp_ref), 0.0))
     lengths = lengths + live.astype(jnp.int32)
     done = done | (new == config.eos_id)

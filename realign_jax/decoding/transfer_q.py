@@ -4,7 +4,17 @@ Transfer Q* (Chakraborty et al. 2024, Algorithm 1). At prefix s = [x, y^t],
 for each of the top-k tokens z of the reference p(. | s), the aligned
 baseline rho_BL is rolled out from [s, z] to EOS or H tokens; Q(s, z) is the
 target reward of the rollout(s), and the decoder samples (or takes the argmax
-of) log p(z | s) + alpha * Q(s, z) over the k candidates.
+of) a tilt of p(. | s) by Q over the k candidates. `alpha_convention` says
+what alpha means:
+  "paper"    (default; Remarks 1-2 of Section 3.3 of the paper) alpha is the KL
+             weight: pi(z | s) ~ p(z | s) exp(Q(s, z) / alpha), scores
+             logits / T + Q / alpha at sampling temperature T (T = 1 when
+             greedy). Larger alpha = more conservative (smaller KL to p); alpha > 0.
+  "authors"  the authors' released code: scores log p(z | s) + alpha * Q(s, z)
+             (then / T), so alpha multiplies Q and larger alpha moves FURTHER
+             from p; alpha = 0 is p restricted to its top k.
+At T = 1, alpha_paper = 1 / alpha_authors gives the same policy. alpha_traj (the
+trajectory-level weight of indirect transfer) follows the same convention.
 
 Rollouts run `sampler.sample_loop` on the baseline's KV cache FORKED k * m
 ways from the cache of the prefix (which the decoder keeps up to date one
@@ -19,7 +29,8 @@ Direct transfer: rho_BL is aligned to the target reward itself,
 Indirect transfer: rho_BL is aligned to another reward r_BL. Both rho_BL and
 the target's optimum are KL-regularised optima over the same SFT model, so
 rho_target(y | x) ~ rho_BL(y | x) exp((r(x, y) - r_BL(x, y)) / alpha_traj)
-(eq. 15 of the paper), and with m baseline rollouts tau_i
+(eq. 15 of the paper; exp(alpha_traj * (r - r_BL)) under "authors"), and with
+m baseline rollouts tau_i
   "self_normalized":  Q = sum_i w_i r(tau_i) / sum_i w_i,
                       w_i = exp((r(tau_i) - r_BL(tau_i)) / alpha_traj)
 (consistent as m grows; with m = 1 it is just r(tau_1), the weight cancels);
@@ -60,6 +71,9 @@ MODES = ("direct", "indirect")
 # All three give the same rollouts; the last two exist for the benchmark and the test.
 ROLLOUTS = ("fork", "refeed", "recompute")
 WEIGHTINGS = ("self_normalized", "unnormalized")
+# What alpha and alpha_traj mean (see the module docstring): "paper" divides Q (and
+# r - r_BL) by them, "authors" multiplies.
+ALPHA_CONVENTIONS = ("paper", "authors")
 
 
 def token_reward(reward, params=None) -> TokenReward:
@@ -73,13 +87,38 @@ class TQConfig:
   """Static Transfer Q* settings."""
   top_k: int = 10
   horizon: int = 20  # H: rollout tokens after the candidate
-  alpha: float = 1.0  # decoding weight of Q
+  alpha: float = 1.0  # "paper": KL weight, p exp(Q / alpha); "authors": log p + alpha Q
   num_rollouts: int = 1  # m per candidate
   mode: str = "direct"
   weighting: str = "self_normalized"  # indirect only
-  alpha_traj: float = 1.0  # trajectory-level KL weight of eq. 15 (indirect only)
+  alpha_traj: float = 1.0  # trajectory-level weight of eq. 15 (indirect only), same convention
+  alpha_convention: str = "paper"  # or "authors" (see ALPHA_CONVENTIONS)
   rollout: sampler.SamplingConfig = sampler.SamplingConfig(max_new_tokens=1)  # temperature etc.
   rollouts: str = "fork"  # or "refeed" / "recompute": from scratch (see ROLLOUTS)
+
+
+def check_alpha(name: str, alpha, convention: str) -> float:
+  """alpha > 0 under "paper" (it divides), >= 0 under "authors"; finite; one UserError line."""
+  alpha = float(alpha)
+  if convention == "paper" and not (math.isfinite(alpha) and alpha > 0):
+    raise UserError(f"{name} must be a finite number > 0 under alpha_convention 'paper' (the KL "
+                    f"weight: p exp(Q / {name})), got {alpha}; alpha_convention='authors' "
+                    f"takes the multiplier log p + {name} * Q")
+  if not math.isfinite(alpha) or alpha < 0:
+    raise UserError(f"{name} must be a finite number >= 0, got {alpha}")
+  return alpha
+
+
+def q_coefficient(cfg: TQConfig, temperature: float = 1.0) -> float:
+  """c of the candidate scores log p(z | s) + c * Q(s, z) that the sampler divides by T.
+
+  "paper": c = T / alpha, so the sampler sees logits / T + Q / alpha, i.e.
+  pi ~ p^(1/T) exp(Q / alpha): alpha stays the KL weight at any temperature.
+  "authors": c = alpha, (log p + alpha * Q) / T, as the authors' code.
+  """
+  if cfg.alpha_convention == "authors":
+    return float(cfg.alpha)
+  return float(temperature) / float(cfg.alpha)
 
 
 def validate_tq(ref: Component, baseline: Component, cfg: TQConfig,
@@ -95,10 +134,12 @@ def validate_tq(ref: Component, baseline: Component, cfg: TQConfig,
     raise UserError(f"Transfer Q* rollouts must be one of {ROLLOUTS}, got {cfg.rollouts!r}")
   if cfg.weighting not in WEIGHTINGS:
     raise UserError(f"Transfer Q* weighting must be one of {WEIGHTINGS}, got {cfg.weighting!r}")
-  if not math.isfinite(cfg.alpha) or cfg.alpha < 0:
-    raise UserError(f"alpha must be a finite number >= 0, got {cfg.alpha}")
+  if cfg.alpha_convention not in ALPHA_CONVENTIONS:
+    raise UserError(f"Transfer Q* alpha_convention must be one of {ALPHA_CONVENTIONS}, got "
+                    f"{cfg.alpha_convention!r}")
+  check_alpha("alpha", cfg.alpha, cfg.alpha_convention)
   if cfg.mode == "indirect":
-    controlled.check_positive("alpha_traj", cfg.alpha_traj)
+    check_alpha("alpha_traj", cfg.alpha_traj, cfg.alpha_convention)
     if baseline_reward is None:
       raise UserError("indirect Transfer Q* needs the baseline's reward r_BL (baseline_reward)")
 
@@ -130,7 +171,10 @@ def combine(r_target, r_base, cfg: TQConfig):
   """[N, m] rollout rewards -> [N] Q estimates (see the module docstring)."""
   if cfg.mode == "direct":
     return jnp.mean(r_target, axis=-1)
-  logw = (r_target - r_base) / cfg.alpha_traj
+  if cfg.alpha_convention == "authors":
+    logw = cfg.alpha_traj * (r_target - r_base)
+  else:
+    logw = (r_target - r_base) / cfg.alpha_traj
   if cfg.weighting == "self_normalized":
     return jnp.sum(jax.nn.softmax(logw, axis=-1) * r_target, axis=-1)
   return jnp.mean(jnp.exp(logw) * r_target, axis=-1)
@@ -209,9 +253,14 @@ def _append(prefix, t, tokens):
 
 
 def tq_step(ref: Component, baseline: Component, inputs, cfg: TQConfig, reward: TokenReward, *,
-            rng, row_ids, baseline_reward: Optional[TokenReward] = None, capacity: int):
-  """Sampler step: log p(z | s) + alpha * Q(s, z) over the top-k of p."""
+            rng, row_ids, baseline_reward: Optional[TokenReward] = None, capacity: int,
+            temperature: float = 1.0):
+  """Sampler step: log p(z | s) + c * Q(s, z) over the top-k of p, c = `q_coefficient`.
+
+  `temperature`: the T the sampler divides the scores by (1 when greedy).
+  """
   vocab = ref.lm.vocab_size
+  coef = q_coefficient(cfg, temperature)
 
   def step(tokens, cache):
     t = cache["t"]
@@ -220,13 +269,13 @@ def tq_step(ref: Component, baseline: Component, inputs, cfg: TQConfig, reward: 
     prefix = _append(cache["prefix"], t, tokens)
     logits, rc = ref.lm.step(ref.params, tok[REF], rc)
     logits = logits.astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    logp = jax.nn.log_softmax(sampler.mask_pad(logits), axis=-1)  # NOTE: as sampled: no pad
     _, bc = baseline.lm.step(baseline.params, tok[BASELINE], bc)  # the baseline now holds s
     top_lp, top_idx = jax.lax.top_k(logp, cfg.top_k)  # [B, k]
     q, _ = q_values(baseline, bc, inputs, prefix, t, cache["first"][BASELINE], top_idx,
                     jax.random.fold_in(rng, t), row_ids, cfg, reward, baseline_reward, capacity)
     bad = cache["nonfinite"] | jnp.any(~jnp.isfinite(q) & jnp.isfinite(top_lp), axis=1)
-    scores = controlled.scatter_scores(top_idx, top_lp + cfg.alpha * jnp.nan_to_num(q), vocab)
+    scores = controlled.scatter_scores(top_idx, top_lp + coef * jnp.nan_to_num(q), vocab)
     new = dict(cache, models=(rc, bc), prefix=prefix, t=t + 1, nonfinite=bad)
     return sampler.MixedLogits(scores, logits[None]), new
   return step
@@ -253,7 +302,9 @@ def transfer_q(ref: Component, baseline: Component, inputs, rng,
   cache.update(prefix=jnp.zeros((b, t), jnp.int32), nonfinite=jnp.zeros((b,), bool))
   x = jnp.repeat(inputs, num_samples, axis=0)
   step = tq_step(ref, baseline, x, cfg, reward, rng=jax.random.fold_in(rng, 0x7a),
-                 row_ids=row_ids, baseline_reward=baseline_reward, capacity=capacity)
+                 row_ids=row_ids, baseline_reward=baseline_reward, capacity=capacity,
+                 # NOTE: process_logits ignores the temperature when greedy.
+                 temperature=1.0 if config.greedy else config.temperature)
   out, final = sampler.sample_loop(step, cache, jnp.zeros((b,), jnp.int32), rng, config,
                                    row_ids=row_ids, reference_index=REF, with_components=True,
                                    return_cache=True)
@@ -271,7 +322,7 @@ def args_step(ref: Component, inputs, reward: TokenReward, *, top_k: int, weight
     prefix = _append(cache["prefix"], t, tokens)
     logits, rc = ref.lm.step(ref.params, tok[REF], cache["models"][REF])
     logits = logits.astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    logp = jax.nn.log_softmax(sampler.mask_pad(logits), axis=-1)  # NOTE: as sampled: no pad
     top_lp, top_idx = jax.lax.top_k(logp, top_k)
     b = top_idx.shape[0]
     cand = top_idx.reshape(-1)

@@ -52,10 +52,15 @@ class Judgement(NamedTuple):
 class RewardJudge:
   """Prefers the response with the higher reward; equal rewards (within `tie_tolerance`) tie."""
 
+  # NOTE: `compare` and `scores` take the responses' sampled ids where known.
+  accepts_ids = True
+
   def __init__(self, reward_fn, *, name: Optional[str] = None, tie_tolerance: float = 0.0):
     # NOTE: a `realign_jax.rewards` Reward object (with `.score`) or a bare callable.
+    self.ids_fn = None
     if hasattr(reward_fn, "score"):
       name = name or getattr(reward_fn, "name", None)
+      self.ids_fn = getattr(reward_fn, "score_ids", None)
       reward_fn = reward_fn.score
     name = name or "reward"
     if not callable(reward_fn):
@@ -70,17 +75,24 @@ class RewardJudge:
   def describe(self) -> dict:
     return {"type": "reward", "name": self.name, "tie_tolerance": self.tie_tolerance}
 
-  def scores(self, prompts: Sequence[Any], responses: Sequence[Any]) -> np.ndarray:
-    s = np.asarray(self.reward_fn(list(prompts), list(responses)), np.float64).reshape(-1)
+  def scores(self, prompts: Sequence[Any], responses: Sequence[Any],
+             response_ids: Optional[Sequence[Sequence[int]]] = None) -> np.ndarray:
+    """[N] rewards; with `response_ids` (the sampled ids) a Reward scores those
+    (`Reward.score_ids`: a length in tokens counts the sampled ids, not a re-encoding)."""
+    if response_ids is not None and self.ids_fn is not None:
+      s = self.ids_fn(list(prompts), list(responses), list(response_ids))
+    else:
+      s = self.reward_fn(list(prompts), list(responses))
+    s = np.asarray(s, np.float64).reshape(-1)
     if s.shape[0] != len(responses):
       raise UserError(f"judge {self.name}: the reward returned {s.shape[0]} scores for "
                       f"{len(responses)} responses")
     return s
 
-  def compare(self, prompts, first, second) -> Judgement:
+  def compare(self, prompts, first, second, first_ids=None, second_ids=None) -> Judgement:
     if not len(prompts) == len(first) == len(second):
       raise ValueError("prompts, first and second must have the same length")
-    a, b = self.scores(prompts, first), self.scores(prompts, second)
+    a, b = self.scores(prompts, first, first_ids), self.scores(prompts, second, second_ids)
     pref = np.where(a > b + self.tie_tolerance, 1.0,
                     np.where(b > a + self.tie_tolerance, 0.0, 0.5))
     bad = ~(np.isfinite(a) & np.isfinite(b))

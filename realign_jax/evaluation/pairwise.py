@@ -22,6 +22,7 @@ import numpy as np
 
 from realign_jax.data import pipeline
 from realign_jax.data import vocab as vocab_lib
+from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
 from realign_jax.evaluation import stats
 
@@ -79,10 +80,10 @@ def make_pair_logprob_fn(lms: Sequence):
   def side(params_list, w, inputs, targets):
     logits = [lm.forward(p, inputs, targets)["logits"].astype(jnp.float32)
               for lm, p in zip(lms, params_list)]  # M x [B, T, V]
-    # NOTE: the same weighted sum of raw logits as decoding's mixed_step, so
-    # the scored distribution is exactly the one DeRa samples from.
+    # NOTE: the same weighted sum of raw logits as decoding's mixed_step, without
+    # pad as the sampler, so the scored distribution is exactly the one DeRa samples from.
     mixed = sum(w[m][:, None, None] * logits[m] for m in range(len(lms)))
-    logp = jax.nn.log_softmax(mixed, axis=-1)
+    logp = jax.nn.log_softmax(sampler.mask_pad(mixed), axis=-1)
     tok = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, T]
     mask = targets != 0
     return jnp.sum(jnp.where(mask, tok, 0.0), -1), jnp.sum(mask, -1)

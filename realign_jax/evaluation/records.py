@@ -2,7 +2,8 @@
 
 Every row must carry a non-empty string `prompt`, a string `response` (possibly
 empty), and, where KL is asked for, finite numbers `kl` and `log_ratio`.
-`lam` (null or a finite number) groups the rows; `prompt_index` and `sample`,
+`lam` (null, a finite number, or a list of them: the weight vector of
+multi-model DeRa, grouped as a tuple) groups the rows; `prompt_index` and `sample`,
 when present, identify a row within its group (otherwise its position does).
 Errors name the file and the 1-based line.
 """
@@ -64,7 +65,9 @@ def read_decode_file(path: str, *, require_kl: bool = True) -> list:
           raise UserError(f"{where}: missing field {field!r} (needed for the KL estimates; "
                           f"set require_kl=False for samplers that do not write it)")
       lam = row.get("lam")
-      if lam is not None:
+      if isinstance(lam, list):  # multi-model DeRa: the weight vector (a hashable group key)
+        lam = tuple(_check_number(x, "lam", where) for x in lam)
+      elif lam is not None:
         lam = _check_number(lam, "lam", where)
       row["lam"] = lam
       if "prompt_index" in row or "sample" in row:

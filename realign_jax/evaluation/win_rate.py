@@ -39,7 +39,8 @@ def summarize(preference_1, failures: Optional[dict] = None) -> dict:
 
 def win_rate(judge, prompts: Sequence[Any], responses_1: Sequence[Any],
              responses_2: Sequence[Any], *, seed: int = 0,
-             swap: Optional[Sequence[bool]] = None) -> dict:
+             swap: Optional[Sequence[bool]] = None, ids_1: Optional[Sequence] = None,
+             ids_2: Optional[Sequence] = None) -> dict:
   """Win rate of responses_1 (from pi_1) over responses_2 (from pi_2), pairwise by prompt.
 
   Args:
@@ -47,6 +48,8 @@ def win_rate(judge, prompts: Sequence[Any], responses_1: Sequence[Any],
     prompts, responses_1, responses_2: [N] aligned lists.
     seed: seeds the random order of each pair.
     swap: optional [N] explicit orders (True = responses_2 shown first).
+    ids_1, ids_2: optional [N] sampled ids of the responses, passed on to a
+      judge that reads them (`accepts_ids`: a reward judge scores the ids).
 
   Returns:
     `summarize`'s dict plus "num_swapped".
@@ -59,7 +62,13 @@ def win_rate(judge, prompts: Sequence[Any], responses_1: Sequence[Any],
   swap = np.asarray(swap, bool).reshape(-1)
   first = [b if s else a for a, b, s in zip(responses_1, responses_2, swap)]
   second = [a if s else b for a, b, s in zip(responses_1, responses_2, swap)]
-  judgement = judge.compare(list(prompts), first, second)
+  if ids_1 is not None and ids_2 is not None and getattr(judge, "accepts_ids", False):
+    judgement = judge.compare(
+        list(prompts), first, second,
+        first_ids=[b if s else a for a, b, s in zip(ids_1, ids_2, swap)],
+        second_ids=[a if s else b for a, b, s in zip(ids_1, ids_2, swap)])
+  else:
+    judgement = judge.compare(list(prompts), first, second)
   pref = np.asarray(judgement.preference, np.float64).reshape(-1)
   if pref.size != n:
     raise ValueError(f"judge returned {pref.size} verdicts for {n} pairs")

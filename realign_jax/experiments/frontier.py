@@ -18,11 +18,16 @@ on the same prompts, with the same seed and sampling settings:
   cd_token_q_k{k}_beta{b}      token-wise CD with the Q-head, over the top-k of p or
                    (k = 0) the whole vocabulary
   cd_block_K{K}    blockwise CD (K blocks of M tokens, the best by the FUDGE value)
-  tq_direct_alpha{a}      Transfer Q*, baseline = the PPO model at `aligned_beta`
+  tq_direct_alpha{a}      Transfer Q*, baseline = the PPO model at `aligned_beta`;
+                   alpha is the paper's KL weight (`tq_alpha_convention` 'paper':
+                   p exp(Q / alpha), larger = closer to p); with 'authors' (log p +
+                   alpha Q, the authors' code) the stages are tq_direct_authors_alpha{a}
   args_w{w}        ARGS with the task reward (w = 0: sampling p truncated to its top-k,
                    the KL that the truncation alone costs)
 then MODEL_DIR/results.json (one entry per method and setting: method, setting,
-reward, kl, kl_kind, ...), report.md and frontier.png.
+reward, kl, kl_kind, length, ...), report.md and frontier.png. `length` is the
+mean response length in tokens WITHOUT EOS (as the length reward of eq. 10 and
+the length study count it; the decode rows' `length` includes EOS).
 
 KL to p, per entry (`kl_kind`):
   exact          the method defines a per-token distribution q: the mean over
@@ -35,6 +40,10 @@ KL to p, per entry (`kl_kind`):
                  (exact for a reward with ties, given the levels' probabilities).
 Rewards are the task reward scored on the sampled tokens exactly as in training.
 """
+
+from realign_jax import startup
+
+startup.precheck(__name__)  # NOTE: before the heavy imports (see startup.py)
 
 import dataclasses
 import math
@@ -98,7 +107,8 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
              cd_betas: Sequence[float] = (3.0, 1.0, 0.3), cd_top_k: int = 10,
              cd_q_top_k: int = 10,
              block_candidates: Sequence[int] = (2, 4, 8), block_length: int = 4,
-             tq_alphas: Sequence[float] = (0.1, 0.3, 1.0), tq_top_k: int = 10,
+             tq_alphas: Sequence[float] = (10.0, 10 / 3, 1.0),
+             tq_alpha_convention: str = "paper", tq_top_k: int = 10,
              tq_horizon: int = 16, args_weights: Sequence[float] = (0.3, 1.0, 3.0),
              args_top_k: int = 10, value_batch_size: int = 32, cdq_target_period: int = 10,
              num_prompts: int = 64, num_samples: int = 2, batch_size: int = 16,
@@ -107,7 +117,7 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
   """Runs (or resumes) the study in `model_dir`; returns the results dict."""
   from realign_jax import decode as decode_bin
   from realign_jax.decoding import controlled
-  from realign_jax.decoding.transfer_q import TQConfig
+  from realign_jax.decoding.transfer_q import ALPHA_CONVENTIONS, TQConfig
   from realign_jax.models.api import LanguageModel
   from realign_jax.training.value import CDQValue, FudgeValue
   t_start = time.perf_counter()
@@ -130,7 +140,12 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
   best_of_n = sorted(_check_grid("best_of_n", best_of_n, integer=True))
   cd_betas = _check_grid("cd_betas", cd_betas, positive=True)
   block_candidates = _check_grid("block_candidates", block_candidates, integer=True)
-  tq_alphas = _check_grid("tq_alphas", tq_alphas, nonneg=True)
+  if tq_alpha_convention not in ALPHA_CONVENTIONS:
+    raise UserError(f"frontier.tq_alpha_convention must be one of {ALPHA_CONVENTIONS}, got "
+                    f"{tq_alpha_convention!r}")
+  # NOTE: under 'paper' alpha divides Q (the KL weight), so 0 is not a setting.
+  tq_alphas = _check_grid("tq_alphas", tq_alphas, positive=tq_alpha_convention == "paper",
+                          nonneg=True)
   args_weights = _check_grid("args_weights", args_weights)
   vocab_size = sft.model.vocab_size
   controlled.check_top_k(cd_top_k, vocab_size, "frontier.cd_top_k")
@@ -265,11 +280,12 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
           value_checkpoint=runner.stage_dir("value_fudge"), block_candidates=k,
           block_length=block_length))
   if "tq_direct" in methods:
+    authors = tq_alpha_convention == "authors"
     for a in tq_alphas:
-      st = _name("tq_direct_alpha", a)
+      st = _name("tq_direct_authors_alpha" if authors else "tq_direct_alpha", a)
       tq = TQConfig(top_k=tq_top_k, horizon=tq_horizon, alpha=float(a), num_rollouts=1,
-                    mode="direct", rollout=sampling)
-      add("tq_direct", f"alpha={a:g}", st, decode_stage(
+                    mode="direct", rollout=sampling, alpha_convention=tq_alpha_convention)
+      add("tq_direct", f"alpha={a:g}" + (",authors" if authors else ""), st, decode_stage(
           st, [_name("ppo_beta", aligned_beta)], {"tq": tq}, method="tq_direct",
           baseline_checkpoint=aligned_dir, reward=reward, tq=tq))
   if "args" in methods:
@@ -298,7 +314,8 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
       "sft_steps": sft_steps, "ppo_steps": ppo_steps, "value_steps": value_steps,
       "aligned_beta": aligned_beta, "cd_top_k": cd_top_k, "cd_q_top_k": cd_q_top_k,
       "block_length": block_length,
-      "tq_top_k": tq_top_k, "tq_horizon": tq_horizon, "args_top_k": args_top_k,
+      "tq_top_k": tq_top_k, "tq_horizon": tq_horizon,
+      "tq_alpha_convention": tq_alpha_convention, "args_top_k": args_top_k,
       "model": f"{type(sft.model.config).__name__}"})
   results["stage_seconds"] = dict(runner.timings)
   results["stages_run_now"] = list(runner.ran)
@@ -336,6 +353,19 @@ def _scorer(reward, inputs: np.ndarray, max_len: int, chunk: int = 256):
   return score
 
 
+def response_length(row: dict) -> int:
+  """A response's length: its tokens without EOS, as the length reward (eq. 10) counts them.
+
+  NOTE: decode rows' `length` counts every generated token, EOS included
+  (= len(tokens)); the entries' `length` (and the length study's) does not.
+  Rows without `tokens` are taken to hold the response length already.
+  """
+  if "tokens" not in row:
+    return int(row["length"])
+  from realign_jax.rewards import base
+  return len(base.strip_ids(row["tokens"]))
+
+
 def entry(method: str, setting: Optional[str], rows: Sequence[dict]) -> dict:
   """One method and setting from its decode rows: means and standard errors by prompt."""
   if not rows:
@@ -343,7 +373,7 @@ def entry(method: str, setting: Optional[str], rows: Sequence[dict]) -> dict:
   groups = [r["prompt_index"] for r in rows]
   out = {"method": method, "setting": setting, "num_rows": len(rows)}
   out["reward"], out["reward_se"] = rep.mean_se([r["reward"] for r in rows], groups)
-  out["length"], _ = rep.mean_se([r["length"] for r in rows], groups)
+  out["length"], _ = rep.mean_se([response_length(r) for r in rows], groups)
   if all("kl" in r for r in rows):
     out["kl"], out["kl_se"] = rep.mean_se([r["kl"] for r in rows], groups)
     out["kl_kind"], out["kl_bound"] = "exact", None
@@ -378,7 +408,7 @@ def best_of_n_entries(rows: Sequence[dict], ns: Sequence[int]) -> list:
       sc = np.array([r["reward"] for r in rs[:n]])
       best = rs[int(np.argmax(sc))]
       rewards.append(best["reward"])
-      lengths.append(best["length"])
+      lengths.append(response_length(best))
       eps = float(np.clip(np.exp(np.sum(best["ref_logprobs"])), np.finfo(float).tiny, 1.0))
       kls.append(bon.kl_estimator(eps, n))
       levels.append(bon.exact_kl(np.full(n_max, 1.0 / n_max), [r["reward"] for r in rs], n))
@@ -476,7 +506,12 @@ def render_report(res: dict) -> str:
                                            "the whole vocabulary") +
            f" with the Q-head; blockwise CD draws blocks of "
            f"{s['block_length']} tokens; TQ* takes the top {s['tq_top_k']} with rollouts of "
-           f"{s['tq_horizon']} tokens; ARGS the top {s['args_top_k']}.", "",
+           f"{s['tq_horizon']} tokens" + (
+               # NOTE: results written before the option existed used the authors' form.
+               ", alpha as the paper's KL weight (p exp(Q / alpha): larger = closer to p)"
+               if s.get("tq_alpha_convention", "authors") == "paper" else
+               ", alpha as in the authors' code (log p + alpha Q: larger = further from p)") +
+           f"; ARGS the top {s['args_top_k']}.", "",
            "KL kinds: **exact** = mean over responses of the sum over steps of the "
            "full-vocabulary KL of the method's per-token distribution to p; "
            "**bon_estimator** = best-of-n estimator KL_hat(p(y), n) of the kept response (per "

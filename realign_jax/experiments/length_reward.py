@@ -19,7 +19,10 @@ The retrained "model" at lam = 0 (beta = infinity) is pi_ref itself.
 All samples: the same prompts (the first `num_eval_prompts` of the eval
 split), the same row seeds, temperature 1, the RL rollouts' length limit;
 rewards are scored on the sampled tokens exactly as in training; KL is the
-exact sequence KL to pi_ref (sum of per-step full-vocabulary KL).
+exact sequence KL to pi_ref (sum of per-step full-vocabulary KL). Every
+`length` (rows, `*_length` in results.json, the histograms) is the response
+length in tokens WITHOUT EOS, as the length reward (eq. 10) counts it and
+as the frontier study's entries do.
 """
 
 from realign_jax import startup

@@ -46,9 +46,14 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
 
 
 def mean_se(values, groups=None) -> tuple:
-  """(mean, standard error) with per-prompt clustering when groups are given."""
-  m, se = stats.mean_and_stderr(values, groups)
-  return m, (se if math.isfinite(se) else 0.0)
+  """(mean, standard error) with per-prompt clustering when groups are given.
+
+  The standard error is NaN when it is undefined (n < 2 values, or groups):
+  NOTE: not 0, which would claim an exact mean. Reports print it as "n/a"
+  (`fmt`), results.json as null, and `disagreements` / `regularisation_verdict`
+  draw no conclusion from it.
+  """
+  return stats.mean_and_stderr(values, groups)
 
 
 def summarize_rows(rows: Sequence[dict], fields=("reward", "kl", "log_ratio", "length")) -> dict:
@@ -61,12 +66,21 @@ def summarize_rows(rows: Sequence[dict], fields=("reward", "kl", "log_ratio", "l
 
 
 def disagreements(lambdas, a, a_se, b, b_se) -> list:
-  """Lambdas where two curves differ by more than Z standard errors of the difference."""
+  """Lambdas where two curves differ by more than Z standard errors of the difference.
+
+  A lambda with an undefined (NaN or None) standard error is never listed.
+  """
   out = []
   for lam, x, sx, y, sy in zip(lambdas, a, a_se, b, b_se):
+    if not (_defined(sx) and _defined(sy)):
+      continue
     if abs(x - y) > Z * math.sqrt(sx * sx + sy * sy) + 1e-12:
       out.append(lam)
   return out
+
+
+def _defined(se) -> bool:
+  return se is not None and math.isfinite(se)
 
 
 def regularisation_verdict(lambdas, reward, reward_se, kl, who: str = "the model") -> dict:
@@ -85,6 +99,10 @@ def regularisation_verdict(lambdas, reward, reward_se, kl, who: str = "the model
   lambdas = list(lambdas)
   if 1.0 not in lambdas:
     return {"verdict": "undetermined", "reason": "the lambda grid does not hold 1"}
+  if not all(_defined(se) for se in reward_se):
+    return {"verdict": "undetermined",
+            "reason": f"for {who}, the standard errors of the mean rewards are undefined (fewer "
+                      f"than 2 prompts or pairs), so no difference can be called significant"}
   i1 = lambdas.index(1.0)
   r1, s1 = reward[i1], reward_se[i1]
   tol = lambda i: Z * math.sqrt(reward_se[i] ** 2 + s1 ** 2) + 1e-12

@@ -48,6 +48,19 @@ class Reward(abc.ABC):
     del params
     return host_score_tokens(self, inputs, responses, lengths)
 
+  def score_ids(self, prompts: Sequence[str], responses: Sequence[str],
+                response_ids: Sequence[Sequence[int]]) -> np.ndarray:
+    """[N] scores of responses whose sampled ids are known (host side).
+
+    `response_ids` [N] lists of ids (EOS and what follows, and pads, are cut
+    by `strip_ids`). NOTE: a reward that is a function of the ids (the length
+    in tokens) overrides this to read them: re-encoding a decoded text can
+    give other ids than were sampled, and training (`score_tokens`) counts
+    the sampled ones. Default: the texts.
+    """
+    del response_ids
+    return self.score(prompts, responses)
+
 
 # ---- helpers ------------------------------------------------------------------
 def response_token_count(responses, lengths, eos_id: int = EOS_ID):
@@ -109,6 +122,16 @@ def host_score_tokens(reward: Reward, inputs, responses, lengths) -> jax.Array:
 
   return jax.pure_callback(cb, jax.ShapeDtypeStruct((b,), jnp.float32), inputs, responses,
                            lengths, vmap_method="sequential")
+
+
+def score_rows(reward: Reward, prompts: Sequence[str], responses: Sequence[str],
+               response_ids: Sequence[Sequence[int]]) -> np.ndarray:
+  """`reward.score_ids` (the sampled ids as the source of truth) validated ([N] float32)."""
+  if not len(prompts) == len(responses) == len(response_ids):
+    raise UserError(f"{len(prompts)} prompts but {len(responses)} responses and "
+                    f"{len(response_ids)} id lists")
+  return check_scores(reward.score_ids(list(prompts), list(responses), list(response_ids)),
+                      len(prompts), f"reward {reward.name}")
 
 
 def score_texts(reward: Reward, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:

@@ -4,6 +4,12 @@
 
 |y| is counted in tokens of the vocabulary (EOS not counted) or in
 whitespace-separated words of the decoded text.
+
+In tokens, the sampled ids are the source of truth: `score_tokens`
+(training, decoding) and `score_ids` (decode rows, studies) count them;
+`score` re-encodes a text, which can give other ids than were sampled (a
+response sampled as "▁t" "h" "e" re-encodes as the one piece "▁the"), so it
+is for texts whose ids are unknown.
 """
 
 import dataclasses
@@ -12,6 +18,7 @@ from typing import Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from realign_jax import config_check
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.errors import UserError
 from realign_jax.rewards import base
@@ -38,6 +45,7 @@ class LengthReward(base.Reward):
   name: str = "length"
 
   def __post_init__(self):
+    config_check.check_config(self)  # NOTE: before the comparisons below
     if self.unit not in UNITS:
       raise UserError(f"LengthReward.unit must be one of {UNITS}, got {self.unit!r}")
     if self.min_length < 0 or self.max_length < self.min_length:
@@ -55,6 +63,12 @@ class LengthReward(base.Reward):
   def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
     del prompts
     lengths = np.asarray([self.length_of(r) for r in responses], np.int64)
+    return length_reward(lengths, self.min_length, self.max_length)
+
+  def score_ids(self, prompts, responses, response_ids) -> np.ndarray:
+    if self.unit == "words":
+      return self.score(prompts, responses)
+    lengths = np.asarray([len(base.strip_ids(ids)) for ids in response_ids], np.int64)
     return length_reward(lengths, self.min_length, self.max_length)
 
   def score_tokens(self, params, inputs, responses, lengths):

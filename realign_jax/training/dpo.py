@@ -199,8 +199,8 @@ class DPO(PreferenceAlgorithm):
               "rewards/accuracies": jnp.sum((rc > rr) * w), "count": jnp.sum(w)}
     return jax.jit(fn)
 
-  def evaluate(self, params, step):
-    del step
+  def evaluate(self, params, step, aux=None):
+    del step, aux
     arrays = self.split_arrays(self.eval_split)
     if arrays is None:
       return {}, []

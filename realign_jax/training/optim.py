@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 import optax
 
+from realign_jax import config_check
 from realign_jax.errors import UserError
 
 SCHEDULES = ("constant", "rsqrt", "cosine", "linear")
@@ -35,6 +36,8 @@ def make_optimizer(*, name: str = "adafactor", learning_rate: float = 1e-3,
                    weight_decay: float = 0.0, grad_clip_norm: float = 1.0, b1: float = 0.9,
                    b2: float = 0.999) -> optax.GradientTransformation:
   """Gradient clipping by global norm, then the optimizer with its schedule."""
+  # NOTE: gin passes values on as written (total_steps = %TRAIN_STEPS = 'ten').
+  config_check.check_args(make_optimizer, dict(locals()))
   if name not in OPTIMIZERS:
     raise UserError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
   lr = make_schedule(learning_rate, schedule, warmup_steps, total_steps)

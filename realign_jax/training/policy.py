@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import ModelConfig
@@ -37,9 +38,15 @@ _NON_ARCH_FIELDS = ("dropout_rate", "dtype")
 
 # ---- log-probs ----------------------------------------------------------------
 def logprobs_from_logits(logits, targets):
-  """log p(targets[t]) per position: [B, T, V], [B, T] -> [B, T] float32."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  """log p(targets[t]) per position: [B, T, V], [B, T] -> [B, T] float32 (0 at pad targets).
+
+  NOTE: p is over the vocabulary without pad, the distribution THE sampler
+  draws from (`sampler.mask_pad`), so a sampled response's teacher-forced
+  log-probs are exactly the ones the sampler recorded (PPO's first ratio is 1).
+  """
+  logp = jax.nn.log_softmax(sampler.mask_pad(logits), axis=-1)
+  lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  return jnp.where(targets == sampler.PAD_ID, 0.0, lp)
 
 
 def length_mask(lengths, t: int):
@@ -71,16 +78,19 @@ def sequence_logprob(lm: LanguageModel, params, inputs, targets, *, mask=None,
 
 
 def full_kl_and_entropy(logits, ref_logits):
-  """Exact per-position KL(p || p_ref) and entropy H(p) over the vocabulary.
+  """Exact per-position KL(p || p_ref) and entropy H(p) over the vocabulary without pad.
 
   [B, T, V], [B, T, V] -> ([B, T], [B, T]) float32.
   """
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  logr = jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1)
+  logp = jax.nn.log_softmax(sampler.mask_pad(logits), axis=-1)
+  logr = jax.nn.log_softmax(sampler.mask_pad(ref_logits), axis=-1)
   p = jnp.exp(logp)
-  # NOTE: p log p is 0 where p underflows to 0 (logp = -inf would give nan).
-  plogp = jnp.where(p > 0, p * logp, 0.0)
-  plogr = jnp.where(p > 0, p * logr, 0.0)
+  # NOTE: p log p is 0 where p is 0 (pad, or an underflow). The logs are zeroed
+  # there BEFORE the product: where(p > 0, p * logp, 0) would be right but its
+  # gradient is nan (0 * -inf), which PPO's entropy bonus differentiates.
+  live = p > 0
+  plogp = p * jnp.where(live, logp, 0.0)
+  plogr = p * jnp.where(live, logr, 0.0)
   return jnp.sum(plogp - plogr, axis=-1), -jnp.sum(plogp, axis=-1)
 
 

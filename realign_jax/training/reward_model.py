@@ -292,8 +292,8 @@ class RewardModel(PreferenceAlgorithm):
               "reward_sum": jnp.sum(0.5 * (rc + rr) * w)}
     return jax.jit(fn)
 
-  def evaluate(self, params, step):
-    del step
+  def evaluate(self, params, step, aux=None):
+    del step, aux
     arrays = self.split_arrays(self.eval_split)
     if arrays is None:
       return {}, []

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from realign_jax import config_check
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
@@ -127,6 +128,7 @@ class RLAlgorithm(Algorithm):
   output_head: str = "lm"
 
   def __post_init__(self):
+    config_check.check_config(self)  # NOTE: before the comparisons below (beta='0.1')
     if self.model is None:
       raise UserError(f"{type(self).__name__}.model is not set")
     if self.reward is None:
@@ -277,17 +279,23 @@ class RLAlgorithm(Algorithm):
         data_dir=self.data_dir, vocab_path=self.vocab_path, limit=self.max_eval_examples))
     return batch["inputs"][batch["weights"] > 0]
 
-  def evaluate(self, params, step):
-    """Mean reward, exact KL and length of one sample per eval prompt (fixed seed)."""
+  def evaluate(self, params, step, aux=None):
+    """Mean reward, exact KL and length of one sample per eval prompt (fixed seed).
+
+    "regularised" is reward - beta KL at the CURRENT beta (`aux["beta"]`: the
+    adaptive controller's value when kl_target is set), reported as "beta".
+    """
     if not self.max_eval_examples:
       return {}, []
     inputs = self.eval_inputs()
     out = jax.device_get(self._eval_fn(params, self.frozen(), jnp.asarray(inputs),
                                        jax.random.PRNGKey(self.eval_seed)))
-    beta = self.beta
+    # NOTE: the objective the policy is trained on at this step: with adaptive
+    # KL control the initial self.beta is stale after the first update.
+    beta = float(aux["beta"]) if aux is not None and "beta" in aux else float(self.beta)
     metrics = {"reward": float(np.mean(out["reward"])), "kl": float(np.mean(out["kl"])),
                "length": float(np.mean(out["length"])),
-               "regularised": float(np.mean(out["reward"] - beta * out["kl"]))}
+               "regularised": float(np.mean(out["reward"] - beta * out["kl"])), "beta": beta}
     samples = []
     for i in range(min(self.num_eval_samples, len(inputs))):
       samples.append({

@@ -118,7 +118,8 @@ class SFT(Algorithm):
     gen = functools.partial(sampler.generate, self.model, config=cfg)
     return jax.jit(eval_loss), jax.jit(gen)
 
-  def evaluate(self, params, step):
+  def evaluate(self, params, step, aux=None):
+    del aux
     from realign_jax.data import pipeline
     from realign_jax.data import vocab as vocab_lib
     eval_loss, gen = self._eval_fns

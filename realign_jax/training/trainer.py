@@ -5,7 +5,8 @@ The train step is `jax.jit`-compiled with explicit in/out shardings over a
 `Mesh` built from logical axis rules; the state is donated. Checkpoints go
 through `realign_jax.checkpoints.manager` (save every N steps and at the end,
 keep K, resume from the latest automatically, save on SIGTERM). A
-non-finite loss stops the run naming the step, before anything is saved.
+non-finite loss, gradient norm or updated state stops the run naming the
+step, before anything of it is saved: every checkpoint is finite.
 """
 
 import abc
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from realign_jax import config_check
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.errors import UserError
 from realign_jax.models import api as model_api
@@ -110,9 +112,12 @@ class Algorithm(abc.ABC):
     """
     del metrics, step
 
-  def evaluate(self, params, step: int) -> tuple[dict, list]:
-    """(eval metrics, decoded samples) on the host; default none."""
-    del params, step
+  def evaluate(self, params, step: int, aux=None) -> tuple[dict, list]:
+    """(eval metrics, decoded samples) on the host; default none.
+
+    `aux` is the current auxiliary state (e.g. RL's adaptive beta).
+    """
+    del params, step, aux
     return {}, []
 
   def num_tokens(self, batch: Batch) -> int:
@@ -163,6 +168,25 @@ def _device_batch(batch: Batch, mesh) -> Batch:
   return jax.tree_util.tree_map(put, batch)
 
 
+def _all_finite(tree) -> jax.Array:
+  """Whether every floating-point leaf of `tree` is finite (traceable; a scalar bool)."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def _health_problem(health: dict) -> Optional[str]:
+  """What went non-finite in a step, from `train_step`'s health flags (host values), or None."""
+  grad_norm = float(health["grad_norm"])
+  if not math.isfinite(grad_norm):
+    return f"the gradient norm became {grad_norm}"
+  for key, what in (("params", "the parameters"), ("opt_state", "the optimizer state"),
+                    ("aux", "the auxiliary state")):
+    if not bool(health[key]):
+      return f"{what} became non-finite"
+  return None
+
+
 def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
           optimizer: optax.GradientTransformation, mesh=None, rules=None,
           config: TrainerConfig = TrainerConfig(),
@@ -171,10 +195,14 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
 
   Returns the last logged train metrics and eval metrics.
   """
+  config_check.check_value("TRAIN_STEPS (train_steps)", train_steps, int)
   if train_steps < 0:
     raise UserError(f"TRAIN_STEPS must be >= 0, got {train_steps}")
+  config_check.check_config(algorithm)
+  config_check.check_config(config)
   mesh = mesh or partitioning.create_mesh()
   rules = rules or partitioning.logical_axis_rules()
+  ckpt_lib.check_run_dir(model_dir)
   os.makedirs(model_dir, exist_ok=True)
   ckpt = ckpt_lib.Checkpointer(model_dir, keep=config.keep_checkpoints,
                                async_save=config.async_checkpoint)
@@ -199,9 +227,10 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         jax.eval_shape(init_state, init_rng), state_sh)
 
-    start = ckpt.latest_step()
+    # NOTE: a step that cannot be read or is not finite is skipped (and set
+    # aside, one line on stderr): the run resumes from the newest intact one.
+    state, start = ckpt.restore_latest_intact(abstract_state)
     if start is not None:
-      state = ckpt.restore(abstract_state, start)
       logging.info("resumed from %s at step %d", ckpt.directory, start)
     else:
       start = 0
@@ -266,11 +295,18 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
       new_aux = algorithm.update_aux(aux, params, metrics, state["step"] + 1)
       new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                    "aux": new_aux}
-      return new_state, metrics
+      # NOTE: the loss is of the params before the update: a NaN gradient makes
+      # the new params NaN while it is finite. These flags are reduced here, on
+      # device, so the host fetches four scalars a step, not the params.
+      grad_norm = (metrics["grad_norm"] if epochs == 1 and n_mb == 1
+                   else jnp.max(per_update["grad_norm"]))
+      health = {"grad_norm": grad_norm, "params": _all_finite(params),
+                "opt_state": _all_finite(opt_state), "aux": _all_finite(new_aux)}
+      return new_state, metrics, health
 
     frozen = algorithm.frozen()
     step_jit = jax.jit(train_step, in_shardings=(state_sh, batch_sh, None, None),
-                       out_shardings=(state_sh, None), donate_argnums=(0,))
+                       out_shardings=(state_sh, None, None), donate_argnums=(0,))
 
     writer = MetricsWriter(model_dir, resume_step=start if start else None)
     last_train, last_eval = {}, {}
@@ -286,7 +322,7 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
       # NOTE: inside the try, so a failing first eval still closes the bar,
       # the checkpointer and the writer.
       if config.eval_every and start == 0 and train_steps > 0:
-        ev, _ = algorithm.evaluate(state["params"], 0)  # the starting point, for comparison
+        ev, _ = algorithm.evaluate(state["params"], 0, aux=state["aux"])  # the starting point
         if ev:
           last_eval = writer.write(0, ev, "eval")
       tokens, t0 = 0, time.perf_counter()
@@ -295,13 +331,21 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
           host_batch = next(batches)
           tokens += algorithm.num_tokens(host_batch)
           batch = _device_batch(host_batch, mesh)
-          state, metrics = step_jit(state, batch, jax.random.fold_in(base_rng, step), frozen)
+          state, metrics, health = step_jit(state, batch, jax.random.fold_in(base_rng, step),
+                                            frozen)
           algorithm.check_step(metrics, step + 1)
-          loss = float(metrics["loss"])
+          loss, health = jax.device_get((metrics["loss"], health))
+          loss = float(loss)
+          last_good = "none" if last_saved is None else last_saved
           if not math.isfinite(loss):
             raise UserError(
                 f"loss became {loss} at step {step + 1}; stopped without saving "
-                f"(last good checkpoint: {'none' if last_saved is None else last_saved})")
+                f"(last good checkpoint: {last_good})")
+          problem = _health_problem(health)
+          if problem:
+            raise UserError(
+                f"{problem} in the update of step {step + 1} (loss {loss:.4g}); stopped without "
+                f"saving (last good checkpoint: {last_good}); a lower learning rate may help")
           step += 1
           if step % config.log_every == 0 or step == train_steps:
             dt = time.perf_counter() - t0
@@ -318,7 +362,7 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
             ckpt.save(step, state)
             last_saved = step
           if config.eval_every and (step % config.eval_every == 0 or step == train_steps):
-            ev, samples = algorithm.evaluate(state["params"], step)
+            ev, samples = algorithm.evaluate(state["params"], step, aux=state["aux"])
             if ev:
               last_eval = writer.write(step, ev, "eval")
             if samples:

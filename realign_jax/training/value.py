@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from realign_jax import config_check
 from realign_jax.data import pipeline
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
@@ -122,6 +123,7 @@ class ValueAlgorithm(Algorithm):
   name: str = "value"
 
   def __post_init__(self):
+    config_check.check_config(self)  # NOTE: before the comparisons below
     if self.model is None:
       raise UserError(f"{type(self).__name__}.model is not set")
     if self.reward is None and self.token_reward is None:

@@ -1,0 +1,109 @@
+"""Run-directory ownership (lock), the recorded config and the vocabulary's identity."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from realign_jax.checkpoints import run_dir
+from realign_jax.data import vocab as vocab_lib
+from realign_jax.errors import UserError
+
+
+# ---- lock -------------------------------------------------------------------------
+def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, caplog):
+  with run_dir.RunLock(str(tmp_path)):
+    owner = json.loads((tmp_path / run_dir.LOCK_FILE).read_text())
+    assert owner["pid"] == os.getpid()
+    with pytest.raises(UserError, match=rf"in use by pid {os.getpid()} on this host"):
+      run_dir.RunLock(str(tmp_path)).acquire()
+  assert not (tmp_path / run_dir.LOCK_FILE).exists()  # released
+
+  # a lock left by a process that has exited is stale
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  pid = int(dead.stdout)
+  import socket
+  (tmp_path / run_dir.LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(),
+                                                        "pid": pid}))
+  with caplog.at_level("WARNING"):
+    with run_dir.RunLock(str(tmp_path)):
+      assert json.loads((tmp_path / run_dir.LOCK_FILE).read_text())["pid"] == os.getpid()
+  assert any("stale lock" in r.getMessage() and str(pid) in r.getMessage() for r in caplog.records)
+
+
+def test_lock_from_another_host_names_the_host_and_the_file(tmp_path):
+  (tmp_path / run_dir.LOCK_FILE).write_text(json.dumps({"host": "node-17", "pid": 1}))
+  with pytest.raises(UserError, match=r"pid 1 on host node-17 .*delete the lock file"):
+    run_dir.RunLock(str(tmp_path)).acquire()
+  assert (tmp_path / run_dir.LOCK_FILE).exists()  # not ours to remove
+
+
+# ---- recorded config ------------------------------------------------------------------
+CONFIG = """# Macros:
+# ==============================================================================
+MODEL_DIR = 'runs/a'
+TRAIN_STEPS = 20
+
+# Parameters for make_optimizer:
+# ==============================================================================
+make_optimizer.learning_rate = 0.001
+make_optimizer.total_steps = %TRAIN_STEPS
+
+# Parameters for SFT:
+# ==============================================================================
+SFT.batch_size = 32
+SFT.lambdas = [0.0,
+               0.5]
+"""
+
+
+def test_parse_bindings_joins_continuations_and_drops_comments():
+  b = run_dir.parse_bindings(CONFIG)
+  assert b["SFT.lambdas"] == "[0.0, 0.5]"
+  assert b["make_optimizer.learning_rate"] == "0.001" and b["TRAIN_STEPS"] == "20"
+  assert not any(k.startswith("#") for k in b)
+
+
+def test_resume_under_another_config_is_refused_unless_allowed(tmp_path):
+  d = str(tmp_path)
+  run_dir.check_resume_config(d, CONFIG, step=0)  # recorded at the start
+  assert (tmp_path / run_dir.RUN_CONFIG).read_text() == CONFIG
+  # more steps and another spelling of the run directory: a resume
+  longer = CONFIG.replace("TRAIN_STEPS = 20", "TRAIN_STEPS = 40").replace("'runs/a'", "'/x/a'")
+  run_dir.check_resume_config(d, longer, step=20)
+  other_lr = CONFIG.replace("learning_rate = 0.001", "learning_rate = 0.01")
+  with pytest.raises(UserError, match=r"make_optimizer.learning_rate = 0.001 there, 0.01 now"):
+    run_dir.check_resume_config(d, other_lr, step=20)
+  added = CONFIG + "SFT.target_length = 8\n"
+  with pytest.raises(UserError, match=r"SFT.target_length = \(unset\) there, 8 now"):
+    run_dir.check_resume_config(d, added, step=20)
+  assert not (tmp_path / run_dir.CONFIG_CHANGES).exists()
+  # deliberately: recorded, and the new config becomes the run's
+  run_dir.check_resume_config(d, other_lr, step=20, allow_change=True)
+  rows = [json.loads(x) for x in (tmp_path / run_dir.CONFIG_CHANGES).read_text().splitlines()]
+  assert rows[0]["step"] == 20
+  assert rows[0]["changes"] == [{"binding": "make_optimizer.learning_rate", "old": "0.001",
+                                 "new": "0.01"}]
+  run_dir.check_resume_config(d, other_lr, step=30)  # now the recorded one
+
+
+# ---- vocabulary -------------------------------------------------------------------------
+def test_another_vocabulary_is_refused_unless_overridden(tmp_path):
+  builtin = run_dir.vocabulary_identity(None)
+  assert builtin["path"] == run_dir.BUILTIN_VOCAB and len(builtin["sha256"]) == 64
+  run_dir.check_vocabulary("runs/x", builtin, None)
+  run_dir.check_vocabulary("runs/x", None, None)  # written before vocabularies were recorded
+  other = tmp_path / "other.model"
+  data = bytearray(open(vocab_lib.BUILTIN_VOCAB_PATH, "rb").read())
+  other.write_bytes(bytes(data) + b"\0")  # one byte more: another file
+  with pytest.raises(UserError, match=r"runs/x was trained with vocabulary built-in .* not "
+                                      rf"{other}"):
+    run_dir.check_vocabulary("runs/x", builtin, str(other), where="decode")
+  run_dir.check_vocabulary("runs/x", builtin, str(other), allow_other=True)
+  # the same file under another path is the same vocabulary
+  same = tmp_path / "copy.model"
+  same.write_bytes(bytes(data))
+  run_dir.check_vocabulary("runs/x", builtin, str(same))
