@@ -50,6 +50,7 @@ import numpy as np
 
 from realign_jax import gin_utils
 from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.checkpoints import run_dir
 from realign_jax.data import pipeline
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import controlled, dera, sampler, transfer_q
@@ -122,7 +123,7 @@ def decode(*, ref_checkpoint: str, output_file: str, lambdas: Optional[Sequence[
            vocab_path: Optional[str] = None, max_prompts: Optional[int] = 64,
            input_length: int = 96, batch_size: int = 8, num_samples: int = 1,
            sampling: sampler.SamplingConfig = sampler.SamplingConfig(), seed: int = 0,
-           progress: bool = True) -> dict:
+           progress: bool = True, allow_vocabulary_mismatch: bool = False) -> dict:
   """Decodes every prompt with `method` (at every lambda for DeRa); returns a summary dict.
 
   DeRa settings: `lambdas` (default [1.0]) with one `aligned_checkpoint`
@@ -151,6 +152,17 @@ def decode(*, ref_checkpoint: str, output_file: str, lambdas: Optional[Sequence[
   config_check.check_args(decode, dict(locals()))
   if method not in METHODS:
     raise UserError(f"decode method must be one of {METHODS}, got {method!r}")
+  # NOTE: a model decoded with another vocabulary than its own is garbage that
+  # looks like output; model.json records the one each run was trained with.
+  for name, ckpt in (("ref_checkpoint", ref_checkpoint), ("aligned_checkpoint", aligned_checkpoint),
+                     *(("aligned_checkpoints", c) for c in aligned_checkpoints or ()),
+                     ("value_checkpoint", value_checkpoint),
+                     ("baseline_checkpoint", baseline_checkpoint),
+                     ("reward_checkpoint", reward_checkpoint),
+                     ("baseline_reward_checkpoint", baseline_reward_checkpoint)):
+    if ckpt:
+      run_dir.check_vocabulary(ckpt, run_dir.recorded_vocabulary(ckpt), vocab_path,
+                               allow_other=allow_vocabulary_mismatch, where=name)
   if method != "dera":
     if aligned_checkpoints is not None or lambda_vectors is not None:
       raise UserError(f"aligned_checkpoints and lambda_vectors are read by method 'dera' only, "

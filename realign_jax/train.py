@@ -15,10 +15,13 @@ startup.precheck(__name__)  # NOTE: before the heavy imports (see startup.py)
 import os
 from typing import Optional
 
+import gin
+import jax
 import optax
 
 from realign_jax import gin_utils
 from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.checkpoints import run_dir
 from realign_jax.errors import UserError
 from realign_jax.parallel import partitioning
 from realign_jax.training import trainer as trainer_lib
@@ -28,20 +31,57 @@ def train(*, model_dir: str, train_steps: int, algorithm: trainer_lib.Algorithm,
           optimizer: optax.GradientTransformation,
           trainer_config: trainer_lib.TrainerConfig = trainer_lib.TrainerConfig(),
           mesh_data: int = -1, mesh_model: int = 1, fsdp: bool = False,
+          allow_config_change: bool = False, allow_vocabulary_mismatch: bool = False,
           ) -> dict:
-  """Trains `algorithm` for `train_steps` steps in total in `model_dir`."""
+  """Trains `algorithm` for `train_steps` steps in total in `model_dir`.
+
+  The run directory is locked while training (`run_dir.RunLock`); a resume
+  under other bindings than the run started with (step count aside) is refused
+  unless `allow_config_change` (the change is recorded in the run); the
+  vocabulary is recorded in model.json and a resume, or an INIT_CHECKPOINT,
+  with another one is refused unless `allow_vocabulary_mismatch`.
+  """
   # NOTE: gin passes values on as written (TRAIN_STEPS='ten', batch_size='8'):
   # their types are checked here, before anything is built or written.
   from realign_jax import config_check
   config_check.check_args(train, dict(
       model_dir=model_dir, train_steps=train_steps, algorithm=algorithm,
-      trainer_config=trainer_config, mesh_data=mesh_data, mesh_model=mesh_model, fsdp=fsdp))
+      trainer_config=trainer_config, mesh_data=mesh_data, mesh_model=mesh_model, fsdp=fsdp,
+      allow_config_change=allow_config_change,
+      allow_vocabulary_mismatch=allow_vocabulary_mismatch))
   if not model_dir:
     raise UserError("MODEL_DIR is empty")
   ckpt_lib.check_run_dir(model_dir)
   partitioning.maybe_initialize_distributed()
   mesh = partitioning.create_mesh(mesh_data, mesh_model)
   rules = partitioning.logical_axis_rules(fsdp)
+  # NOTE: process 0 speaks for the run: it holds the lock and writes the records.
+  lock = run_dir.RunLock(model_dir) if jax.process_index() == 0 else None
+  if lock is not None:
+    os.makedirs(model_dir, exist_ok=True)
+    lock.acquire()
+  try:
+    _check_and_record(model_dir, algorithm, allow_config_change, allow_vocabulary_mismatch)
+    result = trainer_lib.train(algorithm=algorithm, model_dir=model_dir,
+                               train_steps=train_steps, optimizer=optimizer, mesh=mesh,
+                               rules=rules, config=trainer_config)
+    gin_utils.write_operative_config(model_dir)
+  finally:
+    if lock is not None:
+      lock.release()
+  result["model_dir"] = model_dir
+  return result
+
+
+def _check_and_record(model_dir: str, algorithm, allow_config_change: bool,
+                      allow_vocabulary_mismatch: bool) -> None:
+  """model.json (model and vocabulary) and the run's recorded config, checked then written."""
+  vocab_path = getattr(algorithm, "vocab_path", None)
+  vocab = run_dir.vocabulary_identity(vocab_path)
+  init = getattr(algorithm, "init_checkpoint", None)
+  if isinstance(init, str) and init:
+    run_dir.check_vocabulary(init, run_dir.recorded_vocabulary(init), vocab_path,
+                             allow_other=allow_vocabulary_mismatch, where="INIT_CHECKPOINT")
   model = getattr(algorithm, "model", None)
   if model is not None:
     path = os.path.join(model_dir, ckpt_lib.MODEL_JSON)
@@ -50,12 +90,22 @@ def train(*, model_dir: str, train_steps: int, algorithm: trainer_lib.Algorithm,
       if previous != model.config:
         raise UserError(f"{path} describes another model than this config ({previous} vs "
                         f"{model.config}); use a fresh MODEL_DIR")
-    ckpt_lib.write_model_json(model_dir, model.config, model.output_head)
-  result = trainer_lib.train(algorithm=algorithm, model_dir=model_dir, train_steps=train_steps,
-                             optimizer=optimizer, mesh=mesh, rules=rules, config=trainer_config)
-  gin_utils.write_operative_config(model_dir)
-  result["model_dir"] = model_dir
-  return result
+      run_dir.check_vocabulary(model_dir, run_dir.recorded_vocabulary(model_dir), vocab_path,
+                               allow_other=allow_vocabulary_mismatch, where="resume")
+  if jax.process_index() != 0:
+    return
+  steps = [int(d) for d in _listdir(os.path.join(model_dir, ckpt_lib.CHECKPOINT_SUBDIR))
+           if d.isdigit()]
+  config_text = gin.config_str()
+  if config_text.strip():
+    run_dir.check_resume_config(model_dir, config_text, step=max(steps, default=0),
+                                allow_change=allow_config_change)
+  if model is not None:
+    ckpt_lib.write_model_json(model_dir, model.config, model.output_head, vocab=vocab)
+
+
+def _listdir(path: str) -> list:
+  return os.listdir(path) if os.path.isdir(path) else []
 
 
 def main(argv: list) -> int:

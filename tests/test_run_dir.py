@@ -107,3 +107,52 @@ def test_another_vocabulary_is_refused_unless_overridden(tmp_path):
   same = tmp_path / "copy.model"
   same.write_bytes(bytes(data))
   run_dir.check_vocabulary("runs/x", builtin, str(same))
+
+
+# ---- through the training binary ------------------------------------------------------
+def _tiny_sft_args(model_dir, *extra):
+  return [f"--gin_file={os.path.join(REPO_ROOT, 'configs', 'sft', 'builtin_tiny.gin')}",
+          f"--gin.MODEL_DIR='{model_dir}'", "--gin.T5Config.d_model=16",
+          "--gin.T5Config.num_heads=2", "--gin.T5Config.head_dim=8", "--gin.T5Config.d_ff=32",
+          "--gin.T5Config.num_encoder_layers=1", "--gin.T5Config.num_decoder_layers=1",
+          "--gin.SFT.batch_size=8", "--gin.SFT.input_length=16", "--gin.SFT.target_length=4",
+          "--gin.SFT.max_eval_examples=4", "--gin.SFT.num_eval_samples=0",
+          "--gin.TrainerConfig.eval_every=0", "--gin.TrainerConfig.progress=False",
+          "--gin.TrainerConfig.checkpoint_every=1", *extra]
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_train_binary_locks_records_and_refuses(tmp_path):
+  from realign_jax import train as train_bin
+  d = tmp_path / "run"
+  assert train_bin.main(_tiny_sft_args(d, "--gin.TRAIN_STEPS=1")) == 0
+  doc = json.loads((d / "model.json").read_text())
+  assert doc["vocab"] == run_dir.vocabulary_identity(None)
+  assert (d / run_dir.RUN_CONFIG).exists() and not (d / run_dir.LOCK_FILE).exists()
+  # a longer run resumes; another learning rate is refused, nothing trained
+  assert train_bin.main(_tiny_sft_args(d, "--gin.TRAIN_STEPS=2")) == 0
+  with pytest.raises(UserError, match=r"make_optimizer.learning_rate = .* there, 0.5 now"):
+    train_bin.main(_tiny_sft_args(d, "--gin.TRAIN_STEPS=3",
+                                  "--gin.make_optimizer.learning_rate=0.5"))
+  assert sorted(os.listdir(d / "checkpoints")) == ["1", "2"]
+  # another vocabulary is refused on resume
+  other = tmp_path / "other.model"
+  other.write_bytes(open(vocab_lib.BUILTIN_VOCAB_PATH, "rb").read() + b"\0")
+  with pytest.raises(UserError, match=r"resume: .* trained with vocabulary built-in"):
+    train_bin.main(_tiny_sft_args(d, "--gin.TRAIN_STEPS=3", f"--gin.SFT.vocab_path='{other}'"))
+  # a run holding the directory (a live process: this test's parent)
+  import socket
+  (d / run_dir.LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(),
+                                                 "pid": os.getppid()}))
+  with pytest.raises(UserError, match="is in use by pid"):
+    train_bin.main(_tiny_sft_args(d, "--gin.TRAIN_STEPS=3"))
+  (d / run_dir.LOCK_FILE).unlink()
+  # deliberately under the new config: recorded
+  assert train_bin.main(_tiny_sft_args(d, "--gin.TRAIN_STEPS=3",
+                                       "--gin.make_optimizer.learning_rate=0.5",
+                                       "--gin.train.allow_config_change=True")) == 0
+  rows = [json.loads(x) for x in (d / run_dir.CONFIG_CHANGES).read_text().splitlines()]
+  assert rows[0]["step"] == 2 and rows[0]["changes"][0]["binding"] == (
+      "make_optimizer.learning_rate")

@@ -69,10 +69,14 @@ def atomic_write_jsonl(path: str, rows) -> None:
 
 
 # ---- model description ------------------------------------------------------
-def write_model_json(model_dir: str, config: ModelConfig, output_head: str = "lm") -> None:
+def write_model_json(model_dir: str, config: ModelConfig, output_head: str = "lm",
+                     vocab: Optional[dict] = None) -> None:
+  """`vocab`: the vocabulary's identity (`run_dir.vocabulary_identity`), when known."""
   os.makedirs(model_dir, exist_ok=True)
   doc = {"family": config.family, "output_head": output_head,
          "config": dataclasses.asdict(config)}
+  if vocab is not None:
+    doc["vocab"] = vocab
   atomic_write_text(os.path.join(model_dir, MODEL_JSON), json.dumps(doc, indent=2))
 
 

@@ -195,6 +195,15 @@ def vocabulary_identity(vocab_path: Optional[str]) -> dict:
   return {"path": BUILTIN_VOCAB if vocab_path is None else path, "sha256": digest}
 
 
+def recorded_vocabulary(model_dir: str) -> Optional[dict]:
+  """model.json's "vocab" entry of a run directory, or None (absent, or no model.json)."""
+  try:
+    with open(os.path.join(model_dir, "model.json"), encoding="utf-8") as f:
+      return json.load(f).get("vocab")
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
 def check_vocabulary(model_dir: str, recorded: Optional[dict], vocab_path: Optional[str], *,
                      allow_other: bool = False, where: str = "") -> None:
   """Refuses `vocab_path` when `model_dir`'s model.json recorded another vocabulary.

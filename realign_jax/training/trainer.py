@@ -312,10 +312,6 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
     last_train, last_eval = {}, {}
     batches = algorithm.batches(start)
     bar = None
-    if config.progress:
-      from tqdm import tqdm
-      bar = tqdm(total=train_steps, initial=min(start, train_steps), desc=algorithm.name,
-                 unit="step", dynamic_ncols=True, mininterval=1.0)
     last_saved = start if start else None
     step = start
     try:
@@ -329,6 +325,12 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
       with _SigtermFlag() as sigterm:
         while step < train_steps:
           host_batch = next(batches)
+          if bar is None and config.progress:
+            # NOTE: drawn once the data has produced a batch, so an error in
+            # the inputs (a missing data directory) is the only line shown.
+            from tqdm import tqdm
+            bar = tqdm(total=train_steps, initial=min(start, train_steps), desc=algorithm.name,
+                       unit="step", dynamic_ncols=True, mininterval=1.0)
           tokens += algorithm.num_tokens(host_batch)
           batch = _device_batch(host_batch, mesh)
           state, metrics, health = step_jit(state, batch, jax.random.fold_in(base_rng, step),
