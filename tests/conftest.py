@@ -24,24 +24,6 @@ def pytest_configure(config):
   assert len(jax.devices()) == 8, "tests expect 8 simulated CPU devices"
 
 
-@pytest.hookimpl(tryfirst=True)  # NOTE: before xdist's own hook reads the marks
-def pytest_collection_modifyitems(config, items):
-  """Keeps the tests that share a module-scoped fixture on one pytest-xdist worker.
-
-  With `-n 2` (and `--dist loadgroup`, pyproject.toml), xdist otherwise spreads
-  a module's tests over both workers and each makes the module's fixtures (the
-  training runs, the train binary's subprocesses) again: twice the work. Tests
-  that use no module-scoped fixture stay free to run anywhere.
-  """
-  del config
-  for item in items:
-    info = getattr(item, "_fixtureinfo", None)
-    if info is None:
-      continue
-    if any(defs and defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
-      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-
-
 # ---- a tiny SFT start shared by the tests that align from one ----------------------
 # NOTE: the RL (PPO, PG) and DPO tests start from this run; its thresholds were
 # measured against it (see those tests). Changing these settings means re-measuring.

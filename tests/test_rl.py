@@ -1,6 +1,6 @@
 """RL alignment: GAE, PPO's clipped losses, KL, the first ratio, learning runs, bad input.
 
-The learning runs start from a tiny SFT model trained once per module on the
+The learning runs start from a tiny SFT model trained once per test run (tests/conftest.py) on the
 built-in corpus (`sft_dir`) and go through the one trainer loop; their eval
 metrics (one sample per eval prompt, fixed seed) are measured at step 0 and
 at the end.
@@ -26,7 +26,6 @@ from realign_jax.rewards.length import LengthReward
 from realign_jax.training import optim, policy, rl, trainer
 from realign_jax.training.pg import PG, reinforce_loss
 from realign_jax.training.ppo import PPO, ppo_losses
-from realign_jax.training.sft import SFT
 from tests.helpers import TINY_BUILTIN
 
 T5 = TINY_BUILTIN["t5"]
@@ -130,13 +129,10 @@ def _rows(model_dir, split):
 
 
 @pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("sft"))
-  ckpt_lib.write_model_json(d, T5)
-  sft = SFT(model=LanguageModel(T5), batch_size=16, input_length=32, target_length=16,
-            num_eval_samples=0, max_eval_examples=16)
-  _train(d, sft, 100, lr=3e-3)
-  return d
+def sft_dir(tiny_sft_dir):
+  # NOTE: the suite's one tiny SFT start (tests/conftest.py): T5 on the built-in corpus,
+  # batch 16, 32 input / 16 target tokens, 100 steps at 3e-3.
+  return tiny_sft_dir
 
 
 def _rl_kwargs(**kw):
