@@ -1,4 +1,8 @@
-"""Small shared factories for tests (tiny models, random batches)."""
+"""Small shared factories for tests (tiny models, random batches, binary subprocesses)."""
+
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 
@@ -37,3 +41,41 @@ TINY_BUILTIN = {
     "decoder": DecoderConfig(vocab_size=2048, d_model=32, num_heads=4, num_kv_heads=2,
                              head_dim=8, d_ff=64, num_layers=1, dropout_rate=0.1),
 }
+
+
+class BinaryRun:
+  """One `python ARGS...` subprocess (a binary's `-m module ...` or a script); output to files.
+
+  `nice`: started at a lower CPU priority (a `nice` command prefix, not os.nice
+  in a preexec_fn: forking a multithreaded JAX process and running Python in
+  the child can deadlock).
+  """
+
+  def __init__(self, python_args, *, env, cwd, log_prefix, nice=False):
+    self.args = list(python_args)
+    self._out = open(f"{log_prefix}.out", "w+")
+    self._err = open(f"{log_prefix}.err", "w+")
+    prefix = ["nice", "-n", "10"] if nice and shutil.which("nice") else []
+    self.proc = subprocess.Popen(prefix + [sys.executable, *self.args], cwd=cwd, env=env,
+                                 stdout=self._out, stderr=self._err)
+    self.stdout = self.stderr = None
+
+  def running(self) -> bool:
+    return self.proc.poll() is None
+
+  def wait(self, timeout: float = 600) -> "BinaryRun":
+    if self.stdout is None:
+      self.proc.wait(timeout=timeout)
+      for f in (self._out, self._err):
+        f.seek(0)
+      self.stdout, self.stderr = self._out.read(), self._err.read()
+      self._out.close()
+      self._err.close()
+    return self
+
+  @property
+  def returncode(self):
+    return self.proc.returncode
+
+  def describe(self) -> str:
+    return f"rc={self.returncode} args={self.args}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}"

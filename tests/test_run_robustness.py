@@ -35,7 +35,7 @@ from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import replace
 from realign_jax.training.sft import SFT
-from tests.helpers import TINY_BUILTIN
+from tests.helpers import TINY_BUILTIN, BinaryRun
 from tests.test_train_binary import FAST, _check_one_line_error, _Launcher, _model_dir_arg
 from tests.test_training import _checkpoint_steps, _max_abs_diff, _metrics, _sft, _train
 
@@ -332,33 +332,9 @@ _ENOSPC_WRAPPER = textwrap.dedent('''\
 ''')
 
 
-class _Proc:
-  """A binary subprocess (`python -m module` or a script); output goes to files."""
-
-  def __init__(self, cmd, *, env, cwd, log_prefix):
-    self._out, self._err = open(f"{log_prefix}.out", "w+"), open(f"{log_prefix}.err", "w+")
-    prefix = ["nice", "-n", "10"] if shutil.which("nice") else []
-    self.args = cmd
-    self.proc = subprocess.Popen(prefix + [sys.executable] + cmd, cwd=cwd, env=env,
-                                 stdout=self._out, stderr=self._err)
-    self.stdout = self.stderr = None
-
-  def wait(self, timeout: float = 600) -> "_Proc":
-    if self.stdout is None:
-      self.proc.wait(timeout=timeout)
-      for f in (self._out, self._err):
-        f.seek(0)
-      self.stdout, self.stderr = self._out.read(), self._err.read()
-      self._out.close()
-      self._err.close()
-    return self
-
-  @property
-  def returncode(self):
-    return self.proc.returncode
-
-  def describe(self) -> str:
-    return f"rc={self.returncode} args={self.args}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+def _Proc(cmd, *, env, cwd, log_prefix) -> BinaryRun:
+  """A binary subprocess (`python -m module` or a script) at a lower CPU priority."""
+  return BinaryRun(cmd, env=env, cwd=cwd, log_prefix=log_prefix, nice=True)
 
 
 @pytest.fixture(scope="module")

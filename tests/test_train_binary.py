@@ -30,6 +30,7 @@ from realign_jax.models import sizes
 from realign_jax.models.api import LanguageModel, count_params
 from realign_jax.models.config import DecoderConfig, T5Config
 from realign_jax.training import trainer as trainer_lib
+from tests.helpers import BinaryRun
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_GIN = os.path.join(REPO_ROOT, "configs", "sft", "builtin_tiny.gin")
@@ -53,40 +54,10 @@ def _model_dir_arg(path) -> str:
 
 
 # ---- subprocess plumbing ------------------------------------------------------
-class _Run:
+def _Run(args, *, env, cwd, log_prefix, nice=False) -> BinaryRun:
   """One `python -m realign_jax.train` subprocess; output goes to files."""
-
-  def __init__(self, args, *, env, cwd, log_prefix, nice=False):
-    self.args = list(args)
-    self._out = open(f"{log_prefix}.out", "w+")
-    self._err = open(f"{log_prefix}.err", "w+")
-    # NOTE: `nice` as a command prefix, not os.nice in a preexec_fn: forking a
-    # multithreaded (JAX) process and running Python in the child can deadlock.
-    prefix = ["nice", "-n", "10"] if nice and shutil.which("nice") else []
-    self.proc = subprocess.Popen(
-        prefix + [sys.executable, "-m", "realign_jax.train", *self.args], cwd=cwd, env=env,
-        stdout=self._out, stderr=self._err)
-    self.stdout = self.stderr = None
-
-  def running(self) -> bool:
-    return self.proc.poll() is None
-
-  def wait(self, timeout: float = 400) -> "_Run":
-    if self.stdout is None:
-      self.proc.wait(timeout=timeout)
-      self._out.seek(0)
-      self._err.seek(0)
-      self.stdout, self.stderr = self._out.read(), self._err.read()
-      self._out.close()
-      self._err.close()
-    return self
-
-  @property
-  def returncode(self):
-    return self.proc.returncode
-
-  def describe(self) -> str:
-    return f"rc={self.returncode} args={self.args}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+  return BinaryRun(["-m", "realign_jax.train", *args], env=env, cwd=cwd, log_prefix=log_prefix,
+                   nice=nice)
 
 
 class _Launcher:
@@ -111,7 +82,7 @@ class _Launcher:
                         if devices > 1 else "")
     return env
 
-  def start(self, args, *, devices: int = 1, cwd=None, background=False) -> _Run:
+  def start(self, args, *, devices: int = 1, cwd=None, background=False) -> BinaryRun:
     """Starts a run; `background` ones get a lower CPU priority."""
     self._n += 1
     run = _Run(args, env=self.env(devices), cwd=str(cwd or REPO_ROOT),
@@ -151,7 +122,7 @@ def _train_steps(rows) -> list:
   return [r["step"] for r in rows if r["split"] == "train"]
 
 
-def _wait_for(predicate, run: _Run, what: str, timeout: float = 300.0, poll: float = 0.02):
+def _wait_for(predicate, run: BinaryRun, what: str, timeout: float = 300.0, poll: float = 0.02):
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     if predicate():
@@ -312,7 +283,7 @@ def _snapshot(path):
   return files
 
 
-def _check_one_line_error(run: _Run, needles):
+def _check_one_line_error(run: BinaryRun, needles):
   assert run.returncode == 2, run.describe()
   assert "Traceback" not in run.stderr, run.describe()
   errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
