@@ -55,6 +55,8 @@ MISTRAL_CONFIG = {
 CASES = {
     "t5_untied": T5_CONFIG,
     "t5_tied": {**T5_CONFIG, "tie_word_embeddings": True},
+    # transformers 5.x saves flan-t5/T5.1.1 as tied but unscaled, lm_head kept separately.
+    "t5_v5_unscaled": {**T5_CONFIG, "tie_word_embeddings": True, "scale_decoder_outputs": False},
     "llama_gqa": LLAMA_CONFIG,
     "llama_tied": {**LLAMA_CONFIG, "tie_word_embeddings": True},
     "mistral_window": MISTRAL_CONFIG,
@@ -108,9 +110,16 @@ def hf_t5_state(c: dict, seed: int = 0) -> dict:
         mlp(f"{b}.2.DenseReluDense")
         sd[f"{b}.2.layer_norm.weight"] = _norm_weight(rng, e)
     sd[f"{stack}.final_layer_norm.weight"] = _norm_weight(rng, e)
-  if not c.get("tie_word_embeddings", True):
+  if not _t5_scaled(c):
     sd["lm_head.weight"] = _normal(rng, (v, e), e ** -0.5)
   return sd
+
+
+def _t5_scaled(c: dict) -> bool:
+  """HF's rule: `scale_decoder_outputs` (5.x) when stored, else `tie_word_embeddings` (4.x)."""
+  if "scale_decoder_outputs" in c:
+    return c["scale_decoder_outputs"]
+  return c.get("tie_word_embeddings", True)
 
 
 def hf_llama_state(c: dict, seed: int = 0) -> dict:
@@ -252,9 +261,10 @@ def np_t5_logits(sd: dict, c: dict, enc_ids, dec_in) -> np.ndarray:
                       enc, 0.0)
     y = y + mlp(f"{b}.2.DenseReluDense", _rms(y, w[f"{b}.2.layer_norm.weight"], eps))
   y = _rms(y, w["decoder.final_layer_norm.weight"], eps)
-  if c.get("tie_word_embeddings", True):
-    return (y * c["d_model"] ** -0.5) @ emb.T
-  return y @ w["lm_head.weight"].T
+  if _t5_scaled(c):
+    y = y * c["d_model"] ** -0.5
+  # A stored lm_head is the head; without one, the shared matrix is.
+  return y @ w.get("lm_head.weight", emb).T
 
 
 def np_llama_logits(sd: dict, c: dict, ids) -> np.ndarray:
@@ -540,6 +550,45 @@ def test_harmless_extra_tensors_are_ignored(tmp_path):
                       "lm_head.weight": sd["model.embed_tokens.weight"]})
   _, got = hf_import.load_hf_checkpoint(write_hf(tmp_path / "llama_extra", c, extra))
   assert _leaves_equal(got, want)
+
+
+def test_transformers_5_t5_head_layouts(tmp_path):
+  """scale_decoder_outputs decides the d_model**-0.5 rescale; a stored lm_head is the head."""
+  base = {**T5_CONFIG, "tie_word_embeddings": True}
+  sd = hf_state({**base, "scale_decoder_outputs": False})
+  rng = np.random.default_rng(3)
+  prompt, target = list(rng.integers(1, 97, 7)), list(rng.integers(1, 97, 5))
+
+  def logits(path):
+    config, params = hf_import.load_hf_checkpoint(path)
+    out = LanguageModel(config).forward(params, jnp.asarray([prompt], jnp.int32),
+                                        jnp.asarray([target], jnp.int32))
+    return config, np.asarray(out["logits"])[0]
+
+  # 5.x, unscaled, no lm_head stored: the shared matrix without the rescale.
+  c = {**base, "scale_decoder_outputs": False}
+  shared_head = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+  config, got = logits(write_hf(tmp_path / "shared", c, shared_head))
+  assert not config.tie_embeddings
+  np.testing.assert_allclose(got, reference_logits(shared_head, c, prompt, target),
+                             atol=ATOL, rtol=0)
+  # ... which differs from the rescaled (4.x tied) reading by the d_model**-0.5 factor.
+  scaled = reference_logits(shared_head, base, prompt, target)
+  np.testing.assert_allclose(got * 32 ** -0.5, scaled, atol=ATOL, rtol=0)
+
+  # 5.x, scaled (original T5): a stored lm_head must be the shared matrix.
+  c = {**base, "scale_decoder_outputs": True}
+  with pytest.raises(UserError, match="lm_head.weight.*differs.*scale_decoder_outputs is true"):
+    hf_import.load_hf_checkpoint(write_hf(tmp_path / "scaled", c, sd))
+  # 4.x, tie_word_embeddings stored true: the hint names that field, not a default.
+  with pytest.raises(UserError, match="tie_word_embeddings is true and there is no "
+                     "scale_decoder_outputs"):
+    hf_import.load_hf_checkpoint(write_hf(tmp_path / "v4tied", base, sd))
+  # 4.x untied without lm_head: a missing head, not silently the shared matrix.
+  with pytest.raises(UserError, match="missing tensor 'lm_head.weight'"):
+    hf_import.load_hf_checkpoint(write_hf(tmp_path / "v4untied", T5_CONFIG, shared_head))
+  with pytest.raises(UserError, match="scale_decoder_outputs='no' is not a boolean"):
+    hf_import.config_from_hf({**base, "scale_decoder_outputs": "no"})
 
 
 # ---- configs --------------------------------------------------------------------

@@ -245,6 +245,40 @@ def _check_rope(cfg: dict) -> float:
   return float(theta if theta is not None else 10000.0)
 
 
+def _t5_scales_outputs(c: dict) -> bool:
+  """Whether HF T5 multiplies the decoder output by d_model**-0.5 before the head.
+
+  transformers 4.x derives it from `tie_word_embeddings` (default true: the
+  original T5 ties and scales; T5.1.1 and flan-t5 store false). transformers
+  5.x stores it as `scale_decoder_outputs` and keeps `tie_word_embeddings`
+  true for every T5, with T5.1.1's separate `lm_head` in the weights. Our
+  `T5Config.tie_embeddings` means "tied head and scaled outputs", so it is
+  this value; an unscaled model whose head is the shared matrix is imported
+  as untied with a copy of it (see `_t5_head_aliases`).
+  """
+  scale = c.get("scale_decoder_outputs")
+  if scale is None:
+    scale = _get(c, "tie_word_embeddings", True)  # HF T5 default: tied.
+  if not isinstance(scale, bool):
+    field = "scale_decoder_outputs" if "scale_decoder_outputs" in c else "tie_word_embeddings"
+    raise UserError(f"config.json: {field}={scale!r} is not a boolean (true or false)")
+  return scale
+
+
+def _t5_head_aliases(c: dict) -> tuple[str, ...]:
+  """Stored names the untied head may be read from when `lm_head.weight` is absent.
+
+  Only a transformers 5.x config (`scale_decoder_outputs: false` with
+  `tie_word_embeddings` true) says the head is the shared matrix without the
+  rescale; a 4.x config with `tie_word_embeddings: false` and no `lm_head` is
+  a checkpoint missing its head.
+  """
+  if (c.get("model_type") in ("t5", "mt5") and c.get("scale_decoder_outputs") is False
+      and c.get("tie_word_embeddings", True) is not False):
+    return ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+  return ()
+
+
 def config_from_hf(config_json: dict) -> ModelConfig:
   """Maps an HF `config.json` (as a dict) to our model config.
 
@@ -278,7 +312,7 @@ def config_from_hf(config_json: dict) -> ModelConfig:
         num_encoder_layers=num_layers,
         num_decoder_layers=int(_get(c, "num_decoder_layers", num_layers)),
         dropout_rate=float(_get(c, "dropout_rate", 0.1)),
-        tie_embeddings=bool(_get(c, "tie_word_embeddings", True)),  # HF T5 default: tied.
+        tie_embeddings=_t5_scales_outputs(c),
         relative_buckets=int(_get(c, "relative_attention_num_buckets", 32)),
         relative_max_distance=int(_get(c, "relative_attention_max_distance", 128)),
         rms_eps=float(_get(c, "layer_norm_epsilon", 1e-6)),
@@ -337,6 +371,9 @@ def config_to_hf(config: ModelConfig, torch_dtype: str = "float32") -> dict:
         "dense_act_fn": "gelu_new",
         "is_gated_act": True,
         "tie_word_embeddings": config.tie_embeddings,
+        # NOTE: read by transformers 5.x (which keeps the head untied when the
+        # weights hold `lm_head`); 4.x derives the same from the tying above.
+        "scale_decoder_outputs": config.tie_embeddings,
         "is_encoder_decoder": True,
         "pad_token_id": 0,
         "decoder_start_token_id": 0,  # NOTE: the models hard-code 0 as the decoder start.
@@ -563,6 +600,18 @@ def _preview(names: list[str], k: int = 5) -> str:
   return shown + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
+def _t5_tie_hint(c: dict) -> str:
+  """Why a T5 config ties (and scales) the head, for the lm_head-differs error."""
+  if "scale_decoder_outputs" in c:
+    return (" (scale_decoder_outputs is true: transformers 5.x ties and rescales the head; "
+            "a T5.1.1/flan-t5 checkpoint with its own lm_head has scale_decoder_outputs false)")
+  if "tie_word_embeddings" in c:
+    return (" (tie_word_embeddings is true and there is no scale_decoder_outputs field: "
+            "transformers 4.x ties and rescales the head; a T5.1.1/flan-t5 checkpoint "
+            "has tie_word_embeddings false)")
+  return " (tie_word_embeddings defaults to true for HF T5 when config.json omits it)"
+
+
 def load_hf_checkpoint(path: str, *, dtype: DTypeLike = None) -> tuple[ModelConfig, Params]:
   """Imports an HF safetensors checkpoint directory.
 
@@ -599,7 +648,9 @@ def load_hf_checkpoint(path: str, *, dtype: DTypeLike = None) -> tuple[ModelConf
 
   entries, source = _checkpoint_entries(path)
   specs = _tensors(config)
-  aliases = _aliases(config)
+  aliases = dict(_aliases(config))
+  if isinstance(config, T5Config) and not config.tie_embeddings:
+    aliases["lm_head.weight"] = _t5_head_aliases(config_json)
   used: dict[str, str] = {}  # our spec's hf_name -> the stored name it is read from
   missing = []
   for t in specs:
@@ -642,8 +693,9 @@ def load_hf_checkpoint(path: str, *, dtype: DTypeLike = None) -> tuple[ModelConf
     # NOTE: HF would silently replace `name` by `tied`; a different stored value
     # means config.json's tying does not describe how the model was trained.
     if not np.array_equal(_read_entry(entries[name]), _read_entry(entries[tied])):
-      hint = (" (tie_word_embeddings defaults to true for HF T5 when config.json omits it)"
-              if name == "lm_head.weight" else "")
+      hint = ""
+      if name == "lm_head.weight" and isinstance(config, T5Config):
+        hint = _t5_tie_hint(config_json)
       raise UserError(f"{entries[name].file}: tensor {name!r} differs from {tied!r}, which "
                       f"{config_path} ties it to{hint}")
 
