@@ -5,6 +5,11 @@
   "scalar"     one value per position [B, T] (float32): value models, and
                reward models read it at the last real position;
   "lm+scalar"  both, for a policy with a value head sharing its trunk.
+  "lm+scalar:dueling"
+               both, read by CD-Q as a dueling Q-function: the scalar is V(s),
+               the logits are advantages A(s, z), and
+               Q(s, z) = V(s) + A(s, z) - sum_z' p(z' | s) A(s, z')
+               (training/value.py, decoding/controlled.py).
 """
 
 import flax.linen as nn
@@ -12,7 +17,8 @@ import jax.numpy as jnp
 
 from realign_jax.models import layers
 
-OUTPUT_HEADS = ("lm", "scalar", "lm+scalar")
+DUELING_Q = "lm+scalar:dueling"
+OUTPUT_HEADS = ("lm", "scalar", "lm+scalar", DUELING_Q)
 
 
 class ScalarHead(nn.Module):
