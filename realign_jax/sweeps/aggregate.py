@@ -1,0 +1,229 @@
+"""Final metrics of a sweep's runs; mean and standard error across seeds; a plot.
+
+A run's metrics, by the file it left (`metrics_file`, or the first present of):
+  results.json    (the studies; evaluate's summary): every number in it, nested
+                  keys joined by '/', list entries as name[i] (or name[axis=v])
+  metrics.jsonl   (the train binary): the last row of each split, as split/name
+  a .jsonl file   (decode's rows): the mean of each numeric field per lambda, name[lam=v]
+A setting is the swept bindings without the seed. For each setting and metric:
+mean, standard error (sample standard deviation / sqrt(n); n = 1 has none:
+null) and n, over the runs that finished and reported a finite value.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import json
+import math
+import os
+import re
+from typing import Any, Optional, Sequence
+
+from realign_jax.errors import UserError
+from realign_jax.sweeps import plan as plan_lib
+from realign_jax.sweeps import runner
+
+RESULTS_JSON = "results.json"
+METRICS_JSONL = "metrics.jsonl"
+
+
+def _number(v: Any) -> Optional[float]:
+  if isinstance(v, bool) or not isinstance(v, (int, float)):
+    return None
+  return float(v)
+
+
+def flatten_json(obj: Any, list_axis: Optional[str] = None) -> dict:
+  """Every number of a JSON document: {'a/b': 1.0, 'c[0]': 2.0, 'd[lambdas=0.5]': 3.0}."""
+  axis = obj.get(list_axis) if isinstance(obj, dict) and list_axis else None
+  out = {}
+
+  def walk(v, key):
+    n = _number(v)
+    if n is not None:
+      out[key] = n
+    elif isinstance(v, dict):
+      for k, x in v.items():
+        walk(x, f"{key}/{k}" if key else str(k))
+    elif isinstance(v, list):
+      labels = ([f"{list_axis}={plan_lib.name_text(a)}" for a in axis]
+                if isinstance(axis, list) and len(axis) == len(v) and key != list_axis
+                else [str(i) for i in range(len(v))])
+      for label, x in zip(labels, v):
+        walk(x, f"{key}[{label}]")
+  walk(obj, "")
+  return out
+
+
+def final_train_metrics(path: str) -> dict:
+  """The last row of each split of a trainer's metrics.jsonl, as {'split/name': value}."""
+  last = {}
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue  # a line cut short by a kill
+      split = row.get("split", "train")
+      if split not in last or row.get("step", -1) >= last[split].get("step", -1):
+        last[split] = row
+  return {f"{split}/{k}": _number(v) for split, row in last.items() for k, v in row.items()
+          if k not in ("step", "split") and _number(v) is not None}
+
+
+def decode_row_means(path: str) -> dict:
+  """The mean of each numeric field of a decode file's rows, per lambda (`lam`)."""
+  sums = collections.defaultdict(lambda: [0.0, 0])
+  with open(path) as f:
+    for line in f:
+      if not line.strip():
+        continue
+      row = json.loads(line)
+      lam = row.get("lam")
+      suffix = "" if lam is None else f"[lam={plan_lib.name_text(lam)}]"
+      for k, v in row.items():
+        n = _number(v)
+        if n is not None and k not in ("lam", "seed", "row_seed"):
+          s = sums[k + suffix]
+          s[0] += n
+          s[1] += 1
+  return {k: s / c for k, (s, c) in sums.items()}
+
+
+def metrics_path(run_dir: str, metrics_file: Optional[str], run_path: Optional[str]) -> str:
+  if metrics_file:
+    return os.path.join(run_dir, metrics_file)
+  for name in (RESULTS_JSON, METRICS_JSONL):
+    if os.path.isfile(os.path.join(run_dir, name)):
+      return os.path.join(run_dir, name)
+  return os.path.join(run_dir, run_path) if run_path else os.path.join(run_dir, METRICS_JSONL)
+
+
+def read_metrics(path: str, list_axis: Optional[str] = None) -> dict:
+  try:
+    if path.endswith(".json"):
+      with open(path) as f:
+        return flatten_json(json.load(f), list_axis)
+    if os.path.basename(path) == METRICS_JSONL:
+      return final_train_metrics(path)
+    if path.endswith(".jsonl"):
+      return decode_row_means(path)
+  except ValueError as e:
+    raise UserError(f"{path} is not valid JSON: {str(e).splitlines()[0]}") from e
+  raise UserError(f"{path}: a sweep aggregates .json or .jsonl files; set sweep.metrics_file")
+
+
+def mean_se(values: Sequence[float]) -> tuple:
+  """(mean, standard error, n); the standard error of one value is NaN (there is none)."""
+  n = len(values)
+  if n == 0:
+    return math.nan, math.nan, 0
+  mean = math.fsum(values) / n
+  if n == 1:
+    return mean, math.nan, 1
+  var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+  return mean, math.sqrt(var / n), n
+
+
+def _json_number(v: float) -> Optional[float]:
+  return None if v is None or not math.isfinite(v) else v
+
+
+def aggregate(spec: plan_lib.Sweep, runs: Sequence[plan_lib.Run]) -> dict:
+  """Reads every finished run's metrics; writes aggregate.json, aggregate.csv and the plot."""
+  root = plan_lib.root_dir(spec)
+  swept = plan_lib.swept_names(spec)
+  groups = collections.OrderedDict()
+  missing = []
+  for run in runs:
+    key = tuple((k, plan_lib.name_text(v)) for k, v in run.setting)
+    group = groups.setdefault(key, {"bindings": dict(run.setting), "runs": [], "values": {}})
+    path = metrics_path(run.run_dir, spec.metrics_file, spec.run_path)
+    if not runner.is_done(run.run_dir) or not os.path.isfile(path):
+      missing.append(run.name)
+      continue
+    group["runs"].append(run.name)
+    for metric, v in read_metrics(path, spec.list_axis).items():
+      if math.isfinite(v):
+        group["values"].setdefault(metric, []).append(v)
+  if all(not g["runs"] for g in groups.values()):
+    raise UserError(f"no finished run with metrics under {root} (the sweep has {len(runs)} runs)")
+  metric_names = sorted({m for g in groups.values() for m in g["values"]})
+  settings = []
+  for g in groups.values():
+    stats = {}
+    for m in metric_names:
+      mean, se, n = mean_se(g["values"].get(m, []))
+      stats[m] = {"mean": _json_number(mean), "se": _json_number(se), "n": n}
+    settings.append({"bindings": g["bindings"], "runs": g["runs"], "metrics": stats})
+  doc = {"binary": spec.binary, "seed_binding": spec.seed_binding, "seeds": list(spec.seeds),
+         "swept": swept, "settings": settings, "missing_runs": missing,
+         "standard_error": "sample standard deviation across seeds / sqrt(n); null for n = 1"}
+  from realign_jax.checkpoints.manager import atomic_write_text
+  os.makedirs(root, exist_ok=True)
+  paths = {"json": os.path.join(root, "aggregate.json"), "csv": os.path.join(root, "aggregate.csv")}
+  atomic_write_text(paths["json"], json.dumps(doc, indent=2) + "\n")
+  atomic_write_text(paths["csv"], _csv(swept, settings, metric_names))
+  if spec.plot_metric:
+    paths["plot"] = plot(spec, settings, metric_names, root)
+  doc["paths"] = paths
+  return doc
+
+
+def _csv(swept, settings, metric_names) -> str:
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator="\n")
+  w.writerow([*swept, "metric", "mean", "se", "n"])
+  for s in settings:
+    for m in metric_names:
+      st = s["metrics"][m]
+      w.writerow([*(plan_lib.name_text(s["bindings"][k]) for k in swept), m,
+                  "" if st["mean"] is None else repr(st["mean"]),
+                  "" if st["se"] is None else repr(st["se"]), st["n"]])
+  return buf.getvalue()
+
+
+def plot(spec: plan_lib.Sweep, settings: list, metric_names: list, root: str) -> str:
+  """`plot_metric` against `plot_x`, one line per value of the other swept bindings."""
+  metric, x = spec.plot_metric, spec.plot_x
+  if metric not in metric_names:
+    close = [m for m in metric_names if metric.split("[")[0].split("/")[-1] in m][:8]
+    raise UserError(f"sweep.plot_metric = {metric!r} is not a metric of any run; e.g. "
+                    f"{close or metric_names[:8]}")
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  lines = collections.OrderedDict()
+  for s in settings:
+    xv = _number(s["bindings"][x])
+    if xv is None:
+      raise UserError(f"sweep.plot_x = {x!r} takes the value {s['bindings'][x]!r}; the plot "
+                      f"needs numbers")
+    other = tuple((k, v) for k, v in s["bindings"].items() if k != x)
+    st = s["metrics"][metric]
+    if st["mean"] is not None:
+      lines.setdefault(other, []).append((xv, st["mean"], st["se"]))
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  for other, pts in lines.items():
+    pts.sort()
+    label = ", ".join(f"{k}={plan_lib.name_text(v)}" for k, v in other) or None
+    ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                yerr=[0.0 if p[2] is None else p[2] for p in pts], marker="o", capsize=3,
+                label=label)
+  if spec.plot_log_x:
+    ax.set_xscale("log")
+  ax.set_xlabel(x)
+  ax.set_ylabel(metric)
+  n = sorted({s["metrics"][metric]["n"] for s in settings})
+  ax.set_title(f"mean +- 1 s.e. across seeds (n = {', '.join(map(str, n))})", fontsize=9)
+  if any(lab for lab in lines if lab):
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  path = os.path.join(root, re.sub(r"[^A-Za-z0-9._=+-]", "_", f"{metric}_vs_{x}") + ".png")
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=120)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path
