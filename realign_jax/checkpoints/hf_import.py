@@ -600,6 +600,77 @@ def _preview(names: list[str], k: int = 5) -> str:
   return shown + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
+def _read_config_json(path: str) -> tuple[str, dict]:
+  """(path of config.json, its parsed contents) of an HF checkpoint directory."""
+  if not os.path.isdir(path):
+    raise UserError(f"HF checkpoint directory not found: {path}")
+  config_path = os.path.join(path, CONFIG_FILE)
+  try:
+    with open(config_path) as f:
+      return config_path, json.load(f)
+  except FileNotFoundError:
+    raise UserError(f"no {CONFIG_FILE} in HF checkpoint directory {path}: {config_path}") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{config_path}: invalid JSON ({e})") from None
+
+
+def _config_of(config_json: dict, config_path: str) -> ModelConfig:
+  """`config_from_hf`, its errors naming the file instead of "config.json"."""
+  try:
+    return config_from_hf(config_json)
+  except UserError as e:
+    msg = str(e)
+    if msg.startswith(CONFIG_FILE):
+      msg = config_path + msg[len(CONFIG_FILE):]
+    raise UserError(msg) from None
+
+
+def is_hf_dir(path: str) -> bool:
+  """Whether `path` is an HF checkpoint directory (config.json + safetensors weights).
+
+  A run directory written by realign_jax (it has model.json) is not one, even
+  if it also holds HF files.
+  """
+  return (os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_FILE))
+          and not os.path.exists(os.path.join(path, "model.json"))
+          and (os.path.isfile(os.path.join(path, SINGLE_FILE))
+               or os.path.isfile(os.path.join(path, INDEX_FILE))))
+
+
+def hf_model_config(path: str) -> ModelConfig:
+  """The model config of an HF checkpoint directory (float32 params), weights unread.
+
+  The counterpart of `manager.read_model_json` for a directory where
+  `is_hf_dir(path)`; its output head is "lm".
+  """
+  config_path, config_json = _read_config_json(path)
+  return _config_of(config_json, config_path)
+
+
+def hf_params(path: str, abstract_params: Params) -> Params:
+  """An HF checkpoint's params placed like `abstract_params` (the `load_params` twin).
+
+  Args:
+    path: an HF checkpoint directory (`is_hf_dir`).
+    abstract_params: tree of jax.ShapeDtypeStruct, with shardings where the
+      caller wants them, of `LanguageModel(hf_model_config(path))`.
+
+  Returns:
+    The params as jax arrays, each leaf in its abstract dtype and sharding.
+  """
+  _, params = load_hf_checkpoint(path)
+  diff = _tree_diff(params, abstract_params)
+  if diff:
+    raise UserError(f"HF checkpoint {path} does not fit the model it is used for: "
+                    + "; ".join(diff[:3]))
+
+  def place(x, s):
+    x = np.asarray(x, dtype=s.dtype)
+    sharding = getattr(s, "sharding", None)
+    return jax.device_put(x, sharding) if sharding is not None else jax.numpy.asarray(x)
+  return jax.tree.map(place, params, abstract_params)
+
+
 def _t5_tie_hint(c: dict) -> str:
   """Why a T5 config ties (and scales) the head, for the lm_head-differs error."""
   if "scale_decoder_outputs" in c:
@@ -632,18 +703,9 @@ def load_hf_checkpoint(path: str, *, dtype: DTypeLike = None) -> tuple[ModelConf
     UserError: missing/unreadable files, an unsupported config, a missing or
       unexpected tensor, or a tensor whose shape disagrees with config.json.
   """
-  if not os.path.isdir(path):
-    raise UserError(f"HF checkpoint directory not found: {path}")
-  config_path = os.path.join(path, CONFIG_FILE)
-  try:
-    with open(config_path) as f:
-      config_json = json.load(f)
-  except FileNotFoundError:
-    raise UserError(f"no {CONFIG_FILE} in HF checkpoint directory {path}: {config_path}") from None
-  except json.JSONDecodeError as e:
-    raise UserError(f"{config_path}: invalid JSON ({e})") from None
+  config_path, config_json = _read_config_json(path)
   dtype_name, np_dtype = _resolve_dtype(dtype)
-  config = config_from_hf(config_json)
+  config = _config_of(config_json, config_path)
   config = dataclasses.replace(config, param_dtype=dtype_name)
 
   entries, source = _checkpoint_entries(path)
@@ -735,8 +797,54 @@ def hf_state_dict(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
           for t in _tensors(config)}
 
 
+def _shard_plan(tensors: dict[str, np.ndarray], max_shard_bytes: Optional[int]
+                ) -> list[list[str]]:
+  """Tensor names per shard: in name order, a new shard when the next would pass the limit."""
+  names = sorted(tensors)
+  if max_shard_bytes is None:
+    return [names]
+  shards: list[list[str]] = [[]]
+  size = 0
+  for name in names:
+    n = tensors[name].nbytes
+    if shards[-1] and size + n > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(name)
+    size += n
+  return shards
+
+
+def write_hf_weights(directory: str, tensors: dict[str, np.ndarray],
+                     max_shard_bytes: Optional[int] = None) -> list[str]:
+  """Writes `tensors` as model.safetensors, or as shards plus model.safetensors.index.json.
+
+  Shards follow transformers' naming (model-00001-of-00003.safetensors); a
+  tensor larger than the limit gets a shard of its own. Returns the files
+  written.
+  """
+  plan = _shard_plan(tensors, max_shard_bytes)
+  if len(plan) == 1:
+    write_safetensors(os.path.join(directory, SINGLE_FILE), tensors, metadata={"format": "pt"})
+    return [SINGLE_FILE]
+  files, weight_map = [], {}
+  for i, names in enumerate(plan):
+    file = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+    write_safetensors(os.path.join(directory, file), {n: tensors[n] for n in names},
+                      metadata={"format": "pt"})
+    weight_map.update({n: file for n in names})
+    files.append(file)
+  index = {"metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))},
+           "weight_map": weight_map}
+  with open(os.path.join(directory, INDEX_FILE), "w") as f:
+    json.dump(index, f, indent=2, sort_keys=True)
+    f.write("\n")
+  return files + [INDEX_FILE]
+
+
 def export_hf_checkpoint(config: ModelConfig, params: Params, path: str, *,
-                         overwrite: bool = False) -> None:
+                         overwrite: bool = False, max_shard_bytes: Optional[int] = None,
+                         extra_files: Optional[dict[str, str]] = None) -> None:
   """Writes config.json + model.safetensors in the HF layout, atomically.
 
   The files go to a temporary directory next to `path` that is then renamed
@@ -748,6 +856,9 @@ def export_hf_checkpoint(config: ModelConfig, params: Params, path: str, *,
     params: params of `LanguageModel(config)` ("lm" head).
     path: destination directory; must not exist unless `overwrite`.
     overwrite: replace an existing `path`.
+    max_shard_bytes: split the weights into shards of at most this many bytes
+      (plus an index); None writes one model.safetensors.
+    extra_files: name in `path` -> file to copy there (e.g. tokenizer files).
   """
   path = os.path.abspath(path)
   if os.path.lexists(path) and not overwrite:
@@ -763,7 +874,9 @@ def export_hf_checkpoint(config: ModelConfig, params: Params, path: str, *,
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(config_to_hf(config, torch_dtype), f, indent=2, sort_keys=True)
       f.write("\n")
-    write_safetensors(os.path.join(tmp, SINGLE_FILE), tensors, metadata={"format": "pt"})
+    write_hf_weights(tmp, tensors, max_shard_bytes)
+    for name, source in sorted((extra_files or {}).items()):
+      shutil.copyfile(source, os.path.join(tmp, name))
     os.chmod(tmp, 0o755)
     if os.path.lexists(path):
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)

@@ -1,9 +1,14 @@
-"""Sentencepiece vocabularies with T5/seqio ids (pad 0, eos 1).
+"""Vocabularies with T5/seqio ids (pad 0, eos 1): sentencepiece or tokenizer.json.
 
 The built-in vocabulary (`builtin/vocab.model`, 2048 unigram pieces trained on
 the built-in corpus by `scripts/train_vocab.py`) is the default; any other
 sentencepiece model with the same special ids, e.g. T5's 32k vocabulary, is
-loaded by path.
+loaded by path. A Hugging Face `tokenizer.json` (a path to the file, or to a
+directory holding it) is loaded through the `tokenizers` library; its
+bos/eos/pad ids come from the tokenizer's own files (tokenizer_config.json,
+special_tokens_map.json, the added tokens of tokenizer.json), never assumed.
+The pipeline, sampler and losses use pad 0 and eos 1, so a tokenizer whose
+ids differ is refused with the ids it has.
 """
 
 from __future__ import annotations
@@ -37,8 +42,203 @@ def resolve_vocab_path(path: str | os.PathLike[str] | None) -> str:
   return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
 
+HF_TOKENIZER_FILE = "tokenizer.json"
+_HF_SPECIAL_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def is_hf_tokenizer(path: str) -> bool:
+  """Whether `path` names a tokenizer.json (the file, or a directory holding it)."""
+  return (os.path.basename(path) == HF_TOKENIZER_FILE
+          or (os.path.isdir(path) and os.path.isfile(os.path.join(path, HF_TOKENIZER_FILE))))
+
+
+def _token_content(value) -> str | None:
+  """A special token as the HF files spell it: a string or {"content": ...}."""
+  if isinstance(value, dict):
+    value = value.get("content")
+  return value if isinstance(value, str) else None
+
+
+def hf_special_ids(tokenizer_json: str) -> dict[str, int | None]:
+  """{"bos", "eos", "pad"} -> id (None when the tokenizer has no such token).
+
+  The tokens are named in tokenizer_config.json (its `added_tokens_decoder`
+  too) or special_tokens_map.json next to `tokenizer_json`; their ids are the
+  tokenizer's (its vocabulary or its added tokens).
+
+  Raises:
+    UserError: neither file is there, one is not JSON, or a named token is
+      not in the tokenizer.
+  """
+  import json
+
+  directory = os.path.dirname(tokenizer_json)
+  tok = _load_hf_tokenizer(tokenizer_json)
+  names: dict[str, str] = {}
+  found = []
+  for fname in _HF_SPECIAL_FILES:
+    fpath = os.path.join(directory, fname)
+    if not os.path.isfile(fpath):
+      continue
+    found.append(fpath)
+    try:
+      with open(fpath, encoding="utf-8") as f:
+        doc = json.load(f)
+    except (OSError, ValueError) as e:
+      raise UserError(f"cannot read {fpath}: {e}") from None
+    if not isinstance(doc, dict):
+      raise UserError(f"{fpath} does not hold a JSON object")
+    for role in ("bos", "eos", "pad"):
+      content = _token_content(doc.get(f"{role}_token"))
+      if content is not None:
+        names.setdefault(role, content)  # NOTE: tokenizer_config.json is read first.
+  if not found:
+    raise UserError(f"no {' or '.join(_HF_SPECIAL_FILES)} next to {tokenizer_json}: its eos and "
+                    "pad tokens are unknown")
+  ids: dict[str, int | None] = {}
+  for role in ("bos", "eos", "pad"):
+    content = names.get(role)
+    if content is None:
+      ids[role] = None
+      continue
+    i = tok.token_to_id(content)
+    if i is None:
+      raise UserError(f"{found[0]}: {role}_token {content!r} is not a token of {tokenizer_json}")
+    ids[role] = i
+  return ids
+
+
+@functools.lru_cache(maxsize=8)
+def _load_hf_tokenizer(path: str):
+  import tokenizers
+  try:
+    return tokenizers.Tokenizer.from_file(path)
+  except FileNotFoundError:
+    raise UserError(f"tokenizer file not found: {path}") from None
+  except Exception as e:  # the library raises its own Exception for bad JSON
+    raise UserError(f"{path} is not a valid Hugging Face tokenizer.json "
+                    f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def tokenizer_size(files: dict[str, str]) -> tuple[int | None, str]:
+  """(number of token ids, the file it comes from) of an HF directory's tokenizer files.
+
+  `files`: name -> path, e.g. {"tokenizer.json": ...}; tokenizer.json is
+  preferred (added tokens included), then spiece.model / tokenizer.model.
+  (None, "") when none of them is there.
+  """
+  if HF_TOKENIZER_FILE in files:
+    path = files[HF_TOKENIZER_FILE]
+    return _load_hf_tokenizer(path).get_vocab_size(with_added_tokens=True), path
+  for name in ("spiece.model", "tokenizer.model"):
+    if name in files:
+      processor = spm.SentencePieceProcessor()
+      try:
+        with open(files[name], "rb") as f:
+          processor.LoadFromSerializedProto(f.read())
+      except (RuntimeError, OSError) as e:
+        raise UserError(f"{files[name]} is not a valid sentencepiece model") from e
+      return processor.GetPieceSize(), files[name]
+  return None, ""
+
+
+def check_model_vocab_size(vocab, model_vocab_size: int, where: str = "the model") -> None:
+  """Refuses a vocabulary with more ids than `model_vocab_size` (both numbers named)."""
+  if vocab.vocab_size > model_vocab_size:
+    raise UserError(f"vocabulary {getattr(vocab, 'path', '')} has {vocab.vocab_size} token ids "
+                    f"but {where} has vocab_size={model_vocab_size}")
+
+
+def _hf_vocabulary_class():
+  """The seqio.Vocabulary subclass over a tokenizer.json (defined lazily: seqio imports TF)."""
+  import seqio
+
+  class HFTokenizerVocabulary(seqio.Vocabulary):
+    """A Hugging Face tokenizer.json as a seqio vocabulary (pad 0, eos 1).
+
+    `tokenizer` is the `tokenizers.Tokenizer`; `path` the tokenizer.json.
+    Encoding adds no special tokens (seqio appends eos itself).
+    """
+
+    def __init__(self, path: str, tokenizer, special: dict):
+      self.path = path
+      self.tokenizer = tokenizer
+      self.special = special
+      super().__init__(extra_ids=0)
+
+    @property
+    def eos_id(self):
+      return EOS_ID
+
+    @property
+    def pad_id(self):
+      return PAD_ID
+
+    @property
+    def unk_id(self):
+      return None
+
+    @property
+    def bos_id(self):
+      return self.special.get("bos")
+
+    @property
+    def _base_vocab_size(self):
+      return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def _encode(self, s):
+      return self.tokenizer.encode(s, add_special_tokens=False).ids
+
+    def _decode(self, ids):
+      return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def _encode_tf(self, s):
+      import tensorflow as tf
+
+      def enc(x):
+        return np.asarray(self._encode(x.numpy().decode("utf-8")), np.int32)
+      out = tf.py_function(enc, [s], tf.int32)
+      out.set_shape([None])
+      return out
+
+    def _decode_tf(self, ids):
+      import tensorflow as tf
+
+      def dec(x):
+        return self._decode(x.numpy().tolist())
+      out = tf.py_function(dec, [ids], tf.string)
+      out.set_shape([])
+      return out
+
+    def __eq__(self, other):
+      return isinstance(other, HFTokenizerVocabulary) and other.path == self.path
+
+    def __hash__(self):
+      return hash(self.path)
+
+  return HFTokenizerVocabulary
+
+
+@functools.lru_cache(maxsize=8)
+def _load_hf(path: str):
+  if os.path.isdir(path):
+    path = os.path.join(path, HF_TOKENIZER_FILE)
+  tok = _load_hf_tokenizer(path)
+  special = hf_special_ids(path)
+  if special["pad"] != PAD_ID or special["eos"] != EOS_ID:
+    raise UserError(
+        f"tokenizer {path} has pad_id={special['pad']} and eos_id={special['eos']} "
+        f"(bos_id={special['bos']}); the pipeline, sampler and losses support pad_id={PAD_ID} "
+        f"and eos_id={EOS_ID} only")
+  from realign_jax import startup
+  startup.import_tensorflow()
+  return _hf_vocabulary_class()(path, tok, special)
+
+
 @functools.lru_cache(maxsize=8)
 def _load(path: str) -> seqio.SentencePieceVocabulary:
+  if is_hf_tokenizer(path):
+    return _load_hf(path)
   try:
     with open(path, "rb") as f:
       proto = f.read()
@@ -73,20 +273,28 @@ def load_vocabulary(
   """Loads a sentencepiece vocabulary.
 
   Args:
-    path: a sentencepiece `.model` file; None for the built-in vocabulary.
+    path: a sentencepiece `.model` file, a tokenizer.json (or a directory
+      holding one); None for the built-in vocabulary.
 
   Returns:
     The vocabulary (memoised per path).
 
   Raises:
     UserError: the file is missing, unreadable, not a sentencepiece model, or
-      its pad/eos ids are not 0/1.
+      its pad/eos ids are not 0/1 (for a tokenizer.json: as its own files
+      name them).
   """
   return _load(resolve_vocab_path(path))
 
 
+def _is_hf(vocab) -> bool:
+  return hasattr(vocab, "special")
+
+
 def encode(vocab: seqio.SentencePieceVocabulary, text: str) -> list[int]:
   """Token ids of `text`, without EOS."""
+  if _is_hf(vocab):
+    return list(vocab.tokenizer.encode(text, add_special_tokens=False).ids)
   return list(vocab.tokenizer.EncodeAsIds(text))
 
 
@@ -95,6 +303,8 @@ def encode_many(vocab: seqio.SentencePieceVocabulary,
   """Token ids of each text, without EOS (batched, in C++)."""
   if not texts:
     return []
+  if _is_hf(vocab):
+    return [e.ids for e in vocab.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
   return vocab.tokenizer.Encode(list(texts), out_type=int, num_threads=-1)
 
 
@@ -109,6 +319,14 @@ def decode(vocab: seqio.SentencePieceVocabulary,
   Returns:
     The decoded text.
   """
+  if _is_hf(vocab):
+    clean = []
+    for i in np.asarray(ids).reshape(-1).tolist():
+      if i == EOS_ID:
+        break
+      if i != PAD_ID and 0 <= i < vocab.vocab_size:  # NOTE: ids past the tokenizer: dropped
+        clean.append(i)
+    return vocab.tokenizer.decode(clean, skip_special_tokens=True)
   size = vocab.tokenizer.GetPieceSize()
   unk = vocab.tokenizer.unk_id()
   clean = []

@@ -1,0 +1,243 @@
+"""python -m realign_jax.convert: HF directory <-> run directory, and tokenizer.json vocabularies.
+
+The HF directories are written by hand (test_hf_import's builders: HF names and
+layouts, the `safetensors` package's writer); tokenizers by the `tokenizers`
+library itself with its own tokenizer.json writer.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy as st_numpy
+import tokenizers
+
+from realign_jax import convert
+from realign_jax.checkpoints import hf_import
+from realign_jax.checkpoints import manager
+from realign_jax.data import vocab as vocab_lib
+from realign_jax.errors import UserError
+from realign_jax.models.api import LanguageModel
+from tests.test_hf_import import CASES, T5_CONFIG, hf_state, write_hf
+
+WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran"]
+
+
+def write_tokenizer(directory, specials, *, config=None, extra_words=0):
+  """A WordLevel tokenizer.json (specials first, then WORDS) and its tokenizer_config.json."""
+  os.makedirs(directory, exist_ok=True)
+  words = WORDS + [f"w{i}" for i in range(extra_words)]
+  vocab = {t: i for i, t in enumerate(list(specials) + words)}
+  unk = "<unk>" if "<unk>" in vocab else None
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=unk))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tok.decoder = tokenizers.decoders.WordPiece()  # NOTE: joins words with spaces
+  tok.add_special_tokens([t for t in specials])
+  tok.save(os.path.join(directory, "tokenizer.json"))
+  if config is not None:
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+      json.dump(config, f)
+  return os.path.join(directory, "tokenizer.json")
+
+
+T5_SPECIALS = ["<pad>", "</s>", "<unk>"]
+T5_TOKENIZER_CONFIG = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+                       "tokenizer_class": "T5Tokenizer"}
+
+
+def _run(argv, capsys):
+  rc = convert.main([str(a) for a in argv])
+  return rc, capsys.readouterr().err
+
+
+def _abstract(lm):
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one),
+                      lm.abstract_init()[0])
+
+
+def _leaves_equal(a, b):
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+      np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(np.asarray(x), np.asarray(y))
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _read_hf_dir(path):
+  """name -> tensor of an HF directory, through the reference reader (single or sharded)."""
+  index = os.path.join(path, "model.safetensors.index.json")
+  if not os.path.exists(index):
+    return st_numpy.load_file(os.path.join(path, "model.safetensors"))
+  with open(index) as f:
+    files = sorted(set(json.load(f)["weight_map"].values()))
+  out = {}
+  for file in files:
+    out.update(st_numpy.load_file(os.path.join(path, file)))
+  return out
+
+
+def test_t5_hf_to_run_dir_and_back(tmp_path, capsys):
+  # transformers 5.x flan-t5 layout: tied flag, unscaled outputs, separate lm_head.
+  c = {**T5_CONFIG, "tie_word_embeddings": True, "scale_decoder_outputs": False}
+  sd = hf_state(c)
+  hf = write_hf(tmp_path / "hf", c, sd)
+  write_tokenizer(hf, T5_SPECIALS, config=T5_TOKENIZER_CONFIG)
+  run = tmp_path / "runs" / "t5"
+  rc, err = _run(["--hf_dir", hf, "--model_dir", run], capsys)
+  assert rc == 0, err
+  assert sorted(os.listdir(run)) == ["checkpoints", "model.json", "tokenizer.json",
+                                     "tokenizer_config.json"]
+  assert not [f for f in os.listdir(run.parent) if f.startswith(".")]
+  with open(run / "model.json") as f:
+    assert json.load(f)["vocab"]["path"] == str(run / "tokenizer.json")
+
+  config, head = manager.read_model_json(str(run))
+  want_config, want = hf_import.load_hf_checkpoint(hf)
+  assert (config, head) == (want_config, "lm")
+  lm = LanguageModel(config)
+  params = manager.load_params(str(run), _abstract(lm))
+  assert _leaves_equal(jax.tree.map(np.asarray, params), want)
+  # The HF directory used directly (the hook for binaries) gives the same params.
+  assert hf_import.is_hf_dir(hf) and not hf_import.is_hf_dir(str(run))
+  assert hf_import.hf_model_config(hf) == config
+  direct = hf_import.hf_params(hf, _abstract(lm))
+  assert _leaves_equal(jax.tree.map(np.asarray, direct), want)
+
+  # Back to HF, sharded: the tensors are the ones written by hand, bit for bit.
+  out = tmp_path / "export"
+  rc, err = _run(["--model_dir", run, "--hf_dir", out, "--to_hf", "--max_shard_size", "40KB"],
+                 capsys)
+  assert rc == 0, err
+  names = sorted(os.listdir(out))
+  shards = [n for n in names if n.startswith("model-")]
+  assert len(shards) >= 3 and "model.safetensors.index.json" in names
+  assert {"tokenizer.json", "tokenizer_config.json", "config.json"} <= set(names)
+  for s in shards:
+    assert os.path.getsize(out / s) <= 40_000 + 8 * 1024  # tensors <= limit, plus the header
+  back = _read_hf_dir(out)
+  assert sorted(back) == sorted(sd)
+  assert all(back[k].dtype == np.float32 and np.array_equal(back[k], sd[k]) for k in sd)
+  with open(out / "config.json") as f:
+    exported = json.load(f)
+  assert exported["scale_decoder_outputs"] is False and exported["torch_dtype"] == "float32"
+  config2, params2 = hf_import.load_hf_checkpoint(str(out))
+  assert config2 == config and _leaves_equal(params2, want)
+
+  # The destination exists now: refused, and left as it was.
+  rc, err = _run(["--model_dir", run, "--hf_dir", out, "--to_hf"], capsys)
+  assert rc == 2 and "already exists" in err and "--overwrite" in err
+  assert sorted(os.listdir(out)) == names
+
+
+def test_llama_bfloat16_export_and_decode_equality(tmp_path, capsys):
+  c = CASES["mistral_window"]
+  sd = hf_state(c)
+  hf = write_hf(tmp_path / "hf", c, sd)
+  run = tmp_path / "run"
+  assert _run(["--hf_dir", hf, "--model_dir", run], capsys)[0] == 0
+  config, _ = manager.read_model_json(str(run))
+  assert config.sliding_window == 4 and config.num_kv_heads == 1
+  lm = LanguageModel(config)
+  params = manager.load_params(str(run), _abstract(lm))
+  _, want = hf_import.load_hf_checkpoint(hf)
+  ids = jnp.asarray(np.random.default_rng(0).integers(1, 97, (2, 9)), jnp.int32)
+  tgt = jnp.asarray(np.random.default_rng(1).integers(1, 97, (2, 5)), jnp.int32)
+  np.testing.assert_array_equal(np.asarray(lm.forward(params, ids, tgt)["logits"]),
+                                np.asarray(lm.forward(want, ids, tgt)["logits"]))
+
+  out = tmp_path / "bf16"
+  rc, err = _run(["--model_dir", run, "--hf_dir", out, "--to_hf", "--dtype", "bfloat16"], capsys)
+  assert rc == 0, err
+  assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+  back = hf_import.read_safetensors(str(out / "model.safetensors"))
+  assert sorted(back) == sorted(sd)
+  for k in sd:
+    assert back[k].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(back[k], sd[k].astype(ml_dtypes.bfloat16))
+  with open(out / "config.json") as f:
+    doc = json.load(f)
+  assert doc["torch_dtype"] == "bfloat16" and doc["model_type"] == "mistral"
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"feed_forward_proj": "relu"}, "feed_forward_proj='relu'"),
+    ({"model_type": "bart"}, "unsupported model_type 'bart'"),
+])
+def test_unsupported_architecture_writes_nothing(tmp_path, capsys, change, field):
+  c = {**T5_CONFIG, **change}
+  hf = write_hf(tmp_path / "hf", c, hf_state(T5_CONFIG))
+  rc, err = _run(["--hf_dir", hf, "--model_dir", tmp_path / "out" / "run"], capsys)
+  assert rc == 2
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and str(tmp_path / "hf" / "config.json") in lines[0] and field in lines[0]
+  assert not os.path.exists(tmp_path / "out" / "run")
+  leftovers = os.listdir(tmp_path / "out") if os.path.exists(tmp_path / "out") else []
+  assert leftovers == []
+
+
+def test_bad_arguments_and_tokenizer_mismatch(tmp_path, capsys):
+  c = CASES["llama_gqa"]
+  hf = write_hf(tmp_path / "hf", c, hf_state(c))
+  rc, err = _run(["--hf_dir", hf, "--model_dir", tmp_path / "r", "--to_hf",
+                  "--max_shard_size", "lots"], capsys)
+  assert rc == 2 and "--max_shard_size='lots'" in err
+  # A tokenizer with more ids than the model's 97 embedding rows.
+  write_tokenizer(hf, ["<unk>", "<s>", "</s>"], extra_words=100,
+                  config={"bos_token": "<s>", "eos_token": "</s>"})
+  rc, err = _run(["--hf_dir", hf, "--model_dir", tmp_path / "r"], capsys)
+  assert rc == 2 and "111 token ids" in err and "vocab_size=97" in err
+  assert not os.path.exists(tmp_path / "r")
+  assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+def test_help_exits_zero():
+  out = subprocess.run([sys.executable, "-m", "realign_jax.convert", "--help"],
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and "--to_hf" in out.stdout and "--max_shard_size" in out.stdout
+
+
+# ---- tokenizer.json vocabularies ------------------------------------------------------
+
+
+def test_tokenizer_json_vocabulary(tmp_path):
+  path = write_tokenizer(tmp_path / "t5tok", T5_SPECIALS, config=T5_TOKENIZER_CONFIG)
+  vocab = vocab_lib.load_vocabulary(path)
+  assert vocab.vocab_size == 3 + len(WORDS)
+  assert vocab.special == {"bos": None, "eos": 1, "pad": 0}
+  ids = vocab_lib.encode(vocab, "the cat sat")
+  assert ids == [3, 4, 5]
+  assert vocab_lib.encode_many(vocab, ["a dog", "mat"]) == [[8, 9], [7]]
+  assert vocab_lib.decode(vocab, [3, 4, 0, 5, 1, 9]) == "the cat sat"
+  # The directory that holds tokenizer.json names the same vocabulary.
+  assert vocab_lib.load_vocabulary(tmp_path / "t5tok").vocab_size == vocab.vocab_size
+  vocab_lib.check_model_vocab_size(vocab, 11)
+  with pytest.raises(UserError, match="has 11 token ids but the model has vocab_size=10"):
+    vocab_lib.check_model_vocab_size(vocab, 10)
+  # The seqio interface (tf.data tokenization) agrees with the Python one.
+  np.testing.assert_array_equal(vocab.encode_tf("the cat sat").numpy(), [3, 4, 5])
+
+
+def test_tokenizer_json_special_ids_from_files(tmp_path):
+  # Llama-style: bos <s> = 1, eos </s> = 2, no pad; ids read from special_tokens_map.json.
+  path = write_tokenizer(tmp_path / "llama", ["<unk>", "<s>", "</s>"])
+  with open(tmp_path / "llama" / "special_tokens_map.json", "w") as f:
+    json.dump({"bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "</s>",
+               "unk_token": "<unk>"}, f)
+  assert vocab_lib.hf_special_ids(path) == {"bos": 1, "eos": 2, "pad": None}
+  with pytest.raises(UserError, match=r"has pad_id=None and eos_id=2 \(bos_id=1\).*"
+                     r"pad_id=0 and eos_id=1 only"):
+    vocab_lib.load_vocabulary(path)
+  # Without tokenizer_config.json / special_tokens_map.json the ids are unknown: refused.
+  bare = write_tokenizer(tmp_path / "bare", T5_SPECIALS)
+  with pytest.raises(UserError, match="eos and pad tokens are unknown"):
+    vocab_lib.load_vocabulary(bare)
+  # A named token the tokenizer lacks.
+  odd = write_tokenizer(tmp_path / "odd", T5_SPECIALS, config={**T5_TOKENIZER_CONFIG,
+                                                               "eos_token": "<eos>"})
+  with pytest.raises(UserError, match="eos_token '<eos>' is not a token of"):
+    vocab_lib.load_vocabulary(odd)
