@@ -1,7 +1,7 @@
 """The one checkpoint path: orbax CheckpointManager under `MODEL_DIR/checkpoints`.
 
-A run directory also holds `model.json` (the family and config of the model
-its checkpoints belong to), so the decoder and later stages can rebuild the
+A run directory also holds `model.json` (the family, config and parameter
+layout, unrolled or scanned, of the model its checkpoints belong to), so the decoder and later stages can rebuild the
 model from the directory alone and refuse mismatching ones before compute.
 
 Orbax writes each step to a temporary directory and renames it when complete,
@@ -33,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from realign_jax.errors import UserError
+from realign_jax.models import layout as layout_lib
 from realign_jax.models.config import DecoderConfig, ModelConfig, T5Config
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -74,7 +75,7 @@ def write_model_json(model_dir: str, config: ModelConfig, output_head: str = "lm
   """`vocab`: the vocabulary's identity (`run_dir.vocabulary_identity`), when known."""
   os.makedirs(model_dir, exist_ok=True)
   doc = {"family": config.family, "output_head": output_head,
-         "config": dataclasses.asdict(config)}
+         "layout": layout_lib.layout(config), "config": dataclasses.asdict(config)}
   if vocab is not None:
     doc["vocab"] = vocab
   atomic_write_text(os.path.join(model_dir, MODEL_JSON), json.dumps(doc, indent=2))
@@ -87,7 +88,13 @@ def read_model_json(model_dir: str) -> tuple[ModelConfig, str]:
   try:
     doc = json.load(open(path))
     cls = {"t5": T5Config, "decoder": DecoderConfig}[doc["family"]]
-    return cls(**doc["config"]), doc.get("output_head", "lm")
+    fields = dict(doc["config"])
+    # NOTE: written before layouts existed: unrolled.
+    layout = doc.get("layout", "scanned" if fields.get("scan_layers") else "unrolled")
+    if layout not in layout_lib.LAYOUTS:
+      raise ValueError(f"layout {layout!r} is not one of {', '.join(layout_lib.LAYOUTS)}")
+    fields["scan_layers"] = layout == "scanned"
+    return cls(**fields), doc.get("output_head", "lm")
   except (KeyError, TypeError, ValueError) as e:
     raise UserError(f"{path} is malformed: {e}") from e
 
@@ -445,8 +452,27 @@ class Checkpointer:
           raise
 
 
+def _layouts(model_dir: str, abstract_params: Any) -> tuple:
+  """(the checkpoint's config, its layout, the layout `abstract_params` is in).
+
+  (None, None, None) without a model.json; the layouts are then not checked.
+  """
+  if not os.path.exists(os.path.join(model_dir, MODEL_JSON)):
+    return None, None, None
+  config, _ = read_model_json(model_dir)
+  try:
+    wanted = layout_lib.detect(abstract_params, config)
+  except ValueError:
+    wanted = None  # another family or model: check_shapes names the first difference
+  return config, layout_lib.layout(config), wanted
+
+
 def load_params(model_dir: str, abstract_params: Any, *, step: Optional[int] = None) -> Any:
   """Loads only the params of a run directory's latest (or given) checkpoint.
+
+  A checkpoint in the other parameter layout (unrolled vs scanned layers, as
+  recorded in its model.json) is converted to the layout of
+  `abstract_params`, with their shardings.
 
   Args:
     model_dir: a directory written by `realign_jax.train`.
@@ -456,6 +482,12 @@ def load_params(model_dir: str, abstract_params: Any, *, step: Optional[int] = N
   ckpt_dir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
   if not os.path.isdir(ckpt_dir):
     raise UserError(f"no checkpoint directory at {ckpt_dir}")
+  target = abstract_params
+  src_config, src_layout, wanted = _layouts(model_dir, abstract_params)
+  convert = wanted is not None and wanted != src_layout
+  if convert:
+    # NOTE: read in the checkpoint's own layout, then restack on device.
+    abstract_params = layout_lib.to_layout(target, src_config, src_layout)
   _quiet_orbax()
   mngr = ocp.CheckpointManager(os.path.abspath(ckpt_dir),
                                options=ocp.CheckpointManagerOptions(read_only=True, create=False,
@@ -493,7 +525,13 @@ def load_params(model_dir: str, abstract_params: Any, *, step: Optional[int] = N
   if bad is not None:
     raise UserError(f"checkpoint step {step} at {step_dir} holds non-finite parameters "
                     f"({bad}); refusing to use it")
-  return restored["params"]
+  params = restored["params"]
+  if convert:
+    params = layout_lib.to_layout(params, src_config, wanted)
+    shardings = jax.tree_util.tree_map(lambda s: getattr(s, "sharding", None), target)
+    params = jax.tree_util.tree_map(
+        lambda x, sh: x if sh is None else jax.device_put(x, sh), params, shardings)
+  return params
 
 
 def as_numpy(tree):

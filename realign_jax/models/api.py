@@ -117,7 +117,12 @@ class LanguageModel:
     slots = n_pre + max_new_tokens
     dt = layers.opt_dtype(cfg.dtype)
     shape = (b, cfg.num_kv_heads, slots, cfg.head_dim)
-    kv = [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.num_layers)]
+    if cfg.scan_layers:  # one stacked {"k", "v"}: [B, L, K, S, D]
+      stacked = (b, cfg.num_layers) + shape[1:]
+      kv = {"k": jnp.zeros(stacked, dt), "v": jnp.zeros(stacked, dt)}
+    else:
+      kv = [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+            for _ in range(cfg.num_layers)]
     key_pos = jnp.full((b, slots), -1, jnp.int32)
     key_pos = key_pos.at[:, :n_pre].set(jnp.where(mask[:, :n_pre], pos[:, :n_pre], -1))
     if n_pre > 0:

@@ -10,6 +10,26 @@ from typing import Optional, Union
 
 import gin
 
+ATTENTION_IMPLS = ("einsum", "dot_product")
+REMAT_POLICIES = ("none", "dots_saveable", "full")
+
+
+def check_choice(what: str, value, valid) -> None:
+  """One-line UserError unless `value` is one of `valid`."""
+  from realign_jax.errors import UserError
+  if value not in valid:
+    raise UserError(f"{what} {value!r} is not one of: {', '.join(valid)}")
+
+
+def _check_execution_fields(config) -> None:
+  check_choice(f"{type(config).__name__}.remat_policy", config.remat_policy, REMAT_POLICIES)
+  check_choice(f"{type(config).__name__}.attention_impl", config.attention_impl,
+               ATTENTION_IMPLS)
+  if not isinstance(config.scan_layers, bool):
+    from realign_jax.errors import UserError
+    raise UserError(f"{type(config).__name__}.scan_layers must be True or False, got "
+                    f"{config.scan_layers!r}")
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +50,12 @@ class T5Config:
   rms_eps: float = 1e-6
   dtype: str = "float32"  # activations: float32 | bfloat16
   param_dtype: str = "float32"
+  scan_layers: bool = False  # params stacked on a leading `layers` axis (layout.py)
+  remat_policy: str = "none"  # REMAT_POLICIES
+  attention_impl: str = "einsum"  # ATTENTION_IMPLS
+
+  def __post_init__(self):
+    _check_execution_fields(self)
 
   @property
   def family(self) -> str:
@@ -56,6 +82,12 @@ class DecoderConfig:
   max_length: int = 4096
   dtype: str = "float32"
   param_dtype: str = "float32"
+  scan_layers: bool = False
+  remat_policy: str = "none"
+  attention_impl: str = "einsum"
+
+  def __post_init__(self):
+    _check_execution_fields(self)
 
   @property
   def family(self) -> str:
@@ -63,6 +95,11 @@ class DecoderConfig:
 
 
 ModelConfig = Union[T5Config, DecoderConfig]
+
+
+def layout(config: ModelConfig) -> str:
+  """The parameter layout: "scanned" (stacked layers) or "unrolled"."""
+  return "scanned" if config.scan_layers else "unrolled"
 
 
 def replace(config: ModelConfig, **kwargs) -> ModelConfig:

@@ -49,7 +49,8 @@ class Attention(nn.Module):
     mask = (kp >= 0) & (kp <= qp)
     if cfg.sliding_window is not None:
       mask = mask & (kp > qp - cfg.sliding_window)
-    out = layers.attention(q, k, v, mask[:, None], scale=cfg.head_dim ** -0.5)
+    out = layers.attention(q, k, v, mask[:, None], scale=cfg.head_dim ** -0.5,
+                           impl=cfg.attention_impl)
     return self.o_proj(out), new_cache
 
 
@@ -74,6 +75,14 @@ class Block(nn.Module):
     return layers.constrain(x + self.drop(h, deterministic=deterministic), ACT), new_cache
 
 
+def block_stack(cfg: DecoderConfig, name: str):
+  """The scanned stack: (x, positions, key_pos, deterministic, cache [B, L, ...],
+  cache_index) -> (x, new cache [B, L, ...])."""
+  body = layers.remat(Block, cfg.remat_policy, static_argnums=(4,), prevent_cse=False)
+  bc = nn.broadcast
+  return layers.scan_stack(body, cfg.num_layers, (bc, bc, bc, 1, bc))(cfg, name=name)
+
+
 class DecoderLM(nn.Module):
   """Decoder-only LM with an "lm", "scalar" or "lm+scalar" output head."""
 
@@ -86,7 +95,11 @@ class DecoderLM(nn.Module):
     dt = layers.opt_dtype(cfg.dtype)
     pdt = jnp.dtype(cfg.param_dtype)
     self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.d_model, dt, pdt)
-    self.blocks = [Block(cfg) for _ in range(cfg.num_layers)]
+    if cfg.scan_layers:
+      self.blocks = block_stack(cfg, "blocks")
+    else:
+      block = layers.remat(Block, cfg.remat_policy, static_argnums=(4,))
+      self.blocks = [block(cfg) for _ in range(cfg.num_layers)]
     self.final_norm = layers.RMSNorm(cfg.rms_eps, dt, jnp.dtype(cfg.param_dtype))
     self.drop = nn.Dropout(cfg.dropout_rate)
     if "lm" in self.output_head and not cfg.tie_embeddings:
@@ -104,19 +117,26 @@ class DecoderLM(nn.Module):
       key_pos: [B, S] position id of every key slot (-1 = invisible); S = T
         without a cache, the cache length with one.
       deterministic: disables dropout.
-      cache: optional list (one per layer) of {"k", "v"}: [B, K, S, D].
+      cache: optional list (one per layer) of {"k", "v"}: [B, K, S, D]; with
+        scanned layers one {"k", "v"} of [B, L, K, S, D].
       cache_index: slot at which this chunk's keys are written.
 
     Returns:
       (outputs dict with "logits" [B, T, V] and/or "values" [B, T], new cache).
     """
     x = self.drop(self.embed_tokens(tokens), deterministic=deterministic)
+    if self.config.scan_layers:
+      x, new_cache = self.blocks(x, positions, key_pos, deterministic, cache, cache_index)
+      return self._outputs(x, deterministic), new_cache
     new_cache = [] if cache is not None else None
     for i, block in enumerate(self.blocks):
       c = cache[i] if cache is not None else None
       x, c = block(x, positions, key_pos, deterministic, c, cache_index)
       if cache is not None:
         new_cache.append(c)
+    return self._outputs(x, deterministic), new_cache
+
+  def _outputs(self, x, deterministic):
     h = self.drop(self.final_norm(x), deterministic=deterministic)
     out = {}
     if "lm" in self.output_head:
@@ -125,4 +145,4 @@ class DecoderLM(nn.Module):
                                        ("batch", "act_length", "act_vocab"))
     if "scalar" in self.output_head:
       out["values"] = self.scalar_head(h)
-    return out, new_cache
+    return out

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from realign_jax.models.config import REMAT_POLICIES, check_choice
+
 Dtype = Any
 NEG_INF = -1e10  # NOTE: finite, so fully masked rows (left padding) stay NaN-free.
 
@@ -105,7 +107,7 @@ def dense(features, names, *, dtype, param_dtype, scale=1.0, axis=-1, name=None)
                       param_dtype=param_dtype, name=name)
 
 
-def attention(q, k, v, mask, bias=None, *, scale=1.0, probs_dropout=None):
+def attention(q, k, v, mask, bias=None, *, scale=1.0, probs_dropout=None, impl="einsum"):
   """Grouped-query dot-product attention, softmax in float32.
 
   Args:
@@ -116,10 +118,22 @@ def attention(q, k, v, mask, bias=None, *, scale=1.0, probs_dropout=None):
     bias: optional, broadcastable to [B, H, T, S].
     scale: multiplies q k^T (T5 uses 1, Llama 1/sqrt(D)).
     probs_dropout: optional function applied to the attention probabilities.
+    impl: "einsum" (below) or "dot_product": `jax.nn.dot_product_attention`,
+      a fused kernel where the backend has one (cuDNN), the same math
+      otherwise; attention-probability dropout always takes the einsum path.
 
   Returns:
     [B, T, H, D] in q's dtype.
   """
+  if impl == "dot_product" and probs_dropout is None:
+    # NOTE: the fused op wants [B, S, K, D] keys; the cache keeps [B, K, S, D]
+    # so that a decode step writes one contiguous slot.
+    kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    if bias is not None:
+      bias = bias.astype(jnp.float32 if q.dtype == jnp.float32 else q.dtype)
+    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q.shape[1], k.shape[2]))
+    return jax.nn.dot_product_attention(q, kt, vt.astype(q.dtype), bias=bias, mask=mask,
+                                        scale=scale).astype(q.dtype)
   b, t, h, d = q.shape
   kh = k.shape[1]
   g = h // kh
@@ -174,6 +188,32 @@ class GatedMLP(nn.Module):
     h = constrain(act * up, ("batch", "act_length", "act_mlp"))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     return dense(e, ("mlp", "embed"), name=self.names[2], **kw)(h)
+
+
+def remat(module_cls, policy: str, static_argnums: tuple, prevent_cse: bool = True):
+  """`module_cls` under the named rematerialisation policy (REMAT_POLICIES).
+
+  none: keep every activation; dots_saveable: keep only matmul outputs and
+  recompute the element-wise ops in the backward pass; full: keep only the
+  layer's inputs and recompute the whole layer.
+  """
+  check_choice("remat_policy", policy, REMAT_POLICIES)
+  if policy == "none":
+    return module_cls
+  fn = jax.checkpoint_policies.dots_saveable if policy == "dots_saveable" else None
+  return nn.remat(module_cls, policy=fn, prevent_cse=prevent_cse, static_argnums=static_argnums)
+
+
+def scan_stack(module_cls, length: int, in_axes: tuple):
+  """`nn.scan` of one layer over `length` layers, params stacked on axis 0 (`layers`).
+
+  Per-layer inputs and outputs (KV caches) are scanned over axis 1, so the
+  batch stays on axis 0 of every cache leaf ([B, L, ...]): the decoding
+  package forks caches by indexing axis 0.
+  """
+  return nn.scan(module_cls, variable_axes={"params": 0},
+                 split_rngs={"params": True, "dropout": True}, in_axes=in_axes, out_axes=1,
+                 length=length, metadata_params={nn.PARTITION_NAME: "layers"})
 
 
 def rope(x, positions, theta: float):

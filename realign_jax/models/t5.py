@@ -86,12 +86,14 @@ class T5Attention(nn.Module):
     drop = None
     if not deterministic and self.config.dropout_rate > 0:
       drop = lambda p: self.probs_dropout(p, deterministic=False)  # noqa: E731
-    out = layers.attention(q, k, v, mask, bias, scale=1.0, probs_dropout=drop)
+    out = layers.attention(q, k, v, mask, bias, scale=1.0, probs_dropout=drop,
+                           impl=self.config.attention_impl)
     return self.out(out)
 
 
 class EncoderLayer(nn.Module):
   config: T5Config
+  scanned: bool = False  # returns (x, None), the carry and output of an nn.scan body
 
   @nn.compact
   def __call__(self, x, mask, bias, deterministic):
@@ -105,7 +107,8 @@ class EncoderLayer(nn.Module):
     h = layers.RMSNorm(cfg.rms_eps, dt, jnp.dtype(cfg.param_dtype), name="pre_mlp_norm")(x)
     h = layers.GatedMLP(cfg.d_ff, "gelu", cfg.dropout_rate, dt, jnp.dtype(cfg.param_dtype),
                         name="mlp")(h, deterministic)
-    return layers.constrain(x + drop(h, deterministic=deterministic), ACT)
+    x = layers.constrain(x + drop(h, deterministic=deterministic), ACT)
+    return (x, None) if self.scanned else x
 
 
 class DecoderLayer(nn.Module):
@@ -145,6 +148,52 @@ class DecoderLayer(nn.Module):
     return layers.constrain(x + self.drop(h, deterministic=deterministic), ACT), new_cache
 
 
+class _ScannedDecoderLayer(DecoderLayer):
+  """DecoderLayer whose __call__ is `scan_body` (nn.scan transforms __call__)."""
+
+  def __call__(self, *args):
+    return self.scan_body(*args)
+
+  def layer(self, x, self_mask, self_bias, cross_kv, cross_mask, deterministic, cache=None,
+            cache_index=None):
+    return DecoderLayer.__call__(self, x, self_mask, self_bias, cross_kv, cross_mask,
+                                 deterministic, cache, cache_index)
+
+  def scan_body(self, x, self_mask, self_bias, encoded, cross_kv, cross_mask, deterministic,
+                cache, cache_index):
+    """One layer of the scanned stack.
+
+    `cross_kv` is this layer's precomputed (k, v) when decoding, None in a
+    teacher-forced pass (then computed from `encoded`). Returns (x, {"self":
+    the new self cache or None, "cross": the cross k/v computed here when a
+    cache is given, else None}): prefill collects every layer's that way.
+    """
+    computed = cross_kv is None
+    if computed:
+      cross_kv = self.cross_kv(encoded)
+    x, new_cache = self.layer(x, self_mask, self_bias, cross_kv, cross_mask, deterministic,
+                              cache, cache_index)
+    cross = {"k": cross_kv[0], "v": cross_kv[1]} if computed and cache is not None else None
+    return x, {"self": new_cache, "cross": cross}
+
+
+def encoder_stack(cfg: T5Config, name: str):
+  """The scanned encoder: (x, mask, bias, deterministic) -> (x, None)."""
+  body = layers.remat(EncoderLayer, cfg.remat_policy, static_argnums=(4,), prevent_cse=False)
+  return layers.scan_stack(body, cfg.num_encoder_layers,
+                           (nn.broadcast, nn.broadcast, nn.broadcast))(
+                               cfg, scanned=True, name=name)
+
+
+def decoder_stack(cfg: T5Config, name: str):
+  """The scanned decoder over `_ScannedDecoderLayer.scan_body`'s arguments."""
+  body = layers.remat(_ScannedDecoderLayer, cfg.remat_policy, static_argnums=(7,),
+                      prevent_cse=False)
+  bc = nn.broadcast
+  return layers.scan_stack(body, cfg.num_decoder_layers, (bc, bc, bc, 1, bc, bc, 1, bc))(
+      cfg, name=name)
+
+
 class T5(nn.Module):
   """Encoder-decoder with an "lm", "scalar" or "lm+scalar" output head."""
 
@@ -158,10 +207,16 @@ class T5(nn.Module):
     pdt = jnp.dtype(cfg.param_dtype)
     self.token_embedder = layers.Embed(cfg.vocab_size, cfg.d_model, dt, pdt)
     self.encoder_relpos = RelativePositionBias(cfg, bidirectional=True)
-    self.encoder_layers = [EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers)]
+    if cfg.scan_layers:
+      self.encoder_layers = encoder_stack(cfg, "encoder_layers")
+      self.decoder_layers = decoder_stack(cfg, "decoder_layers")
+    else:
+      enc = layers.remat(EncoderLayer, cfg.remat_policy, static_argnums=(4,))
+      dec = layers.remat(DecoderLayer, cfg.remat_policy, static_argnums=(6,))
+      self.encoder_layers = [enc(cfg) for _ in range(cfg.num_encoder_layers)]
+      self.decoder_layers = [dec(cfg) for _ in range(cfg.num_decoder_layers)]
     self.encoder_norm = layers.RMSNorm(cfg.rms_eps, dt, jnp.dtype(cfg.param_dtype))
     self.decoder_relpos = RelativePositionBias(cfg, bidirectional=False)
-    self.decoder_layers = [DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers)]
     self.decoder_norm = layers.RMSNorm(cfg.rms_eps, dt, jnp.dtype(cfg.param_dtype))
     self.drop = nn.Dropout(cfg.dropout_rate)
     if "lm" in self.output_head and not cfg.tie_embeddings:
@@ -178,8 +233,11 @@ class T5(nn.Module):
     pos = jnp.arange(inputs.shape[1])
     bias = self.encoder_relpos(pos, pos)
     attn_mask = mask[:, None, None, :]
-    for layer in self.encoder_layers:
-      x = layer(x, attn_mask, bias, deterministic)
+    if self.config.scan_layers:
+      x, _ = self.encoder_layers(x, attn_mask, bias, deterministic)
+    else:
+      for layer in self.encoder_layers:
+        x = layer(x, attn_mask, bias, deterministic)
     return self.drop(self.encoder_norm(x), deterministic=deterministic)
 
   # ---- heads ----------------------------------------------------------------
@@ -214,36 +272,66 @@ class T5(nn.Module):
     bias = self.decoder_relpos(pos, pos)
     causal = (pos[None, :] <= pos[:, None])[None, None]
     x = self.drop(self.token_embedder(decoder_inputs), deterministic=deterministic)
-    for layer in self.decoder_layers:
-      x, _ = layer(x, causal, bias, layer.cross_kv(encoded), cross_mask, deterministic)
+    if self.config.scan_layers:
+      x, _ = self.decoder_layers(x, causal, bias, encoded, None, cross_mask, deterministic, None,
+                                 None)
+    else:
+      for layer in self.decoder_layers:
+        x, _ = layer(x, causal, bias, layer.cross_kv(encoded), cross_mask, deterministic)
     h = self.drop(self.decoder_norm(x), deterministic=deterministic)
     return self._outputs(h)
 
   # ---- incremental decoding -----------------------------------------------
   def prefill(self, inputs, max_decode_len: int):
-    """Encodes once; returns a cache holding cross k/v and empty self k/v."""
+    """Encodes once; returns a cache holding cross k/v and empty self k/v.
+
+    Unrolled: "cross" and "self" are lists (one {"k", "v"} per layer) of
+    [B, H, S, D]; scanned: one {"k", "v"} of [B, L, H, S, D] each.
+    """
     cfg = self.config
     encoded = self.encode(inputs, deterministic=True)
     b = inputs.shape[0]
     dt = layers.opt_dtype(cfg.dtype)
     shape = (b, cfg.num_heads, max_decode_len, cfg.head_dim)
+    cross_mask = inputs > 0
+    if cfg.scan_layers:
+      n = cfg.num_decoder_layers
+      stacked = (b, n) + shape[1:]
+      selfc = {"k": jnp.zeros(stacked, dt), "v": jnp.zeros(stacked, dt)}
+      # NOTE: the stack computes each layer's cross k/v inside the scan, so
+      # prefill runs it once on a start token; that pass's self k/v are
+      # dropped (the first step writes slot 0 itself).
+      x = self.token_embedder(jnp.zeros((b, 1), jnp.int32))
+      pos = jnp.zeros((1,), jnp.int32)
+      _, per_layer = self.decoder_layers(
+          x, jnp.ones((1, 1, 1, 1), bool), self.decoder_relpos(pos, pos), encoded, None,
+          cross_mask[:, None, None, :], True, selfc, jnp.zeros((), jnp.int32))
+      return {"cross": per_layer["cross"], "self": selfc, "cross_mask": cross_mask,
+              "index": jnp.zeros((), jnp.int32)}
     cross, selfc = [], []
     for layer in self.decoder_layers:
       k, v = layer.cross_kv(encoded)
       cross.append({"k": k, "v": v})
       selfc.append({"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)})
-    return {"cross": cross, "self": selfc, "cross_mask": inputs > 0,
+    return {"cross": cross, "self": selfc, "cross_mask": cross_mask,
             "index": jnp.zeros((), jnp.int32)}
 
   def step(self, tokens, cache):
     """One decoder position: tokens [B] -> (outputs for [B, 1], new cache)."""
     idx = cache["index"]
-    s = cache["self"][0]["k"].shape[2]
+    scanned = self.config.scan_layers
+    s = cache["self"]["k"].shape[3] if scanned else cache["self"][0]["k"].shape[2]
     k_pos = jnp.arange(s)
     bias = self.decoder_relpos(idx[None], k_pos)  # [1, H, 1, S]
     self_mask = (k_pos <= idx)[None, None, None, :]
     cross_mask = cache["cross_mask"][:, None, None, :]
     x = self.token_embedder(tokens[:, None])
+    if scanned:
+      cross_kv = (cache["cross"]["k"], cache["cross"]["v"])
+      x, per_layer = self.decoder_layers(x, self_mask, bias, None, cross_kv, cross_mask, True,
+                                         cache["self"], idx)
+      out = self._outputs(self.decoder_norm(x))
+      return out, dict(cache, self=per_layer["self"], index=idx + 1)
     new_self = []
     for layer, c_cross, c_self in zip(self.decoder_layers, cache["cross"], cache["self"]):
       x, c = layer(x, self_mask, bias, (c_cross["k"], c_cross["v"]), cross_mask, True,

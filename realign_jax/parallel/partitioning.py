@@ -1,7 +1,7 @@
 """Mesh, logical axis rules and shardings (t5x conventions, jit only, no pmap).
 
 Parameters carry logical axis names (`embed`, `vocab`, `heads`, `kv_heads`,
-`kv`, `mlp`, `relpos_buckets`); activations use `batch` and `act_*` names.
+`kv`, `mlp`, `relpos_buckets`, and `layers` for scanned stacks); activations use `batch` and `act_*` names.
 Keeping the two vocabularies apart is what makes FSDP a one-line change:
 `fsdp=True` shards the parameters' `embed` axis over `data` while activations
 stay batch-sharded.
@@ -32,6 +32,9 @@ def logical_axis_rules(fsdp: bool = False) -> tuple:
       ("embed", DATA if fsdp else None),
       ("kv", None),
       ("relpos_buckets", None),
+      # NOTE: the stacked axis of scanned layers stays whole: the scan slices
+      # one layer per iteration on every device.
+      ("layers", None),
       ("act_length", None),
       ("act_embed", None),
       ("act_heads", MODEL),
@@ -45,14 +48,17 @@ def logical_axis_rules(fsdp: bool = False) -> tuple:
 def create_mesh(data: int = -1, model: int = 1,
                 devices: Optional[Sequence[Any]] = None) -> Mesh:
   """A (data, model) mesh over `devices` (default: all). data=-1 takes the rest."""
+  from realign_jax.errors import UserError
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
-  if model < 1 or n % model:
-    raise ValueError(f"model axis {model} does not divide {n} devices")
+  if not isinstance(model, int) or model < 1 or n % model:
+    raise UserError(f"mesh model axis {model} does not divide the {n} devices; use a divisor "
+                    f"of {n}")
   if data == -1:
     data = n // model
-  if data * model != n:
-    raise ValueError(f"mesh {data}x{model} does not cover {n} devices")
+  if not isinstance(data, int) or data * model != n:
+    raise UserError(f"mesh {data}x{model} (data x model) does not cover the {n} devices; use "
+                    f"data={n // model} (or -1) with model={model}")
   try:
     from jax.experimental import mesh_utils
     arr = mesh_utils.create_device_mesh((data, model), devices=devices)
@@ -73,6 +79,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def check_batch_divides(batch_size: int, mesh: Mesh, what: str = "batch size") -> None:
+  """One-line UserError unless `batch_size` splits evenly over the mesh's `data` axis."""
+  from realign_jax.errors import UserError
+  n = mesh.shape[DATA]
+  if batch_size % n:
+    lo = batch_size // n * n
+    hint = f"{lo} or {lo + n}" if lo else f"{n}"
+    raise UserError(f"{what} {batch_size} is not divisible by the mesh data axis ({n} devices); "
+                    f"use a multiple of {n}, e.g. {hint}")
 
 
 def shard_batch(batch, mesh: Mesh):

@@ -1,0 +1,23 @@
+#!/bin/bash
+# Compile time and compiled memory per device of the T5.1.1 train steps on a CPU
+# with 8 simulated devices (data axis 8, FSDP). Run from the repository root:
+#   bash benchmarks/results/cpu_compile.sh
+# Each JSON file holds the benchmark's last stdout line; a run stopped by the
+# 15-minute bound writes {"timed_out_after_s": 900} instead.
+set -u
+export XLA_FLAGS=--xla_force_host_platform_device_count=8
+out=benchmarks/results
+run() {  # NAME ARGS...
+  local name=$1; shift
+  local line
+  if line=$(timeout 900 python benchmarks/train_step.py --json --fsdp --compile_only "$@" | tail -1); then
+    echo "$line" > "$out/$name.json"
+  else
+    echo '{"timed_out_after_s": 900, "args": "'"$*"'"}' > "$out/$name.json"
+  fi
+  echo "$name: $(cat "$out/$name.json")"
+}
+PPO="--algorithm ppo --size t5_1_1_large --batch 16 --input_length 256 --target_length 32"
+run cpu8_t5_1_1_large_ppo_scanned $PPO --scan_layers=true ${REMAT:+--remat_policy=$REMAT}
+run cpu8_t5_1_1_xl_sft_scanned --algorithm sft --size t5_1_1_xl --batch 16 --input_length 256 --target_length 32 --scan_layers=true ${REMAT:+--remat_policy=$REMAT}
+run cpu8_t5_1_1_large_ppo_unrolled $PPO --scan_layers=false ${REMAT:+--remat_policy=$REMAT}
