@@ -1,12 +1,18 @@
-"""Diversity (distinct-n, rep-n) and ROUGE-1/2/L F-measures, on a simple word tokenizer.
+"""Diversity (distinct-n, rep-n) and ROUGE through the `rouge-score` package.
 
-Tokenizer: lower-case, split on anything that is not a letter or a digit
-(the rouge-score convention without stemming). All functions take plain
-strings and return floats (NaN where a quantity is undefined, e.g. distinct-n
-over responses with no n-gram at all).
+ROUGE-1/2/L/Lsum F-measures are those of Google's `rouge-score` (the package
+behind published XSum and TL;DR ROUGE): its tokenizer (lower-case, only a-z
+and 0-9 kept) with the Porter stemmer on, and ROUGE-Lsum as the union LCS over
+sentences split on newlines (the package splits on "\n" only; put one
+sentence per line to get summary-level ROUGE-L).
+
+Diversity uses a simple word tokenizer: lower-case, split on anything that is
+not a letter or a digit. All functions take plain strings and return floats
+(NaN where a quantity is undefined, e.g. distinct-n over responses with no
+n-gram at all).
 """
 
-import collections
+import functools
 import math
 import re
 from typing import Sequence
@@ -53,19 +59,35 @@ def rep_n(texts: Sequence[str], n: int) -> float:
 
 
 # ---- ROUGE --------------------------------------------------------------------
-def _f_measure(overlap: float, cand_total: int, ref_total: int) -> float:
-  if overlap <= 0 or cand_total == 0 or ref_total == 0:
-    return 0.0
-  precision, recall = overlap / cand_total, overlap / ref_total
-  return 2 * precision * recall / (precision + recall)
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+@functools.lru_cache(maxsize=None)
+def _scorer(rouge_type: str):
+  from rouge_score import rouge_scorer
+  return rouge_scorer.RougeScorer([rouge_type], use_stemmer=True)
+
+
+def _rouge(rouge_type: str, candidate: str, reference: str) -> float:
+  # NOTE: the package's argument order is (target, prediction).
+  return float(_scorer(rouge_type).score(reference, candidate)[rouge_type].fmeasure)
 
 
 def rouge_n(candidate: str, reference: str, n: int) -> float:
-  """ROUGE-n F-measure: clipped n-gram overlap, harmonic mean of precision and recall."""
-  c = collections.Counter(ngrams(tokenize(candidate), n))
-  r = collections.Counter(ngrams(tokenize(reference), n))
-  overlap = sum(min(k, r[g]) for g, k in c.items())
-  return _f_measure(overlap, sum(c.values()), sum(r.values()))
+  """ROUGE-n F-measure (n = 1 or 2; stemmed, clipped n-gram overlap)."""
+  if n not in (1, 2):
+    raise ValueError(f"ROUGE-n is computed for n = 1 or 2, got {n}")
+  return _rouge(f"rouge{n}", candidate, reference)
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+  """ROUGE-L F-measure: longest common subsequence of the whole stemmed token lists."""
+  return _rouge("rougeL", candidate, reference)
+
+
+def rouge_lsum(candidate: str, reference: str) -> float:
+  """ROUGE-Lsum F-measure: union LCS over newline-separated sentences."""
+  return _rouge("rougeLsum", candidate, reference)
 
 
 def lcs_length(a: Sequence, b: Sequence) -> int:
@@ -81,21 +103,17 @@ def lcs_length(a: Sequence, b: Sequence) -> int:
   return prev[-1]
 
 
-def rouge_l(candidate: str, reference: str) -> float:
-  """ROUGE-L F-measure from the longest common subsequence of the two word lists."""
-  c, r = tokenize(candidate), tokenize(reference)
-  return _f_measure(lcs_length(c, r), len(c), len(r))
-
-
 def rouge_scores(candidates: Sequence[str], references: Sequence[str]) -> dict:
-  """Mean ROUGE-1/2/L F-measures over aligned (candidate, reference) pairs, with SEs."""
+  """Mean ROUGE-1/2/L/Lsum F-measures over aligned (candidate, reference) pairs, with SEs."""
   if len(candidates) != len(references):
     raise ValueError(f"{len(candidates)} candidates for {len(references)} references")
-  cols = {"rouge1": [], "rouge2": [], "rougeL": []}
+  from rouge_score import rouge_scorer
+  scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+  cols = {k: [] for k in ROUGE_TYPES}
   for c, r in zip(candidates, references):
-    cols["rouge1"].append(rouge_n(c, r, 1))
-    cols["rouge2"].append(rouge_n(c, r, 2))
-    cols["rougeL"].append(rouge_l(c, r))
+    scores = scorer.score(r, c)
+    for k in ROUGE_TYPES:
+      cols[k].append(float(scores[k].fmeasure))
   out = {}
   for k, v in cols.items():
     out[k], out[f"{k}_se"] = stats.mean_and_stderr(v)
