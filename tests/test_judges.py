@@ -1,11 +1,12 @@
-"""The LLM judge client against a chat-completions server this test starts on
-127.0.0.1 (standard library; bounded number of requests; stops by itself)."""
+"""The LLM judge client (httpx) against a chat-completions server this test starts
+on 127.0.0.1 (standard library; bounded number of requests; stops by itself)."""
 
 import http.server
 import json
 import logging
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -20,18 +21,31 @@ LIFETIME_S = 120.0  # and shuts itself down after this long
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-  """Answers from `server.script`: a callable (request doc) -> (status, body bytes)."""
+  """Answers from `server.script`: a callable (request doc) -> (status, body bytes[, headers]).
+
+  Counts requests and the most that were in flight at once.
+  """
 
   def do_POST(self):  # noqa: N802 (http.server's naming)
     srv = self.server
-    srv.count += 1
-    length = int(self.headers.get("Content-Length", 0))
-    doc = json.loads(self.rfile.read(length))
-    srv.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
-                         "doc": doc})
-    status, body = (503, b"too many requests for this test") if srv.count > MAX_REQUESTS else (
-        srv.script(doc))
+    with srv.lock:
+      srv.count += 1
+      srv.in_flight += 1
+      srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+    try:
+      length = int(self.headers.get("Content-Length", 0))
+      doc = json.loads(self.rfile.read(length))
+      srv.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
+                           "doc": doc})
+      out = (503, b"too many requests for this test") if srv.count > MAX_REQUESTS else (
+          srv.script(doc))
+    finally:
+      with srv.lock:
+        srv.in_flight -= 1
+    status, body = out[:2]
     self.send_response(status)
+    for k, v in (out[2] if len(out) > 2 else {}).items():
+      self.send_header(k, v)
     self.send_header("Content-Type", "application/json")
     self.send_header("Content-Length", str(len(body)))
     self.end_headers()
@@ -55,6 +69,7 @@ def server():
   srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
   srv.daemon_threads = True
   srv.count, srv.requests, srv.script = 0, [], None
+  srv.lock, srv.in_flight, srv.max_in_flight = threading.Lock(), 0, 0
   thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
   thread.start()
   timer = threading.Timer(LIFETIME_S, srv.shutdown)
@@ -82,6 +97,7 @@ def _prefers_good(doc):
 
 
 def _judge(url, **kw):
+  kw.setdefault("max_concurrency", 1)  # NOTE: scripted answers arrive in order
   j = judges.LLMJudge(url=url, model="rater", api_key=KEY, initial_backoff_s=0.01,
                       timeout_s=5.0, **kw)
   j.delays = []
@@ -91,7 +107,7 @@ def _judge(url, **kw):
 
 def test_good_answers_swapped_back(server, caplog):
   server.script = _prefers_good
-  judge = _judge(server.url)
+  judge = _judge(server.url, max_concurrency=4)
   n = 24
   prompts = [f"text {i} with {{braces}}" for i in range(n)]
   caplog.set_level(logging.DEBUG)
@@ -138,11 +154,58 @@ def test_server_errors_then_success_back_off_exponentially(server):
   server.script = lambda doc: (500, b"boom")
   res = _judge(server.url, max_retries=2).compare(["t"], ["a"], ["b"])
   assert res.failures == {"endpoint_unavailable": 1} and np.isnan(res.preference[0])
-  # A client error (bad key) is not retried.
-  server.script = lambda doc: (401, b'{"error": "bad key"}')
+  # Another client error (a wrong path) is this pair's failure, not retried.
+  server.script = lambda doc: (404, b'{"error": "no such route"}')
   judge = _judge(server.url)
   res = judge.compare(["t"], ["a"], ["b"])
-  assert res.failures == {"http_401": 1} and judge.delays == []
+  assert res.failures == {"http_404": 1} and judge.delays == []
+
+
+def test_refused_credentials_stop_at_the_first_pair(server):
+  server.script = lambda doc: (401, b'{"error": "invalid api key"}')
+  judge = _judge(server.url, max_concurrency=4)
+  with pytest.raises(UserError) as e:
+    judge.compare(["t"] * 20, ["a"] * 20, ["b"] * 20)
+  assert server.count == 1  # exactly one request, although four may be in flight
+  msg = str(e.value)
+  assert len(msg.splitlines()) == 1 and "HTTP 401" in msg and judges.KEY_ENV in msg
+  assert KEY not in msg and judge.delays == []
+  # A 403 after some good answers: the pairs after it are not sent.
+  answers = iter([_reply("1"), _reply("2"), (403, b"forbidden")])
+  server.script = lambda doc: next(answers)
+  before = server.count
+  with pytest.raises(UserError, match="HTTP 403"):
+    _judge(server.url).compare(["t"] * 10, ["a"] * 10, ["b"] * 10)
+  assert server.count - before == 3
+
+
+def test_retry_after_is_honoured(server):
+  answers = iter([(429, b"slow down", {"Retry-After": "7"}),
+                  (503, b"busy", {"Retry-After": "1.5"}),
+                  (503, b"busy", {"Retry-After": "soon"}),  # unparseable: the backoff
+                  (429, b"slow down", {"Retry-After": "100000"}),  # capped
+                  _reply("1")])
+  server.script = lambda doc: next(answers)
+  judge = _judge(server.url, max_retries=4, max_retry_after_s=60.0)
+  res = judge.compare(["t"], ["a"], ["b"])
+  assert res.preference.tolist() == [1.0] and res.failures == {}
+  assert judge.delays == pytest.approx([7.0, 1.5, 0.04, 60.0])
+  now = 1_000_000_000.0
+  date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now + 30))
+  assert judges.parse_retry_after(date, now=now) == pytest.approx(30.0)
+  assert judges.parse_retry_after(None) is None
+
+
+def test_concurrency_is_bounded(server):
+  def slow(doc):
+    time.sleep(0.1)
+    return _prefers_good(doc)
+  server.script = slow
+  judge = _judge(server.url, max_concurrency=3)
+  n = 13
+  res = judge.compare(["t"] * n, ["GOOD"] * n, ["bad"] * n)
+  assert res.preference.tolist() == [1.0] * n and server.count == n
+  assert 2 <= server.max_in_flight <= 3
 
 
 def test_down_endpoint_counts_failures_and_stops_early():

@@ -8,20 +8,22 @@ or NaN (no verdict: the failure is counted by reason, never guessed).
   reward (e.g. the length reward of eq. 10 of the DeRa paper) or a learned
   reward model's scoring function; the higher score wins, equal scores tie.
 - `LLMJudge`: an OpenAI-compatible chat-completions endpoint prompted with
-  the DeRa paper's summary-rater prompt (appendix D.3), standard library only.
+  the DeRa paper's summary-rater prompt (appendix D.3), through `httpx` (the
+  optional `judge` extra): a bounded number of requests in flight, retries
+  that honour Retry-After, and refused credentials (HTTP 401/403) stopping
+  the evaluation at the first pair.
 """
 
 import collections
-import http.client
+import concurrent.futures
+import email.utils
 import json
 import logging
 import os
 import re
-import socket
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -105,11 +107,44 @@ class RewardJudge:
 class _Retryable(Exception):
   """A transient endpoint failure (5xx, 429, refused connection, timeout)."""
 
+  def __init__(self, reason: str, retry_after: Optional[float] = None):
+    super().__init__(reason)
+    self.retry_after = retry_after
+
+
+class _ClientError(Exception):
+  """An HTTP 4xx answer other than 401/403/429: this pair fails, the others go on."""
+
+
+def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+  """Seconds to wait from a Retry-After header (delta-seconds or an HTTP-date), or None."""
+  if value is None:
+    return None
+  value = value.strip()
+  if re.fullmatch(r"\d+(\.\d+)?", value):
+    return float(value)
+  try:
+    when = email.utils.parsedate_to_datetime(value)
+  except (TypeError, ValueError, IndexError):
+    return None
+  if when is None:
+    return None
+  return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
 
 def parse_preference(answer: str) -> Optional[int]:
   """1 or 2 if the answer names exactly one of the two summaries, else None (unparseable)."""
   found = set(re.findall(r"(?<![0-9.])([12])(?![0-9])", answer))
   return int(found.pop()) if len(found) == 1 else None
+
+
+def _httpx():
+  try:
+    import httpx  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise UserError("the LLM judge needs the httpx package: install realign_jax with the "
+                    "'judge' extra (pip install -e .[judge])") from None
+  return httpx
 
 
 class LLMJudge:
@@ -123,26 +158,40 @@ class LLMJudge:
       never logged, printed, or written into summaries.
     template: the prompt, with `{text}`, `{summary1}` and `{summary2}`.
     max_retries: retries of a transient failure (HTTP 5xx or 429, a refused
-      connection, a timeout), each after an exponentially growing delay.
-    initial_backoff_s / max_backoff_s: the first delay, doubled per retry, capped.
+      connection, a timeout).
+    initial_backoff_s / max_backoff_s: the delay before a retry, doubled per
+      retry and capped, when the server does not say how long to wait.
+    max_retry_after_s: a 429/503 answer's Retry-After (seconds or a date) is
+      the delay instead, up to this cap.
     timeout_s: per-request timeout.
+    max_concurrency: requests in flight at once (the first pair is always
+      sent alone, so a wrong URL or key costs one request).
     max_consecutive_failures: after this many pairs in a row lost to an
       unreachable endpoint, the remaining pairs are counted as
-      `endpoint_down` without being sent (a dead endpoint fails fast).
+      `endpoint_down` without being sent (a dead endpoint fails fast; with
+      concurrency, pairs already in flight still finish).
+
+  An answer of HTTP 401 or 403 (credentials refused) raises `UserError` at
+  once: no further pair is sent.
   """
 
   def __init__(self, *, url: Optional[str] = None, model: Optional[str] = None,
                api_key: Optional[str] = None, template: str = DEFAULT_TEMPLATE,
                max_retries: int = 4, initial_backoff_s: float = 1.0, max_backoff_s: float = 30.0,
-               timeout_s: float = 60.0, max_tokens: int = 8, temperature: float = 0.0,
+               max_retry_after_s: float = 120.0, timeout_s: float = 60.0, max_tokens: int = 8,
+               temperature: float = 0.0, max_concurrency: int = 4,
                max_consecutive_failures: int = 5, name: str = "llm"):
     missing = [p for p in PLACEHOLDERS if p not in template]
     if missing:
       raise UserError(f"LLM judge: the prompt template lacks {', '.join(missing)}")
-    if max_retries < 0 or initial_backoff_s < 0 or max_backoff_s < 0 or timeout_s <= 0:
-      raise UserError("LLM judge: retries and backoff must be >= 0 and timeout_s > 0")
+    if (max_retries < 0 or initial_backoff_s < 0 or max_backoff_s < 0 or max_retry_after_s < 0
+        or timeout_s <= 0):
+      raise UserError("LLM judge: retries, backoff and max_retry_after_s must be >= 0 and "
+                      "timeout_s > 0")
     if max_consecutive_failures < 1:
       raise UserError("LLM judge: max_consecutive_failures must be >= 1")
+    if max_concurrency < 1:
+      raise UserError(f"LLM judge: max_concurrency must be >= 1, got {max_concurrency}")
     # NOTE: the endpoint is checked by `check()` (called before any judging),
     # not here, so configs naming an LLM judge build without one configured.
     url = url or os.environ.get(URL_ENV, "")
@@ -154,12 +203,14 @@ class LLMJudge:
     self._api_key = api_key or os.environ.get(KEY_ENV) or None
     self.max_retries, self.timeout_s = int(max_retries), float(timeout_s)
     self.initial_backoff_s, self.max_backoff_s = float(initial_backoff_s), float(max_backoff_s)
+    self.max_retry_after_s = float(max_retry_after_s)
     self.max_tokens, self.temperature = int(max_tokens), float(temperature)
+    self.max_concurrency = int(max_concurrency)
     self.max_consecutive_failures = int(max_consecutive_failures)
     self.sleep = time.sleep  # NOTE: replaceable so tests can record the backoff delays.
 
   def check(self) -> None:
-    """Raises UserError unless an http(s) endpoint URL and a model name are set."""
+    """Raises UserError unless httpx, an http(s) endpoint URL and a model name are there."""
     if not self.url:
       raise UserError(f"LLM judge: no endpoint URL (pass url= or set ${URL_ENV})")
     parsed = urllib.parse.urlparse(self.url)
@@ -167,52 +218,69 @@ class LLMJudge:
       raise UserError(f"LLM judge: the URL must be http(s)://host/..., got {self.url!r}")
     if not self.model:
       raise UserError(f"LLM judge: no model name (pass model= or set ${MODEL_ENV})")
+    _httpx()
 
   def __repr__(self) -> str:  # NOTE: the key stays out of every repr and log line.
     return f"LLMJudge(url={self.url!r}, model={self.model!r})"
 
   def describe(self) -> dict:
     return {"type": "llm", "name": self.name, "url": self.url, "model": self.model,
-            "max_retries": self.max_retries}
+            "max_retries": self.max_retries, "max_concurrency": self.max_concurrency}
 
   def render(self, text: str, summary1: str, summary2: str) -> str:
     # NOTE: plain replacement, not str.format: texts and templates may hold braces.
     return (self.template.replace("{text}", text).replace("{summary1}", summary1)
             .replace("{summary2}", summary2))
 
-  def _post(self, body: bytes) -> bytes:
+  def _post(self, client, body: bytes) -> bytes:
+    httpx = _httpx()
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if self._api_key:
       headers["Authorization"] = f"Bearer {self._api_key}"
-    request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
     try:
-      with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-        return resp.read()
-    except urllib.error.HTTPError as e:
-      if e.code == 429 or e.code >= 500:
-        raise _Retryable(f"http_{e.code}") from None
-      raise
-    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout,
-            TimeoutError, OSError) as e:
-      raise _Retryable(type(getattr(e, "reason", e)).__name__) from None
+      resp = client.post(self.url, content=body, headers=headers)
+    except httpx.TimeoutException as e:
+      raise _Retryable(type(e).__name__) from None
+    except httpx.TransportError as e:  # refused connection, reset, DNS, ...
+      raise _Retryable(type(e).__name__) from None
+    code = resp.status_code
+    if code in (401, 403):
+      raise UserError(f"LLM judge {self.url}: HTTP {code} {resp.reason_phrase}: the endpoint "
+                      f"refused the credentials (check ${KEY_ENV} and the model name "
+                      f"{self.model!r}); no further pairs were sent")
+    if code == 429 or code >= 500:
+      retry_after = (parse_retry_after(resp.headers.get("Retry-After"))
+                     if code in (429, 503) else None)
+      raise _Retryable(f"http_{code}", retry_after)
+    if code >= 400:
+      raise _ClientError(f"http_{code}")
+    return resp.content
 
-  def ask(self, prompt: str) -> tuple[Optional[str], Optional[str]]:
+  def _delay(self, attempt: int, retry_after: Optional[float]) -> float:
+    if retry_after is not None:
+      return min(retry_after, self.max_retry_after_s)
+    return min(self.initial_backoff_s * 2 ** attempt, self.max_backoff_s)
+
+  def ask(self, prompt: str, client=None) -> tuple[Optional[str], Optional[str]]:
     """One chat completion with retries: (answer text, None) or (None, failure reason)."""
+    if client is None:
+      with _httpx().Client(timeout=self.timeout_s) as own:
+        return self.ask(prompt, own)
     body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
                        "temperature": self.temperature, "max_tokens": self.max_tokens}).encode()
     for attempt in range(self.max_retries + 1):
       try:
-        raw = self._post(body)
+        raw = self._post(client, body)
       except _Retryable as e:
         if attempt == self.max_retries:
           return None, "endpoint_unavailable"
-        delay = min(self.initial_backoff_s * 2 ** attempt, self.max_backoff_s)
+        delay = self._delay(attempt, e.retry_after)
         logging.warning("LLM judge %s: %s, retry %d/%d in %.2fs", self.url, e, attempt + 1,
                         self.max_retries, delay)
         self.sleep(delay)
         continue
-      except urllib.error.HTTPError as e:
-        return None, f"http_{e.code}"
+      except _ClientError as e:
+        return None, str(e)
       try:
         doc = json.loads(raw.decode("utf-8"))
         content = doc["choices"][0]["message"]["content"]
@@ -227,24 +295,55 @@ class LLMJudge:
     if not len(prompts) == len(first) == len(second):
       raise ValueError("prompts, first and second must have the same length")
     self.check()
-    pref = np.full(len(prompts), np.nan)
+    n = len(prompts)
+    pref = np.full(n, np.nan)
     failures = collections.Counter()
-    consecutive = 0
-    for i, (x, a, b) in enumerate(zip(prompts, first, second)):
-      if consecutive >= self.max_consecutive_failures:
-        failures["endpoint_down"] += len(prompts) - i
-        logging.warning("LLM judge %s: unreachable for %d pairs in a row; the remaining %d pairs "
-                        "are counted as failures", self.url, consecutive, len(prompts) - i)
-        break
-      answer, reason = self.ask(self.render(str(x), str(a), str(b)))
-      if reason is not None:
-        failures[reason] += 1
-        consecutive = consecutive + 1 if reason == "endpoint_unavailable" else 0
-        continue
-      consecutive = 0
-      choice = parse_preference(answer)
-      if choice is None:
-        failures["unparseable"] += 1
-        continue
-      pref[i] = 1.0 if choice == 1 else 0.0
+    lock = threading.Lock()
+    state = {"consecutive": 0, "down": False, "error": None}
+
+    def judge_one(client, i: int) -> None:
+      with lock:
+        if state["error"] is not None:
+          return
+        if state["down"]:
+          failures["endpoint_down"] += 1
+          return
+      try:
+        answer, reason = self.ask(self.render(str(prompts[i]), str(first[i]), str(second[i])),
+                                  client)
+      except UserError as e:
+        with lock:
+          if state["error"] is None:
+            state["error"] = e
+        return
+      with lock:
+        if reason is not None:
+          failures[reason] += 1
+          if reason != "endpoint_unavailable":
+            state["consecutive"] = 0
+            return
+          state["consecutive"] += 1
+          if state["consecutive"] >= self.max_consecutive_failures and not state["down"]:
+            state["down"] = True
+            logging.warning("LLM judge %s: unreachable for %d pairs in a row; the pairs not yet "
+                            "sent are counted as failures", self.url, state["consecutive"])
+          return
+        state["consecutive"] = 0
+        choice = parse_preference(answer)
+        if choice is None:
+          failures["unparseable"] += 1
+        else:
+          pref[i] = 1.0 if choice == 1 else 0.0
+
+    with _httpx().Client(timeout=self.timeout_s) as client:
+      if n:
+        judge_one(client, 0)  # NOTE: alone: a refused key or a wrong URL costs one request.
+      if self.max_concurrency == 1 or n <= 2:
+        for i in range(1, n):
+          judge_one(client, i)
+      else:
+        with concurrent.futures.ThreadPoolExecutor(self.max_concurrency) as pool:
+          list(pool.map(lambda i: judge_one(client, i), range(1, n)))
+    if state["error"] is not None:
+      raise state["error"]
     return Judgement(pref, dict(failures))
