@@ -290,3 +290,132 @@ def test_preferences_task(tmp_path):
   (tmp_path / "train.jsonl").rename(tmp_path / "other" / "train.jsonl")
   with pytest.raises(UserError, match="lacks validation.jsonl, test.jsonl"):
     tasks.get_task("preferences", data_dir=str(tmp_path / "other"))
+
+
+# ------------------------------- Hugging Face datasets' shard files ----
+# Written with pyarrow in the published schemas: EdinburghNLP/xsum (document,
+# summary, id), the TL;DR SFT datasets (id, subreddit, title, post, summary) and
+# openai/summarize_from_feedback's comparisons (info struct, summaries list of
+# structs, choice int32, worker, batch, split, extra struct).
+
+def _parquet(path, rows, schema):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  path.parent.mkdir(parents=True, exist_ok=True)
+  pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+
+def _xsum_schema(columns=("document", "summary", "id")):
+  import pyarrow as pa
+  return pa.schema([(c, pa.string()) for c in columns])
+
+
+def _xsum_row(i):
+  return {"document": f"Document {i} about the weather.\nMore text.",
+          "summary": f"Summary {i}.", "id": str(36221700 + i)}
+
+
+def test_xsum_hf_parquet_and_jsonl(tmp_path):
+  root = tmp_path / "xsum_hf"
+  # Two train shards (read in order), one each for validation and test.
+  _parquet(root / "data" / "train-00000-of-00002.parquet", [_xsum_row(0), _xsum_row(1)],
+           _xsum_schema())
+  _parquet(root / "data" / "train-00001-of-00002.parquet", [_xsum_row(2)], _xsum_schema())
+  _parquet(root / "data" / "validation-00000-of-00001.parquet", [_xsum_row(3)], _xsum_schema())
+  _parquet(root / "data" / "test-00000-of-00001.parquet", [_xsum_row(4)], _xsum_schema())
+  (root / ".cache").mkdir()
+  (root / ".cache" / "train.jsonl").write_text("not a shard")  # a hub download's cache
+  rows = pipeline.text_examples("xsum", "train", data_dir=str(root))
+  assert rows == [{"inputs": _xsum_row(i)["document"], "targets": _xsum_row(i)["summary"]}
+                  for i in range(3)]
+  assert pipeline.text_examples("xsum", "test", data_dir=str(root))[0]["targets"] == (
+      "Summary 4.")
+  # JSON-lines shards (Dataset.to_json) give the same examples.
+  jl = tmp_path / "xsum_jsonl"
+  jl.mkdir()
+  for split, ids in (("train", (0, 1, 2)), ("validation", (3,)), ("test", (4,))):
+    (jl / f"{split}.jsonl").write_text("".join(json.dumps(_xsum_row(i)) + "\n" for i in ids))
+  assert pipeline.text_examples("xsum", "train", data_dir=str(jl)) == rows
+
+
+def test_xsum_hf_missing_column_and_split(tmp_path):
+  root = tmp_path / "nosummary"
+  for split in ("train", "validation", "test"):
+    _parquet(root / f"{split}-00000-of-00001.parquet", [{"document": "d", "id": "1"}],
+             _xsum_schema(("document", "id")))
+  bad = root / "train-00000-of-00001.parquet"
+  with pytest.raises(UserError, match=re.escape(f"{bad}: missing column 'summary'")):
+    pipeline.text_examples("xsum", "train", data_dir=str(root))
+  root = tmp_path / "notest"
+  _parquet(root / "train-00000-of-00001.parquet", [_xsum_row(0)], _xsum_schema())
+  _parquet(root / "validation-00000-of-00001.parquet", [_xsum_row(1)], _xsum_schema())
+  with pytest.raises(UserError, match="none for the split.s. test"):
+    tasks.get_task("xsum", data_dir=str(root))
+  jl = tmp_path / "jl"
+  jl.mkdir()
+  for split in ("train", "validation", "test"):
+    (jl / f"{split}.jsonl").write_text(json.dumps({"document": "d", "id": "1"}) + "\n")
+  with pytest.raises(UserError, match=re.escape(f"{jl / 'train.jsonl'} row 1: missing column "
+                                                "'summary'")):
+    pipeline.text_examples("xsum", "train", data_dir=str(jl))
+
+
+def test_tldr_sft_hf_parquet_matches_the_openai_files(tmp_path):
+  import pyarrow as pa
+  openai = _write_sft(tmp_path / "openai")
+  schema = pa.schema([(c, pa.string()) for c in ("id", "subreddit", "title", "post", "summary")])
+  hf = tmp_path / "hf"
+  start = 0
+  # The converted-parquet layout: <config>/<split>/NNNN.parquet.
+  for split, n in (("train", 5), ("validation", 2), ("test", 3)):
+    _parquet(hf / "default" / split / "0000.parquet",
+             [_sft_row(i) for i in range(start, start + n)], schema)
+    start += n
+  for split in ("train", "validation", "test"):
+    assert (pipeline.text_examples("tldr_sft", split, data_dir=str(hf))
+            == pipeline.text_examples("tldr_sft", split, data_dir=str(openai)))
+  bad = tmp_path / "bad"
+  short = pa.schema([(c, pa.string()) for c in ("id", "subreddit", "title", "summary")])
+  for split in ("train", "validation", "test"):
+    _parquet(bad / f"{split}.parquet", [{k: v for k, v in _sft_row(0).items() if k != "post"}],
+             short)
+  with pytest.raises(UserError, match=re.escape(f"{bad / 'train.parquet'}: missing column "
+                                                "'post'")):
+    pipeline.text_examples("tldr_sft", "train", data_dir=str(bad))
+
+
+def _comparison_schema():
+  import pyarrow as pa
+  s = pa.string()
+  return pa.schema([
+      ("info", pa.struct([("id", s), ("post", s), ("title", s), ("subreddit", s), ("site", s),
+                          ("article", s)])),
+      ("summaries", pa.list_(pa.struct([("text", s), ("policy", s), ("note", s)]))),
+      ("choice", pa.int32()), ("worker", s), ("batch", s), ("split", s),
+      ("extra", pa.struct([("confidence", pa.int32())])),
+  ])
+
+
+def test_tldr_comparisons_hf_parquet_matches_the_openai_files(tmp_path):
+  openai = _write_comparisons(tmp_path / "openai")
+  rows = [json.loads(line) for f in sorted(openai.glob("batch*.json"))
+          for line in f.read_text().splitlines()]
+  # HF puts train rows in the train split and valid1/valid2 rows in validation.
+  hf = tmp_path / "hf"
+  _parquet(hf / "comparisons" / "train-00000-of-00001.parquet",
+           [r for r in rows if r["split"] == "train"], _comparison_schema())
+  _parquet(hf / "comparisons" / "validation-00000-of-00001.parquet",
+           [r for r in rows if r["split"] != "train"], _comparison_schema())
+  for split in ("train", "validation", "test"):
+    assert (pipeline.text_examples("tldr_comparisons", split, data_dir=str(hf))
+            == pipeline.text_examples("tldr_comparisons", split, data_dir=str(openai)))
+  assert len(pipeline.text_examples("tldr_comparisons", "train", data_dir=str(hf))) == 2
+  # A shard without the `choice` column.
+  import pyarrow as pa
+  bad = tmp_path / "bad"
+  schema = pa.schema([f for f in _comparison_schema() if f.name != "choice"])
+  _parquet(bad / "train-00000-of-00001.parquet",
+           [{k: v for k, v in rows[0].items() if k != "choice"}], schema)
+  with pytest.raises(UserError, match=re.escape(f"{bad / 'train-00000-of-00001.parquet'}: "
+                                                "missing column 'choice'")):
+    preferences.load_tldr_comparisons(str(bad), "train")

@@ -9,7 +9,9 @@
 | preferences       | prompt, chosen, rejected | REALIGN_PREFERENCES_DIR      |
 
 Every task has the splits train, validation and test. `preferences` reads
-`{train,validation,test}.jsonl` in the schema of `preferences.py`.
+`{train,validation,test}.jsonl` in the schema of `preferences.py`. xsum,
+tldr_sft and tldr_comparisons also read the Hugging Face datasets' parquet or
+JSON-lines shards from their directory (see xsum.py and tldr.py).
 
 `get_task` registers a task on first use and returns it; a task read from a
 non-default directory or with a non-default vocabulary is registered under
@@ -102,6 +104,11 @@ def _builtin_source(data_dir: str | None) -> seqio.DataSourceInterface:
 
 
 def _xsum_source(data_dir: str | None) -> seqio.DataSourceInterface:
+  if xsum.is_hf_layout(data_dir):
+    # NOTE: document/summary, as the TFDS source gives them (the rekey follows).
+    xsum.check_hf_dir(data_dir)
+    return _function_source(functools.partial(xsum.read_hf, data_dir),
+                            xsum.HF_COLUMNS)
   tfds_dir = xsum.prepare_xsum(data_dir)
   return seqio.TfdsDataSource(xsum.TFDS_NAME, tfds_data_dir=tfds_dir,
                               splits=SPLITS, read_only=True)

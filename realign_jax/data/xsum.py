@@ -10,7 +10,11 @@ The XSum data directory is either
   split file `{"train": [ids], "validation": [...], "test": [...]}` from the
   XSum repository). The builder would download the split file; TFDS takes it
   from the manual directory instead when it is there, after checking its
-  registered checksum. The prepared dataset is written to `<dir>/tfds`.
+  registered checksum. The prepared dataset is written to `<dir>/tfds`, or
+* the Hugging Face dataset `EdinburghNLP/xsum` as downloaded: parquet shards
+  (`data/train-00000-of-00001.parquet`, ...) or JSON-lines shards of the
+  splits train, validation and test, with the columns `document`, `summary`
+  and `id`. Read directly with pyarrow, nothing prepared.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ import os
 import pathlib
 import sys
 
+from realign_jax.data import jsonl
 from realign_jax.errors import UserError
 
 TFDS_NAME = "xsum:1.1.0"
 TARBALL = "xsum-extracts-from-downloads.tar.gz"
 SPLIT_FILE = "XSum-TRAINING-DEV-TEST-SPLIT-90-5-5.json"
 SPLITS = ("train", "validation", "test")
+HF_COLUMNS = ("document", "summary")  # the published dataset also has "id"
 
 
 def provide_importlib_resources() -> None:
@@ -72,7 +78,8 @@ def prepare_xsum(data_dir: str | os.PathLike[str]) -> str:
   if missing:
     raise UserError(
         f"XSum data directory {path} lacks {', '.join(missing)} (expected "
-        f"{TARBALL} and {SPLIT_FILE}, or a TFDS data dir with xsum/1.1.0)")
+        f"{TARBALL} and {SPLIT_FILE}, a TFDS data dir with xsum/1.1.0, or the "
+        "Hugging Face dataset's parquet/JSON-lines shards)")
 
   provide_importlib_resources()
   # NOTE: imported here, since TFDS is slow to import and most runs never
@@ -101,3 +108,38 @@ def prepare_xsum(data_dir: str | os.PathLike[str]) -> str:
     # a malformed `.data` file or split file ends up here.
     raise UserError(f"XSum files in {path} are malformed: {e!r}") from e
   return str(tfds_dir)
+
+
+def is_hf_layout(data_dir: str | os.PathLike[str]) -> bool:
+  """Whether `data_dir` is the HF dataset's shards (not a TFDS or manual directory)."""
+  path = pathlib.Path(data_dir)
+  if not path.is_dir() or _is_prepared(path) or _is_prepared(path / "tfds"):
+    return False
+  if any((path / f).is_file() for f in (TARBALL, SPLIT_FILE)):
+    return False
+  return bool(jsonl.hf_shard_files(path))
+
+
+def check_hf_dir(data_dir: str | os.PathLike[str]) -> None:
+  """Every split has at least one shard."""
+  shards = jsonl.hf_shard_files(data_dir)
+  missing = [s for s in SPLITS if s not in shards]
+  if missing:
+    raise UserError(f"XSum data directory {data_dir} has Hugging Face shards but none for the "
+                    f"split(s) {', '.join(missing)} (files named e.g. "
+                    f"{missing[0]}-00000-of-00001.parquet or {missing[0]}.jsonl)")
+
+
+def read_hf(data_dir: str | os.PathLike[str], split: str) -> list[dict[str, str]]:
+  """{"document", "summary"} rows of one split of the HF shards, in file order."""
+  if split not in SPLITS:
+    raise UserError(f"unknown split {split!r}; known splits: {', '.join(SPLITS)}")
+  check_hf_dir(data_dir)
+  out = []
+  for shard in jsonl.hf_shard_files(data_dir)[split]:
+    for where, row in jsonl.iter_hf_rows(shard, HF_COLUMNS):
+      for column in HF_COLUMNS:
+        if not isinstance(row[column], str):
+          raise UserError(f"{where}: column {column!r} is not a string")
+      out.append({"document": row["document"], "summary": row["summary"]})
+  return out
