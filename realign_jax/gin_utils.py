@@ -1,20 +1,39 @@
 """Gin plumbing for the binaries (t5x conventions).
 
-`--gin_file=F` (repeatable) and `--gin.NAME=VALUE` overrides; gin files are
-looked up relative to the working directory, then the repository root (so
-`include 'gin/models/t5_tiny.gin'` works from anywhere). Configurables are
-registered here, in one place, and only the binaries call `register()`.
+`--gin_file=F` (repeatable), `--gin_bindings='NAME = VALUE'` (repeatable) and
+`--gin.NAME=VALUE` overrides, `--gin_search_paths=DIR1,DIR2` (repeatable, where
+`--gin_file` and `include` paths are looked for first, as in t5x). After them gin
+files are looked up relative to the working directory, then the directory that
+holds `configs/` and `gin/`: the source checkout, or the installed package when
+installed from a wheel (both ship there as package data), so
+`--gin_file=configs/sft/builtin_tiny.gin` and `include 'gin/models/t5_tiny.gin'`
+work from any directory. Configurables are registered here, in one place, and
+only the binaries call `register()`.
 """
 
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import gin
 
 from realign_jax.errors import UserError
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _config_root() -> str:
+  """The directory holding configs/ and gin/: the checkout, else the installed package."""
+  checkout = os.path.dirname(PACKAGE_DIR)
+  if os.path.isdir(os.path.join(checkout, "gin", "models")):
+    return checkout
+  if os.path.isdir(os.path.join(PACKAGE_DIR, "gin", "models")):
+    return PACKAGE_DIR
+  return checkout
+
+
+REPO_ROOT = _config_root()
+_search_paths: list = []  # --gin_search_paths of this process, searched first
 _REGISTERED = False
 
 
@@ -50,17 +69,22 @@ _CONFIGURABLE_PACKAGES = ("rewards", "training", "decoding", "evaluation", "expe
 
 
 def split_args(argv: Sequence[str]) -> tuple[list, list, list]:
-  """Separates --gin_file and --gin.X=Y arguments from the rest."""
+  """Separates --gin_file, --gin_bindings and --gin.X=Y arguments from the rest.
+
+  `--gin_search_paths` stays in the rest (see `split_search_paths`).
+  """
   files, bindings, rest = [], [], []
   it = iter(argv)
   for a in it:
-    if a.startswith("--gin_file="):
-      files.append(a.split("=", 1)[1])
-    elif a == "--gin_file":
-      try:
-        files.append(next(it))
-      except StopIteration:
-        raise UserError("--gin_file needs a value") from None
+    flag = a.split("=", 1)[0]
+    if flag in ("--gin_file", "--gin_bindings"):
+      if "=" in a:
+        value = a.split("=", 1)[1]
+      else:
+        value = next(it, None)
+        if value is None:
+          raise UserError(f"{flag} needs a value")
+      (files if flag == "--gin_file" else bindings).append(value)
     elif a.startswith("--gin."):
       body = a[len("--gin."):]
       if "=" not in body:
@@ -71,20 +95,64 @@ def split_args(argv: Sequence[str]) -> tuple[list, list, list]:
   return files, bindings, rest
 
 
+def split_search_paths(argv: Sequence[str]) -> tuple[list, list]:
+  """(directories of every `--gin_search_paths=A,B`, the other arguments)."""
+  paths, rest = [], []
+  it = iter(argv)
+  for a in it:
+    if a.split("=", 1)[0] != "--gin_search_paths":
+      rest.append(a)
+      continue
+    value = a.split("=", 1)[1] if "=" in a else next(it, None)
+    if value is None:
+      raise UserError("--gin_search_paths needs a value (directories separated by commas)")
+    for p in (v.strip() for v in value.split(",")):
+      if not p:
+        continue
+      if not os.path.isdir(p):
+        raise UserError(f"--gin_search_paths: {p} is not a directory")
+      paths.append(os.path.abspath(p))
+  return paths, rest
+
+
+def set_search_paths(paths: Sequence[str]) -> None:
+  _search_paths[:] = list(paths)
+
+
+def search_paths() -> list:
+  """Where gin files and includes are looked for, in order."""
+  out = []
+  for p in (*_search_paths, os.getcwd(), REPO_ROOT):
+    if p not in out:
+      out.append(p)
+  return out
+
+
 def resolve_gin_file(path: str) -> str:
-  for base in ("", os.getcwd(), REPO_ROOT):
-    cand = os.path.join(base, path) if base else path
+  if os.path.isabs(path) and os.path.isfile(path):
+    return path
+  for base in search_paths():
+    cand = os.path.join(base, path)
     if os.path.isfile(cand):
       return cand
-  raise UserError(f"gin file {path} not found (looked in the working directory and {REPO_ROOT})")
+  if os.path.isfile(path):
+    return path
+  raise UserError(f"gin file {path} not found (looked in {', '.join(search_paths())})")
+
+
+def add_search_paths() -> None:
+  """Gives gin this process's search paths (after a `gin.clear_config()`)."""
+  # NOTE: gin tries a search path only when the file is not found as given
+  # (relative to the working directory); the earlier path wins.
+  for p in search_paths():
+    gin.add_config_file_search_path(p)
 
 
 def parse(files: Sequence[str], bindings: Sequence[str]) -> None:
   """Parses gin files and overrides; errors become one-line UserErrors."""
   register()
   gin.clear_config()
-  for p in (os.getcwd(), REPO_ROOT):
-    gin.add_config_file_search_path(p)
+  add_search_paths()
   resolved = [resolve_gin_file(f) for f in files]
   try:
     # NOTE: finalizing runs gin's hooks, which reject a macro left at
@@ -121,7 +189,11 @@ def configure_binary(argv: Sequence[str], name: str, fn: Callable,
   unknown arguments or no gin file are a UserError.
   """
   from realign_jax import startup
+  from realign_jax.parallel import multihost
   argv, level = startup.strip_verbosity(list(argv))
+  argv, host_flags = multihost.split_flags(argv)
+  paths, argv = split_search_paths(argv)
+  set_search_paths(paths)
   files, bindings, rest = split_args(argv)
   if rest:
     raise UserError(f"unknown arguments: {' '.join(rest)}")
@@ -136,10 +208,17 @@ def configure_binary(argv: Sequence[str], name: str, fn: Callable,
     except ValueError:
       gin.external_configurable(obj, obj_name)
   parse(files, bindings)
+  # NOTE: after the arguments are checked (a typo costs no coordinator wait)
+  # and before the configured function asks JAX for its devices.
+  multihost.initialize(host_flags)
   return gin.get_configurable(name)
 
 
-def write_operative_config(model_dir: str, name: str = "config.gin") -> str:
+def write_operative_config(model_dir: str, name: str = "config.gin") -> Optional[str]:
+  """Writes gin's operative config into `model_dir` (process 0 only; None elsewhere)."""
+  import jax
+  if jax.process_index() != 0:
+    return None
   from realign_jax.checkpoints.manager import atomic_write_text
   os.makedirs(model_dir, exist_ok=True)
   path = os.path.join(model_dir, name)

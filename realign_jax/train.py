@@ -5,7 +5,14 @@ r"""Training binary: every algorithm runs through the one trainer loop.
 
 Runs TRAIN_STEPS steps in total, resuming from MODEL_DIR's latest checkpoint;
 writes checkpoints, metrics.jsonl, TensorBoard events, model.json and the
-operative gin config into MODEL_DIR.
+operative gin config (config.gin, when training starts and again at the end)
+into MODEL_DIR.
+
+On several hosts (see `realign_jax.parallel.multihost`) every process runs
+this same command into the same MODEL_DIR: each reads its own shard of the
+data, all save the checkpoints together, and process 0 alone writes the other
+files and shows progress. A SIGTERM on any host makes every host save at the
+same step.
 """
 
 from realign_jax import startup
@@ -23,6 +30,7 @@ from realign_jax import gin_utils
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.checkpoints import run_dir
 from realign_jax.errors import UserError
+from realign_jax.parallel import multihost
 from realign_jax.parallel import partitioning
 from realign_jax.training import trainer as trainer_lib
 
@@ -52,7 +60,7 @@ def train(*, model_dir: str, train_steps: int, algorithm: trainer_lib.Algorithm,
   if not model_dir:
     raise UserError("MODEL_DIR is empty")
   ckpt_lib.check_run_dir(model_dir)
-  partitioning.maybe_initialize_distributed()
+  multihost.initialize()  # NOTE: a no-op when the binary already did, or on one host
   mesh = partitioning.create_mesh(mesh_data, mesh_model)
   rules = partitioning.logical_axis_rules(fsdp)
   # NOTE: process 0 speaks for the run: it holds the lock and writes the records.
@@ -61,7 +69,17 @@ def train(*, model_dir: str, train_steps: int, algorithm: trainer_lib.Algorithm,
     os.makedirs(model_dir, exist_ok=True)
     lock.acquire()
   try:
-    _check_and_record(model_dir, algorithm, allow_config_change, allow_vocabulary_mismatch)
+    refused = None
+    try:
+      _check_and_record(model_dir, algorithm, allow_config_change, allow_vocabulary_mismatch)
+      gin_utils.write_operative_config(model_dir)  # NOTE: at the start, so a running job has one
+    except UserError as e:
+      refused = e
+    # NOTE: process 0 alone checks the run's records; the others must not go
+    # on into collectives that it will never join.
+    if multihost.any_process(refused is not None):
+      raise refused or UserError(f"process 0 refused to start the run in {model_dir} "
+                                 "(its error line says why)")
     result = trainer_lib.train(algorithm=algorithm, model_dir=model_dir,
                                train_steps=train_steps, optimizer=optimizer, mesh=mesh,
                                rules=rules, config=trainer_config)

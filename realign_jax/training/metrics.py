@@ -35,10 +35,18 @@ def _truncate_after(path: str, step: int) -> None:
 
 
 class MetricsWriter:
-  """Appends one JSON object per (step, split); mirrors scalars to TensorBoard."""
+  """Appends one JSON object per (step, split); mirrors scalars to TensorBoard.
+
+  `enabled=False` (every process but 0 of a multi-host run) writes nothing
+  but returns the same rows.
+  """
 
   def __init__(self, model_dir: str, *, resume_step: Optional[int] = None,
-               tensorboard: bool = True):
+               tensorboard: bool = True, enabled: bool = True):
+    self.enabled = enabled
+    self._tb = None
+    if not enabled:
+      return
     os.makedirs(model_dir, exist_ok=True)
     self.path = os.path.join(model_dir, METRICS_FILE)
     self.samples_path = os.path.join(model_dir, SAMPLES_FILE)
@@ -53,6 +61,8 @@ class MetricsWriter:
     row = {"step": int(step), "split": split}
     for k, v in metrics.items():
       row[k] = _py(v)
+    if not self.enabled:
+      return row
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     if self._tb is not None:
@@ -62,6 +72,8 @@ class MetricsWriter:
     return row
 
   def write_samples(self, step: int, samples: list) -> None:
+    if not self.enabled:
+      return
     with open(self.samples_path, "a") as f:
       for s in samples:
         f.write(json.dumps({"step": int(step), **s}) + "\n")

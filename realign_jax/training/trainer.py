@@ -4,7 +4,9 @@ value functions) plugs in through `Algorithm`; none has a loop of its own.
 The train step is `jax.jit`-compiled with explicit in/out shardings over a
 `Mesh` built from logical axis rules; the state is donated. Checkpoints go
 through `realign_jax.checkpoints.manager` (save every N steps and at the end,
-keep K, resume from the latest automatically, save on SIGTERM). A
+keep K, resume from the latest automatically, save on SIGTERM: on several
+hosts a SIGTERM on any of them makes all save the same step). Process 0 alone
+writes metrics, samples and TensorBoard events and shows progress. A
 non-finite loss, gradient norm or updated state stops the run naming the
 step, before anything of it is saved: every checkpoint is finite.
 """
@@ -28,6 +30,7 @@ from realign_jax import config_check
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.errors import UserError
 from realign_jax.models import api as model_api
+from realign_jax.parallel import multihost
 from realign_jax.parallel import partitioning
 from realign_jax.training.metrics import MetricsWriter
 
@@ -308,10 +311,12 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
     step_jit = jax.jit(train_step, in_shardings=(state_sh, batch_sh, None, None),
                        out_shardings=(state_sh, None, None), donate_argnums=(0,))
 
-    writer = MetricsWriter(model_dir, resume_step=start if start else None)
+    primary = jax.process_index() == 0
+    writer = MetricsWriter(model_dir, resume_step=start if start else None, enabled=primary)
     last_train, last_eval = {}, {}
     batches = algorithm.batches(start)
     bar = None
+    step_fn = None
     last_saved = start if start else None
     step = start
     try:
@@ -325,7 +330,7 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
       with _SigtermFlag() as sigterm:
         while step < train_steps:
           host_batch = next(batches)
-          if bar is None and config.progress:
+          if bar is None and config.progress and primary:
             # NOTE: drawn once the data has produced a batch, so an error in
             # the inputs (a missing data directory) is the only line shown.
             from tqdm import tqdm
@@ -333,8 +338,16 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
                        unit="step", dynamic_ncols=True, mininterval=1.0)
           tokens += algorithm.num_tokens(host_batch)
           batch = _device_batch(host_batch, mesh)
-          state, metrics, health = step_jit(state, batch, jax.random.fold_in(base_rng, step),
-                                            frozen)
+          step_rng = jax.random.fold_in(base_rng, step)
+          if step_fn is None:
+            step_fn = step_jit
+            if jax.process_count() > 1:
+              # NOTE: compiled, then every process waits for the others, so
+              # that none enters the step's collectives long before the rest
+              # (CPU collectives time out after 30 s).
+              step_fn = step_jit.lower(state, batch, step_rng, frozen).compile()
+              multihost.barrier("train step compiled")
+          state, metrics, health = step_fn(state, batch, step_rng, frozen)
           algorithm.check_step(metrics, step + 1)
           loss, health = jax.device_get((metrics["loss"], health))
           loss = float(loss)
@@ -369,7 +382,9 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
               last_eval = writer.write(step, ev, "eval")
             if samples:
               writer.write_samples(step, samples)
-          if sigterm.set:
+          # NOTE: every process asks at every step, so all agree on the step to
+          # save at wherever the signal arrived (one small all-gather a step).
+          if multihost.any_process(sigterm.set):
             if last_saved != step:
               ckpt.save(step, state)
             ckpt.wait()

@@ -1,0 +1,205 @@
+"""Multi-host runs on localhost: 2 processes x 2 simulated CPU devices, started as SLURM starts them.
+
+The coordinator listens on 127.0.0.1 only, on a port that the test makes free
+(SLURM's port is derived from SLURM_JOB_ID, so the test picks the job id). One
+run of the tiny SFT config is stopped by a SIGTERM sent to process 1 alone,
+then resumed; its final parameters must match a 1-process run over 4 devices
+with the same global batch and seed, and every file of the run must have been
+written once (no duplicated metrics record).
+"""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.errors import UserError
+from realign_jax.models.api import LanguageModel
+from realign_jax.parallel import multihost
+from tests.helpers import BinaryRun
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SFT_GIN = "configs/sft/builtin_tiny.gin"
+STEPS = 10
+TIMEOUT_S = 240
+
+
+def _free_slurm_job_id() -> str:
+  """A SLURM_JOB_ID whose coordinator port (61440 + id % 4096) is free on 127.0.0.1."""
+  rng = random.Random(os.getpid())
+  for _ in range(200):
+    port = multihost.SLURM_PORT_BASE + rng.randrange(multihost.SLURM_PORT_RANGE)
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", port))
+      except OSError:
+        continue
+    return str(port - multihost.SLURM_PORT_BASE + 4096 * rng.randrange(1, 100))
+  raise RuntimeError("no free port in SLURM's coordinator range")
+
+
+def _env(devices: int, cache, slurm: dict = None) -> dict:
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES",
+                              "JAX_PROCESS_ID", "TPU_", "MEGASCALE_"))}
+  env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             PYTHONPATH=os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH"))
+                                        if p))
+  env.update(slurm or {})
+  return env
+
+
+def _slurm(job_id: str, rank: int) -> dict:
+  return {"SLURM_JOB_ID": job_id, "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
+          "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}
+
+
+def _train_args(model_dir) -> list:
+  return ["-m", "realign_jax.train", f"--gin_file={SFT_GIN}",
+          f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={STEPS}",
+          "--gin.TrainerConfig.log_every=1", "--gin.TrainerConfig.eval_every=0",
+          "--gin.TrainerConfig.checkpoint_every=1000", "--gin.TrainerConfig.async_checkpoint=False"]
+
+
+def _start_two(tmp, name, model_dir, cache) -> list:
+  job = _free_slurm_job_id()
+  return [BinaryRun(_train_args(model_dir), env=_env(2, cache, _slurm(job, rank)),
+                    cwd=REPO_ROOT, log_prefix=str(tmp / f"{name}.p{rank}"))
+          for rank in (0, 1)]
+
+
+def _wait_all(runs, timeout=TIMEOUT_S):
+  deadline = time.monotonic() + timeout
+  try:
+    for r in runs:
+      r.wait(timeout=max(1.0, deadline - time.monotonic()))
+  except subprocess.TimeoutExpired:
+    for r in runs:
+      if r.running():
+        r.proc.kill()  # only the processes this test started
+        r.proc.wait()
+    pytest.fail("a multi-host run did not finish in time:\n" +
+                "\n".join(r.wait().describe() for r in runs))
+  return runs
+
+
+def _records(model_dir) -> list:
+  with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _load_params(model_dir):
+  config, _ = ckpt_lib.read_model_json(str(model_dir))
+  abstract, _ = LanguageModel(config).abstract_init()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
+  return ckpt_lib.as_numpy(ckpt_lib.load_params(str(model_dir), abstract))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """(1-process run dir, 2-process run dir, the SIGTERM'd processes, the resumed processes)."""
+  tmp = tmp_path_factory.mktemp("multihost")
+  cache = tmp / "jax_cache"
+  one, two = tmp / "one", tmp / "two"
+  # NOTE: the reference runs at a lower priority alongside the 2-process run.
+  ref = BinaryRun(_train_args(one), env=_env(4, cache), cwd=REPO_ROOT,
+                  log_prefix=str(tmp / "one"), nice=True)
+  first = _start_two(tmp, "first", two, cache)
+  metrics = two / "metrics.jsonl"
+  deadline = time.monotonic() + TIMEOUT_S
+  while time.monotonic() < deadline and all(r.running() for r in first):
+    if metrics.exists() and metrics.read_text().count("\n") >= 2:
+      first[1].proc.send_signal(signal.SIGTERM)  # one host only
+      break
+    time.sleep(0.05)
+  _wait_all(first)
+  resumed = _wait_all(_start_two(tmp, "resumed", two, cache))
+  _wait_all([ref])
+  assert ref.returncode == 0, ref.describe()
+  return one, two, first, resumed
+
+
+def test_sigterm_on_one_host_saves_the_same_step_on_every_host(runs):
+  _, two, first, _ = runs
+  codes = [r.returncode for r in first]
+  assert codes == [143, 143], "\n".join(r.describe() for r in first)
+  saved = {r.stderr.strip().splitlines()[-1] for r in first}
+  assert len(saved) == 1 and "SIGTERM: saved checkpoint at step" in saved.pop()
+  # NOTE: written when training started: the preempted run never reached its end.
+  assert (two / "config.gin").read_text().strip()
+
+
+def test_resumed_two_process_run_matches_one_process(runs):
+  one, two, _, resumed = runs
+  assert [r.returncode for r in resumed] == [0, 0], "\n".join(r.describe() for r in resumed)
+  a, b = _load_params(one), _load_params(two)
+  diffs = jax.tree_util.tree_map(lambda x, y: float(np.max(np.abs(x - y))), a, b)
+  worst = max(jax.tree_util.tree_leaves(diffs))
+  assert worst < 1e-5, diffs
+
+
+def test_every_record_written_once_by_process_zero(runs):
+  one, two, first, resumed = runs
+  rows = _records(two)
+  steps = [r["step"] for r in rows if r["split"] == "train"]
+  assert steps == list(range(1, STEPS + 1))
+  ref_loss = {r["step"]: r["loss"] for r in _records(one) if r["split"] == "train"}
+  for r in rows:
+    assert r["loss"] == pytest.approx(ref_loss[r["step"]], rel=1e-4, abs=1e-5)
+  # NOTE: only process 0 draws the progress bar.
+  for pair in (first, resumed):
+    assert "step/s" in pair[0].stderr or "s/step" in pair[0].stderr, pair[0].describe()
+    assert "step/s" not in pair[1].stderr and "s/step" not in pair[1].stderr, pair[1].describe()
+
+
+def test_slurm_layout_and_bad_input(monkeypatch):
+  env = {"SLURM_JOB_ID": "4101", "SLURM_STEP_NODELIST": "gpu[07-09,12],cpu1",
+         "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "0"}
+  got = multihost.layout({}, env)
+  assert got == multihost.Layout("gpu07:61445", 4, 3, "SLURM")
+  assert multihost.layout({}, dict(env, SLURM_NTASKS="1")) is None
+  assert multihost.layout({}, {}) is None
+  with pytest.raises(UserError, match="SLURM_PROCID=4 must be below SLURM_NTASKS=4"):
+    multihost.layout({}, dict(env, SLURM_PROCID="4"))
+  with pytest.raises(UserError, match="--coordinator_address given without --num_processes"):
+    multihost.layout({"coordinator_address": "127.0.0.1:1"}, {})
+  with pytest.raises(UserError, match="HOST:PORT"):
+    multihost.layout({"coordinator_address": "127.0.0.1", "num_processes": "2",
+                      "process_id": "1"}, {})
+  # flags win over SLURM's variables
+  flags = {"coordinator_address": "127.0.0.1:1234", "num_processes": "2", "process_id": "1"}
+  assert multihost.layout(flags, env) == multihost.Layout("127.0.0.1:1234", 2, 1, "flags")
+  with pytest.raises(UserError, match="global batch size=6 is not divisible by the 4 processes"):
+    monkeypatch.setattr(jax, "process_count", lambda: 4)
+    multihost.check_divides(6, "the global batch size")
+
+
+def test_coordinator_that_never_answers_is_one_line(tmp_path):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]  # NOTE: closed again: nothing listens there
+  env = _env(2, tmp_path / "cache")
+  start = time.monotonic()
+  proc = subprocess.run(
+      [sys.executable, *_train_args(tmp_path / "run"), f"--coordinator_address=127.0.0.1:{port}",
+       "--num_processes=2", "--process_id=1", "--initialization_timeout=3"],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and f"coordinator 127.0.0.1:{port} did not answer within 3 s" in lines[0]
+  assert time.monotonic() - start < 60
+  assert not (tmp_path / "run").exists()
