@@ -224,13 +224,16 @@ def main(argv: list) -> int:
   if "--dry_run" in flags:
     dry_run(spec, runs)
     return 0
-
-  def on_term(signum, frame):
-    del frame
-    raise KeyboardInterrupt(f"signal {signum}")
-  signal.signal(signal.SIGTERM, on_term)
+  spec.executor.check()
   return run_sweep(spec, runs)
 
 
+def _on_term(signum, frame):
+  del frame
+  # NOTE: SIGTERM (a scheduler's or `kill`) ends the live runs as Ctrl-C does.
+  raise KeyboardInterrupt(f"signal {signum}")
+
+
 if __name__ == "__main__":
+  signal.signal(signal.SIGTERM, _on_term)
   gin_utils.run_main(main)

@@ -48,9 +48,13 @@ def flatten_json(obj: Any, list_axis: Optional[str] = None) -> dict:
       for k, x in v.items():
         walk(x, f"{key}/{k}" if key else str(k))
     elif isinstance(v, list):
-      labels = ([f"{list_axis}={plan_lib.name_text(a)}" for a in axis]
-                if isinstance(axis, list) and len(axis) == len(v) and key != list_axis
-                else [str(i) for i in range(len(v))])
+      if v and all(isinstance(x, dict) and "lam" in x for x in v):
+        # NOTE: evaluate's summary: one group per lambda.
+        labels = [f"lam={plan_lib.name_text(x['lam'])}" for x in v]
+      elif isinstance(axis, list) and len(axis) == len(v) and key != list_axis:
+        labels = [f"{list_axis}={plan_lib.name_text(a)}" for a in axis]
+      else:
+        labels = [str(i) for i in range(len(v))]
       for label, x in zip(labels, v):
         walk(x, f"{key}[{label}]")
   walk(obj, "")
@@ -101,11 +105,16 @@ def metrics_path(run_dir: str, metrics_file: Optional[str], run_path: Optional[s
   return os.path.join(run_dir, run_path) if run_path else os.path.join(run_dir, METRICS_JSONL)
 
 
-def read_metrics(path: str, list_axis: Optional[str] = None) -> dict:
+def read_metrics(path: str, list_axis: Optional[str] = None, run_dir: Optional[str] = None
+                 ) -> dict:
+  """A run's metrics file as {name: number}; `run_dir/` is cut from names (evaluate's paths)."""
   try:
     if path.endswith(".json"):
       with open(path) as f:
-        return flatten_json(json.load(f), list_axis)
+        flat = flatten_json(json.load(f), list_axis)
+      if run_dir:
+        flat = {k.replace(run_dir.rstrip("/") + "/", ""): v for k, v in flat.items()}
+      return flat
     if os.path.basename(path) == METRICS_JSONL:
       return final_train_metrics(path)
     if path.endswith(".jsonl"):
@@ -145,7 +154,7 @@ def aggregate(spec: plan_lib.Sweep, runs: Sequence[plan_lib.Run]) -> dict:
       missing.append(run.name)
       continue
     group["runs"].append(run.name)
-    for metric, v in read_metrics(path, spec.list_axis).items():
+    for metric, v in read_metrics(path, spec.list_axis, run.run_dir).items():
       if math.isfinite(v):
         group["values"].setdefault(metric, []).append(v)
   if all(not g["runs"] for g in groups.values()):

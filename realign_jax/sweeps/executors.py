@@ -32,6 +32,9 @@ class LocalExecutor:
   def describe(self) -> str:
     return f"local, {self.parallel} at a time"
 
+  def check(self) -> None:
+    pass
+
   def run(self, jobs: Sequence[runner.RunJob], report: Report, root: str) -> list:
     del root
     processes = runner.Processes()
@@ -90,6 +93,13 @@ class SlurmExecutor:
     return (f"SLURM job array ({self.cluster}): partition {self.partition}, account "
             f"{self.account}, {self.nodes} node(s) x {self.gpus_per_node} GPU(s), "
             f"{self.time_min} min")
+
+  def check(self) -> None:
+    """Before anything is submitted: a SLURM cluster must be reachable from here."""
+    import shutil
+    if self.cluster == "slurm" and shutil.which("srun") is None:
+      raise UserError("SlurmExecutor: no `srun` on this machine's PATH; run the sweep on a SLURM "
+                      "login node (or try the array here with SlurmExecutor.cluster = 'local')")
 
   def make(self, folder: str):
     """The submitit executor with this executor's settings."""
