@@ -142,10 +142,46 @@ def run_dir_to_hf(model_dir: str, hf_dir: str, *, dtype: str = "float32",
   params = manager.load_params(model_dir, abstract)
   target = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}[dtype]
   params = jax.tree.map(lambda x: np.asarray(x).astype(target), params)
+  files = tokenizer_files(model_dir)
+  if not files:
+    files = _recorded_sentencepiece(model_dir, config)
   hf_import.export_hf_checkpoint(config, params, hf_dir, overwrite=overwrite,
-                                 max_shard_bytes=max_shard_bytes,
-                                 extra_files=tokenizer_files(model_dir))
+                                 max_shard_bytes=max_shard_bytes, extra_files=files)
   return hf_dir
+
+
+def _recorded_sentencepiece(model_dir: str, config) -> dict[str, str]:
+  """The sentencepiece model a run recorded in model.json, under its HF file name.
+
+  A run trained with a sentencepiece vocabulary (the built-in one included)
+  has no tokenizer files of its own; the file model.json names goes along as
+  spiece.model (T5) or tokenizer.model (decoder-only) when its hash still
+  matches. Anything else is said on stderr, not guessed.
+  """
+  import hashlib
+  from realign_jax.checkpoints import run_dir
+  from realign_jax.data import vocab as vocab_lib
+  from realign_jax.models.config import T5Config
+
+  recorded = run_dir.recorded_vocabulary(model_dir)
+  if not recorded or not recorded.get("path"):
+    print(f"note: {model_dir} names no vocabulary; the HF directory gets no tokenizer files",
+          file=sys.stderr)
+    return {}
+  path = (vocab_lib.BUILTIN_VOCAB_PATH if recorded["path"] == run_dir.BUILTIN_VOCAB
+          else recorded["path"])
+  try:
+    with open(path, "rb") as f:
+      digest = hashlib.sha256(f.read()).hexdigest()
+  except OSError as e:
+    print(f"note: the run's vocabulary {path} is unreadable ({e.strerror}); the HF directory "
+          "gets no tokenizer files", file=sys.stderr)
+    return {}
+  if digest != recorded.get("sha256") or not path.endswith(".model"):
+    print(f"note: {path} is not the sentencepiece model the run recorded; the HF directory "
+          "gets no tokenizer files", file=sys.stderr)
+    return {}
+  return {"spiece.model" if isinstance(config, T5Config) else "tokenizer.model": path}
 
 
 def _check_tokenizer(files: dict[str, str], model_vocab: int, hf_dir: str) -> None:

@@ -7,6 +7,7 @@ library itself with its own tokenizer.json writer.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,6 +22,7 @@ import tokenizers
 from realign_jax import convert
 from realign_jax.checkpoints import hf_import
 from realign_jax.checkpoints import manager
+from realign_jax.checkpoints import run_dir
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
@@ -241,3 +243,39 @@ def test_tokenizer_json_special_ids_from_files(tmp_path):
                                                                "eos_token": "<eos>"})
   with pytest.raises(UserError, match="eos_token '<eos>' is not a token of"):
     vocab_lib.load_vocabulary(odd)
+
+
+def test_trained_run_dir_round_trip(tmp_path, capsys, tiny_sft_dir):
+  """A run directory written by the trainer -> HF -> run directory: the same params."""
+  out, back = tmp_path / "hf", tmp_path / "back"
+  rc, err = _run(["--model_dir", tiny_sft_dir, "--hf_dir", out, "--to_hf"], capsys)
+  assert rc == 0, err
+  if run_dir.recorded_vocabulary(tiny_sft_dir) is None:
+    # No vocabulary recorded: said, not guessed.
+    assert "names no vocabulary" in err
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    # The same run with its (built-in) vocabulary recorded, as the train binary writes it.
+    run = tmp_path / "run"
+    shutil.copytree(tiny_sft_dir, run)
+    with open(run / "model.json") as f:
+      doc = json.load(f)
+    doc["vocab"] = run_dir.vocabulary_identity(None)
+    (run / "model.json").write_text(json.dumps(doc))
+    tiny_sft_dir = str(run)
+    rc, err = _run(["--model_dir", run, "--hf_dir", out, "--to_hf", "--overwrite"], capsys)
+    assert rc == 0, err
+  # The built-in sentencepiece vocabulary goes along, as T5's spiece.model.
+  assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "spiece.model"]
+  with open(vocab_lib.BUILTIN_VOCAB_PATH, "rb") as a, open(out / "spiece.model", "rb") as b:
+    assert a.read() == b.read()
+  rc, err = _run(["--hf_dir", out, "--model_dir", back], capsys)
+  assert rc == 0, err
+  config, _ = manager.read_model_json(tiny_sft_dir)
+  assert manager.read_model_json(str(back))[0] == config
+  lm = LanguageModel(config)
+  a = manager.load_params(tiny_sft_dir, _abstract(lm))
+  b = manager.load_params(str(back), _abstract(lm))
+  assert _leaves_equal(a, b)
+  # The copied vocabulary is recorded with the same hash as the trained run's.
+  with open(os.path.join(tiny_sft_dir, "model.json")) as f1, open(back / "model.json") as f2:
+    assert json.load(f1)["vocab"]["sha256"] == json.load(f2)["vocab"]["sha256"]
