@@ -279,3 +279,25 @@ def test_trained_run_dir_round_trip(tmp_path, capsys, tiny_sft_dir):
   # The copied vocabulary is recorded with the same hash as the trained run's.
   with open(os.path.join(tiny_sft_dir, "model.json")) as f1, open(back / "model.json") as f2:
     assert json.load(f1)["vocab"]["sha256"] == json.load(f2)["vocab"]["sha256"]
+
+
+def test_tokenizer_json_through_the_data_pipeline(tmp_path):
+  from realign_jax.data import pipeline
+  from realign_jax.data import tasks
+  path = write_tokenizer(tmp_path / "tok", T5_SPECIALS, config=T5_TOKENIZER_CONFIG)
+  corpus = tmp_path / "sft"
+  corpus.mkdir()
+  for split in ("train", "valid", "test"):
+    (corpus / f"{split}.jsonl").write_text(json.dumps(
+        {"id": "1", "subreddit": "cat", "title": "the dog", "post": "a cat sat on the mat",
+         "summary": "the cat sat"}) + "\n")
+  batch = next(pipeline.batch_iterator("tldr_sft", "train", batch_size=1, input_length=24,
+                                       target_length=6, seed=0, data_dir=str(corpus),
+                                       vocab_path=path))
+  # "the cat sat" -> 3 4 5, then eos 1, then pad 0.
+  np.testing.assert_array_equal(batch["targets"][0], [3, 4, 5, 1, 0, 0])
+  # The seqio task tokenizes the same way in tf.data.
+  task = tasks.get_task("tldr_sft", data_dir=str(corpus), vocab_path=path)
+  ex = next(iter(task.get_dataset(sequence_length={"inputs": 24, "targets": 6}, split="train",
+                                  shuffle=False, use_cached=False)))
+  np.testing.assert_array_equal(ex["targets"].numpy(), [3, 4, 5, 1])
