@@ -31,6 +31,9 @@ sum_i lam_i h_i + (1 - sum_i lam_i) h_ref; their rows' `lam` is the weight
 vector and `aligned_model_logprobs` holds one list per aligned model. The
 other methods write one line per (prompt, sample) with the same fields plus
 `method` and `setting` (see `_decode_method_all`). The file appears only when complete.
+
+On several hosts every process decodes every prompt on its own devices and
+process 0 alone writes the file (see `_host_mesh`).
 """
 
 from realign_jax import startup
@@ -205,7 +208,7 @@ def decode(*, ref_checkpoint: str, output_file: str, lambdas: Optional[Sequence[
   vocab, prompts, inputs = load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir,
                                         max_prompts, input_length)
 
-  mesh = partitioning.create_mesh()
+  mesh = _host_mesh()
   rules = partitioning.logical_axis_rules()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     ref = load_component(ref_checkpoint, mesh, rules)
@@ -273,8 +276,21 @@ def load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir, max_pr
 
 
 def write_rows(rows: Sequence[dict], output_file: str) -> None:
-  """JSON lines; the file appears only complete."""
-  ckpt_lib.atomic_write_jsonl(output_file, rows)
+  """JSON lines; the file appears only complete, written by process 0 alone."""
+  if jax.process_index() == 0:
+    ckpt_lib.atomic_write_jsonl(output_file, rows)
+
+
+def _host_mesh():
+  """The mesh decoding runs on: all devices on one host, this host's own on several.
+
+  NOTE: on several hosts every process decodes every prompt on its own
+  devices (no cross-host collective; the rows are the same on every host, each
+  row's sample depending only on its seed) and process 0 alone writes them.
+  """
+  if jax.process_count() == 1:
+    return partitioning.create_mesh()
+  return partitioning.create_mesh(devices=jax.local_devices())
 
 
 def _make_runner(ref, aligned, lambdas, mixing, cfg, n, multi=False):
@@ -319,7 +335,8 @@ def _decode_all(runners, inputs, prompts, vocab, lambdas, n, batch_size, seed, m
   num = inputs.shape[0]
   rows = [None] * (num * n * len(lambdas if has_aligned else [0]))
   total_tokens, t0 = 0, time.perf_counter()
-  bar = tqdm(total=num, desc="decode", unit="prompt", disable=not progress, mininterval=1.0)
+  bar = tqdm(total=num, desc="decode", unit="prompt", mininterval=1.0,
+             disable=not progress or jax.process_index() != 0)
   for start in range(0, num, batch_size):
     idx = np.arange(start, min(start + batch_size, num))
     pad = batch_size - len(idx)
@@ -539,7 +556,7 @@ def _decode_method(method: str, *, ref_checkpoint, output_file, aligned_checkpoi
   vocab, prompts, inputs = load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir,
                                         max_prompts, input_length)
 
-  mesh = partitioning.create_mesh()
+  mesh = _host_mesh()
   rules = partitioning.logical_axis_rules()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     comps = {"ref": load_component(ref_checkpoint, mesh, rules)}
@@ -626,7 +643,7 @@ def _decode_method_all(run, params, inputs, prompts, vocab, method, setting, n, 
   num = inputs.shape[0]
   rows = []
   compiled, compile_s, decode_s, total_tokens, rounds = None, 0.0, 0.0, 0, 0
-  bar = tqdm(total=num, desc=f"decode {method}", unit="prompt", disable=not progress,
+  bar = tqdm(total=num, desc=f"decode {method}", unit="prompt", disable=not progress or jax.process_index() != 0,
              mininterval=1.0)
   for start in range(0, num, batch_size):
     idx = np.arange(start, min(start + batch_size, num))

@@ -191,10 +191,16 @@ def evaluate(*, decode_files: Sequence[str], output_file: str,
                         compare_file, lam, res["failures"])
       summary["win_rates"].append({"file": path, "lam": lam, "against": compare_file,
                                    "against_lam": other_lam, **res})
-  ckpt_lib.atomic_write_text(output_file,
-                             json.dumps(stats.clean_for_json(summary), indent=2) + "\n")
+  if _is_primary():  # NOTE: on several hosts each computes the same summary; one writes it
+    ckpt_lib.atomic_write_text(output_file,
+                               json.dumps(stats.clean_for_json(summary), indent=2) + "\n")
   summary["output_file"] = output_file
   return summary
+
+
+def _is_primary() -> bool:
+  import jax
+  return jax.process_index() == 0
 
 
 def _se(se, digits: int = 4) -> str:

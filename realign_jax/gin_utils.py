@@ -13,6 +13,7 @@ only the binaries call `register()`.
 
 import os
 import sys
+import tokenize
 from typing import Callable, Optional, Sequence
 
 import gin
@@ -159,7 +160,7 @@ def parse(files: Sequence[str], bindings: Sequence[str]) -> None:
     # %gin.REQUIRED (e.g. MODEL_DIR); without them the REQUIRED sentinel object
     # itself would be passed on as the value.
     gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=True)
-  except (ValueError, KeyError, SyntaxError, TypeError, IOError) as e:
+  except (ValueError, KeyError, SyntaxError, TypeError, IOError, tokenize.TokenError) as e:
     raise UserError(f"gin: {first_line(e)}") from e
 
 

@@ -32,6 +32,7 @@ import logging
 import os
 import sys
 import tempfile
+import tokenize
 from typing import Optional
 
 from realign_jax.errors import UserError
@@ -232,7 +233,7 @@ def _check_gin_arguments(argv: list[str]) -> None:
     # heavy imports; here only the syntax, includes and values are checked.
     gin.parse_config_files_and_bindings(resolved, list(bindings), skip_unknown=True,
                                         finalize_config=False)
-  except (ValueError, KeyError, SyntaxError, TypeError, IOError) as e:
+  except (ValueError, KeyError, SyntaxError, TypeError, IOError, tokenize.TokenError) as e:
     raise UserError(f"gin: {gin_utils.first_line(e)}") from e
   finally:
     gin.clear_config()
