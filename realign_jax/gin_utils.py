@@ -237,7 +237,7 @@ def run_main(main: Callable[[list], int]) -> None:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     sys.exit(2)
   except Preempted as e:
-    print(str(e), file=sys.stderr)
+    print(str(e).splitlines()[0], file=sys.stderr)  # NOTE: without gin's "In call to" line
     sys.exit(PREEMPTED_EXIT_CODE)
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
