@@ -106,9 +106,11 @@ def hf_to_run_dir(hf_dir: str, model_dir: str, *, dtype: str = "float32",
       vocab = run_dir.vocabulary_identity(os.path.join(tmp, vocab_file))
       vocab["path"] = os.path.join(model_dir, vocab_file)  # where it is after the rename
     ckpt = manager.Checkpointer(tmp, keep=1, async_save=False)
+    # NOTE: host numpy leaves: orbax writes them without a copy on an accelerator,
+    # and `load_params` restores them with whatever shardings its caller asks.
     try:
       ckpt.save(0, {"step": jax.numpy.zeros((), jax.numpy.int32),
-                    "params": jax.tree.map(jax.numpy.asarray, params)})
+                    "params": params})
     finally:
       ckpt.close()
     manager.write_model_json(tmp, config, "lm", vocab=vocab)
