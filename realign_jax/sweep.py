@@ -46,6 +46,7 @@ import importlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
+import tokenize  # noqa: E402
 from typing import Sequence  # noqa: E402
 
 import gin  # noqa: E402
@@ -84,7 +85,7 @@ def parse_sweep(argv: Sequence[str]) -> plan_lib.Sweep:
   try:
     gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False)
     spec = gin.get_configurable("sweep")()
-  except (ValueError, KeyError, SyntaxError, TypeError, IOError) as e:
+  except (ValueError, KeyError, SyntaxError, TypeError, IOError, tokenize.TokenError) as e:
     raise UserError(f"gin: {gin_utils.first_line(e)}") from e
   finally:
     gin.clear_config()
@@ -119,7 +120,7 @@ def check_bindings(spec: plan_lib.Sweep, runs: Sequence[plan_lib.Run]) -> None:
   try:
     try:
       gin.parse_config_files_and_bindings(files, [], finalize_config=False)
-    except (ValueError, KeyError, SyntaxError, TypeError, IOError) as e:
+    except (ValueError, KeyError, SyntaxError, TypeError, IOError, tokenize.TokenError) as e:
       raise UserError(f"the base config {', '.join(spec.gin_files)}: gin: "
                       f"{gin_utils.first_line(e)}") from e
     # NOTE: a binding `NAME=...` of a macro the base config lacks would define a new,

@@ -73,7 +73,8 @@ def fake(tmp_path, monkeypatch):
   (tmp_path / "sweepfake.py").write_text(FAKE_BINARY)
   (tmp_path / "fake.gin").write_text(FAKE_GIN)
   monkeypatch.syspath_prepend(str(tmp_path))
-  monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+  monkeypatch.setenv("PYTHONPATH",
+                     os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
   monkeypatch.chdir(tmp_path)
 
   def write(name="s.gin", parallel=2, **over):

@@ -8,6 +8,7 @@ pool of subprocesses, the SLURM one is submitit's `map_array`.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 from typing import Callable, Optional, Sequence
 
@@ -40,15 +41,22 @@ class LocalExecutor:
     processes = runner.Processes()
     results = []
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.parallel)
-    pending = {pool.submit(runner.run_one, job, processes) for job in jobs}
+    of = {pool.submit(runner.run_one, job, processes): job for job in jobs}
+    pending = set(of)
     try:
       while pending:
         # NOTE: a timeout, so that SIGINT/SIGTERM reach the main thread promptly.
         done, pending = concurrent.futures.wait(
             pending, timeout=1.0, return_when=concurrent.futures.FIRST_COMPLETED)
         for f in done:
-          results.append(f.result())
-          report(results[-1])
+          try:
+            res = f.result()
+          except Exception as e:  # pylint: disable=broad-except
+            # NOTE: e.g. a run directory that cannot be written: that run fails, not the sweep.
+            res = runner.RunResult(of[f].name, "failed", None, 0, 0.0,
+                                   f"{type(e).__name__}: {e}")
+          results.append(res)
+          report(res)
     except BaseException:
       for f in pending:
         f.cancel()
@@ -106,7 +114,8 @@ class SlurmExecutor:
     import submitit
     ex = submitit.AutoExecutor(folder=folder, cluster=self.cluster)
     params = dict(timeout_min=self.time_min, nodes=self.nodes,
-                  tasks_per_node=self.tasks_per_node, slurm_array_parallelism=self.array_parallelism)
+                  tasks_per_node=self.tasks_per_node,
+                  slurm_array_parallelism=self.array_parallelism)
     if self.gpus_per_node:
       params["gpus_per_node"] = self.gpus_per_node
     if self.cpus_per_task is not None:
@@ -124,6 +133,10 @@ class SlurmExecutor:
 
   def run(self, jobs: Sequence[runner.RunJob], report: Report, root: str) -> list:
     ex = self.make(os.path.join(root, "slurm", "%j"))
+    if self.nodes * self.tasks_per_node > 1:
+      # NOTE: the tasks of a multi-host run start the binary together; one task retrying
+      # alone would wait for hosts that have left. A rerun of the sweep resumes it instead.
+      jobs = [dataclasses.replace(j, max_retries=0) for j in jobs]
     submitted = ex.map_array(runner.run_one, list(jobs))
     ids = [j.job_id for j in submitted]
     print(f"submitted {len(ids)} array tasks: {ids[0]}{' ... ' + ids[-1] if len(ids) > 1 else ''}",

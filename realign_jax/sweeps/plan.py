@@ -158,8 +158,8 @@ def expand(spec: Sweep, *, cwd: Optional[str] = None, python: str = sys.executab
     raise UserError(f"sweep.max_retries = {spec.max_retries!r} must be an integer >= 0")
   for what in ("fixed", "grid", "zip"):
     if not isinstance(getattr(spec, what), Mapping):
-      raise UserError(f"sweep.{what} must be a dict {{binding: value{'s' if what != 'fixed' else ''}}}, "
-                      f"got {getattr(spec, what)!r}")
+      shape = "{binding: value}" if what == "fixed" else "{binding: [values]}"
+      raise UserError(f"sweep.{what} must be a dict {shape}, got {getattr(spec, what)!r}")
 
   # ---- who binds what: each name once ------------------------------------------------
   owner = {}
@@ -194,11 +194,10 @@ def expand(spec: Sweep, *, cwd: Optional[str] = None, python: str = sys.executab
                     ", ".join(f"{k} has {n}" for k, n in lengths.items()))
   if not grid and not zipped and not seeds:
     raise UserError("the sweep has no runs: give sweep.grid, sweep.zip or sweep.seeds")
-  for key in ("plot_x",):
-    x = getattr(spec, key)
-    if x is not None and x not in grid and x not in zipped and x != spec.seed_binding:
-      raise UserError(f"sweep.plot_x = {x!r} is not a swept binding; choose one of "
-                      f"{sorted(list(grid) + list(zipped))}")
+  x = spec.plot_x
+  if x is not None and x not in grid and x not in zipped:
+    raise UserError(f"sweep.plot_x = {x!r} is not a swept binding (seeds are averaged over); "
+                    f"choose one of {sorted(list(grid) + list(zipped))}")
   if (spec.plot_x is None) != (spec.plot_metric is None):
     raise UserError("give both sweep.plot_metric and sweep.plot_x, or neither")
 

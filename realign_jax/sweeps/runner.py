@@ -143,10 +143,11 @@ def run_one(job: RunJob, processes: Optional[Processes] = None) -> RunResult:
   start = time.perf_counter()
   first = _next_attempt(job.run_dir)
   attempts, code, err_path = 0, None, ""
+  task = "" if primary else f".task{os.environ.get('SLURM_PROCID')}"
   while attempts <= job.max_retries:
     n = first + attempts
-    out_path = os.path.join(job.run_dir, LOG_DIR, f"attempt-{n}.out")
-    err_path = os.path.join(job.run_dir, LOG_DIR, f"attempt-{n}.err")
+    out_path = os.path.join(job.run_dir, LOG_DIR, f"attempt-{n}{task}.out")
+    err_path = os.path.join(job.run_dir, LOG_DIR, f"attempt-{n}{task}.err")
     with open(out_path, "w") as out, open(err_path, "w") as err:
       proc = processes.start(list(job.command), cwd=job.cwd, stdout=out, stderr=err)
       if proc is None:
