@@ -109,6 +109,10 @@ def test_t5_hf_to_run_dir_and_back(tmp_path, capsys):
   assert hf_import.hf_model_config(hf) == config
   direct = hf_import.hf_params(hf, _abstract(lm))
   assert _leaves_equal(jax.tree.map(np.asarray, direct), want)
+  nan = tmp_path / "nan"
+  write_hf(nan, c, {**sd, "encoder.final_layer_norm.weight": np.full(32, np.nan, np.float32)})
+  with pytest.raises(UserError, match="non-finite values in parameter.*encoder_norm"):
+    hf_import.hf_params(str(nan), _abstract(lm))
 
   # Back to HF, sharded: the tensors are the ones written by hand, bit for bit.
   out = tmp_path / "export"

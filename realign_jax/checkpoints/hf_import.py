@@ -663,6 +663,11 @@ def hf_params(path: str, abstract_params: Params) -> Params:
   if diff:
     raise UserError(f"HF checkpoint {path} does not fit the model it is used for: "
                     + "; ".join(diff[:3]))
+  for key, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    # NOTE: as `load_params` refuses a run's non-finite params, so is an HF one refused.
+    if not np.isfinite(leaf).all():
+      raise UserError(f"HF checkpoint {path} holds non-finite values in parameter "
+                      f"{jax.tree_util.keystr(key)}; refusing to use it")
 
   def place(x, s):
     x = np.asarray(x, dtype=s.dtype)
