@@ -197,8 +197,15 @@ def _check_tokenizer(files: dict[str, str], model_vocab: int, hf_dir: str) -> No
                     f"vocab_size={model_vocab}: they do not belong together")
 
 
+class _Parser(argparse.ArgumentParser):
+  """Bad arguments: one line (`error: ...`, exit 2), as the other binaries."""
+
+  def error(self, message):
+    self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = _Parser(
       prog="python -m realign_jax.convert",
       description="Convert a Hugging Face checkpoint directory to a realign_jax run directory, "
                   "or (with --to_hf) a run directory back to a Hugging Face directory.")

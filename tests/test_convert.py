@@ -201,10 +201,15 @@ def test_bad_arguments_and_tokenizer_mismatch(tmp_path, capsys):
   assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
 
 
-def test_help_exits_zero():
+def test_help_exits_zero_and_bad_arguments_are_one_line():
   out = subprocess.run([sys.executable, "-m", "realign_jax.convert", "--help"],
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0 and "--to_hf" in out.stdout and "--max_shard_size" in out.stdout
+  out = subprocess.run([sys.executable, "-m", "realign_jax.convert", "--hf_dir=x"],
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and out.stdout == ""
+  assert out.stderr.strip().splitlines() == [
+      "error: the following arguments are required: --model_dir (see --help)"]
 
 
 # ---- tokenizer.json vocabularies ------------------------------------------------------

@@ -22,6 +22,18 @@ Nothing else changes: T5 has no 1/sqrt(D) in attention in either codebase,
 and our RoPE uses the rotate-half layout of the HF Llama weights, so q/k need
 no permutation.
 
+T5 heads. transformers 4.x multiplies T5's decoder output by d_model**-0.5
+exactly when `tie_word_embeddings` is true (original T5; T5.1.1 and flan-t5
+store false and a separate `lm_head`). transformers 5.x keeps
+`tie_word_embeddings` true and stores the rescale as `scale_decoder_outputs`,
+a T5.1.1/flan-t5 `lm_head` still in the weights. Both are read: the rescale is
+`scale_decoder_outputs` when present, else `tie_word_embeddings`; an unscaled
+model's head is its stored `lm_head` (or, 5.x only, the shared matrix when
+none is stored). Export writes both fields.
+
+Directories as checkpoints: `is_hf_dir`, `hf_model_config` and `hf_params`
+let code that reads run directories take an HF directory in their place.
+
 Loading is strict: a missing tensor, an unexpected tensor (other than the
 harmless extras listed in `_harmless`, e.g. rotary `inv_freq` buffers or the
 encoder/decoder copies of T5's shared embedding; a stored copy of a tied
