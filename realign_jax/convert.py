@@ -35,8 +35,6 @@ from realign_jax.errors import UserError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "spiece.model", "tokenizer.model",
                    "generation_config.json")
-# The file whose hash model.json records as the run's vocabulary (first present).
-_VOCAB_FILES = ("spiece.model", "tokenizer.model", "tokenizer.json")
 _DTYPES = ("float32", "bfloat16")
 _UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9,
           "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
@@ -88,7 +86,6 @@ def hf_to_run_dir(hf_dir: str, model_dir: str, *, dtype: str = "float32",
   import jax
   from realign_jax.checkpoints import hf_import
   from realign_jax.checkpoints import manager
-  from realign_jax.checkpoints import run_dir
 
   model_dir = _check_destination(model_dir, overwrite, "--model_dir")
   config, params = hf_import.load_hf_checkpoint(hf_dir, dtype=dtype)
@@ -100,11 +97,9 @@ def hf_to_run_dir(hf_dir: str, model_dir: str, *, dtype: str = "float32",
   try:
     for name, source in files.items():
       shutil.copyfile(source, os.path.join(tmp, name))
-    vocab_file = next((n for n in _VOCAB_FILES if n in files), None)
-    vocab = None
-    if vocab_file is not None:
-      vocab = run_dir.vocabulary_identity(os.path.join(tmp, vocab_file))
-      vocab["path"] = os.path.join(model_dir, vocab_file)  # where it is after the rename
+    vocab = hf_import.hf_vocabulary(tmp)
+    if vocab is not None:  # NOTE: named where it is after the rename
+      vocab["path"] = os.path.join(model_dir, os.path.basename(vocab["path"]))
     ckpt = manager.Checkpointer(tmp, keep=1, async_save=False)
     # NOTE: host numpy leaves: orbax writes them without a copy on an accelerator,
     # and `load_params` restores them with whatever shardings its caller asks.

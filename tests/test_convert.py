@@ -107,6 +107,8 @@ def test_t5_hf_to_run_dir_and_back(tmp_path, capsys):
   # The HF directory used directly (the hook for binaries) gives the same params.
   assert hf_import.is_hf_dir(hf) and not hf_import.is_hf_dir(str(run))
   assert hf_import.hf_model_config(hf) == config
+  with open(run / "model.json") as f:
+    assert hf_import.hf_vocabulary(hf)["sha256"] == json.load(f)["vocab"]["sha256"]
   direct = hf_import.hf_params(hf, _abstract(lm))
   assert _leaves_equal(jax.tree.map(np.asarray, direct), want)
   nan = tmp_path / "nan"

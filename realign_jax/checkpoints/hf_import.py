@@ -659,6 +659,29 @@ def hf_model_config(path: str) -> ModelConfig:
   return _config_of(config_json, config_path)
 
 
+# The vocabulary file of an HF directory, in order of preference.
+HF_VOCAB_FILES = ("spiece.model", "tokenizer.model", "tokenizer.json")
+
+
+def hf_vocabulary(path: str) -> Optional[dict]:
+  """{"path", "sha256"} of an HF directory's vocabulary file, as model.json records one.
+
+  The counterpart of `run_dir.recorded_vocabulary` for an HF directory: the
+  first of spiece.model, tokenizer.model, tokenizer.json that it holds; None
+  when it holds none.
+  """
+  import hashlib
+  for name in HF_VOCAB_FILES:
+    file = os.path.join(path, name)
+    if os.path.isfile(file):
+      try:
+        with open(file, "rb") as f:
+          return {"path": file, "sha256": hashlib.sha256(f.read()).hexdigest()}
+      except OSError as e:
+        raise UserError(f"cannot read {file}: {e.strerror}") from None
+  return None
+
+
 def hf_params(path: str, abstract_params: Params) -> Params:
   """An HF checkpoint's params placed like `abstract_params` (the `load_params` twin).
 
