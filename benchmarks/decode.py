@@ -7,6 +7,16 @@ Random weights, batch 8, 64 new tokens (EOS masked so every call decodes all
 `dera_over_single` (DeRa time / single-model time at the T5.1.1-small size;
 two forward passes per token make 2 the floor) and `sweep_speedup` (six
 separate DeRa calls / one batched call over the six lambdas, tiny size).
+
+Memory-bound decoding: per size, `param_bytes_per_step` is the parameter
+bytes one decoding step of one model reads (every decoder-side matrix; T5's
+encoder runs once per prompt, and an untied input embedding is read one row
+per token, so neither is counted), `single_param_gb_per_s` /
+`dera_param_gb_per_s` those bytes (twice for DeRa) per step time, and
+`copy_gb_per_s` (top level) the machine's memory bandwidth measured in the
+same run: a jitted `x + 1` over a COPY_BYTES float32 array, read once and
+written once. Step times include the prompt's prefill (one call), so the
+achieved figures are slight underestimates.
 """
 
 import argparse
@@ -27,6 +37,23 @@ from realign_jax.models import sizes  # noqa: E402
 from realign_jax.models.api import LanguageModel  # noqa: E402
 
 LAMBDAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+COPY_BYTES = 512 * 2**20
+
+
+def copy_bandwidth(repeats: int) -> float:
+  """Bytes/s of a large element-wise pass (COPY_BYTES read + COPY_BYTES written)."""
+  x = jnp.zeros((COPY_BYTES // 4,), jnp.float32)
+  fn = jax.jit(lambda a: a + 1.0)
+  return 2 * COPY_BYTES / _timed(lambda: fn(x), max(repeats, 3))
+
+
+def param_bytes_per_step(lm, params) -> int:
+  """Parameter bytes one decoding step reads (see the module docstring)."""
+  def nbytes(tree):
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+  skip = {"token_embedder", "embed_tokens"} if not lm.config.tie_embeddings else set()
+  return int(sum(nbytes(v) for k, v in params.items()
+                 if k not in skip and not k.startswith("encoder")))
 
 
 def _no_eos(step):
@@ -88,8 +115,12 @@ def bench_size(name, batch, new_tokens, repeats, input_length=64):
   t_sep = _timed(lambda: [dera_one(rng, lam) for lam in LAMBDAS], repeats)
   t_sweep = _timed(lambda: sweep(rng), repeats)
   tokens = batch * new_tokens
+  step_bytes = param_bytes_per_step(lm, ref.params)
   return {
       "params": sum(x.size for x in jax.tree_util.tree_leaves(ref.params)),
+      "param_bytes_per_step": step_bytes,
+      "single_param_gb_per_s": step_bytes * new_tokens / t_single / 1e9,
+      "dera_param_gb_per_s": 2 * step_bytes * new_tokens / t_dera / 1e9,
       "single_s": t_single, "dera_s": t_dera, "six_separate_s": t_sep, "sweep_batched_s": t_sweep,
       "single_tokens_per_s": tokens / t_single, "dera_tokens_per_s": tokens / t_dera,
       "sweep_tokens_per_s": tokens * len(LAMBDAS) / t_sweep,
@@ -108,6 +139,7 @@ def main():
   names = a.sizes.split(",")
   result = {"device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
             "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "copy_gb_per_s": copy_bandwidth(a.repeats) / 1e9,
             "batch": a.batch, "new_tokens": a.new_tokens, "lambdas": list(LAMBDAS), "sizes": {}}
   for name in names:
     result["sizes"][name] = bench_size(name, a.batch, a.new_tokens, a.repeats)

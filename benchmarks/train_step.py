@@ -10,7 +10,8 @@ Runs `realign_jax.training.trainer.train` (the same jitted, sharded step the
 train binary runs) on an algorithm whose batches are random token ids, so no
 data set or TensorFlow is needed. The step is compiled ahead of time on its
 own: `compile_s` times `jit(step).lower(...).compile()` (tracing, lowering
-and XLA together), and the compiled program's memory analysis gives the
+and XLA together; `compile_cpu_s` the CPU seconds it took, which a busy
+machine does not inflate), and the compiled program's memory analysis gives the
 argument, output and temporary bytes per device (`memory_per_device_bytes`
 is their sum; `memory_per_device_net_bytes` subtracts the outputs aliased to
 donated arguments, i.e. the train state updated in place). With
@@ -83,6 +84,7 @@ class StepCompiler:
   def __init__(self, compile_only: bool):
     self.compile_only = compile_only
     self.compile_s = None
+    self.compile_cpu_s = None  # CPU seconds of all the process's threads (robust to load)
     self.memory = None
     self._real_jit = jax.jit
 
@@ -110,9 +112,10 @@ class StepCompiler:
 
     def call(*args):
       if not compiled:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         c = real.lower(*args).compile()
         self.compile_s = time.perf_counter() - t0
+        self.compile_cpu_s = time.process_time() - c0
         m = c.memory_analysis()
         self.memory = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in
                        ("argument", "output", "temp", "alias", "generated_code")}
@@ -305,7 +308,7 @@ def main():
       "remat_policy": cfg.remat_policy, "attention_impl": cfg.attention_impl,
       "params": enc + dec, "batch": a.batch, "input_length": a.input_length,
       "target_length": a.target_length, "optimizer": a.optimizer,
-      "compile_s": comp.compile_s,
+      "compile_s": comp.compile_s, "compile_cpu_s": comp.compile_cpu_s,
       "memory_per_device_bytes": mem["argument"] + mem["output"] + mem["temp"],
       "memory_per_device_net_bytes": mem["argument"] + mem["output"] + mem["temp"]
                                      - mem["alias"],

@@ -3,14 +3,15 @@
 # with 8 simulated devices (data axis 8, FSDP). Run from the repository root:
 #   bash benchmarks/results/cpu_compile.sh
 # Each JSON file holds the benchmark's last stdout line; a run stopped by the
-# 15-minute bound writes {"timed_out_after_s": 900} instead.
-set -u
+# 15-minute bound writes {"timed_out_after_s": 900} instead (SIGKILL: the
+# trainer catches SIGTERM to checkpoint). REMAT=full selects a remat policy.
+set -u -o pipefail
 export XLA_FLAGS=--xla_force_host_platform_device_count=8
 out=benchmarks/results
 run() {  # NAME ARGS...
   local name=$1; shift
   local line
-  if line=$(timeout 900 python benchmarks/train_step.py --json --fsdp --compile_only "$@" | tail -1); then
+  if line=$(timeout -s KILL 900 python benchmarks/train_step.py --json --fsdp --compile_only "$@" | tail -1); then
     echo "$line" > "$out/$name.json"
   else
     echo '{"timed_out_after_s": 900, "args": "'"$*"'"}' > "$out/$name.json"
