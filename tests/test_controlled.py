@@ -22,6 +22,7 @@ from realign_jax.decoding.dera import Component
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import replace
+from realign_jax.models.heads import DUELING_Q
 from tests.helpers import TINY, random_batch
 
 VOCAB, MAX_LEN, EOS = 5, 4, 1
@@ -49,10 +50,16 @@ class TabularLM:
 
   def init(self, rng):
     del rng
+    if self.output_head == DUELING_Q:  # advantages [V^L, V] and values [V^L]
+      params = {"table": jnp.zeros((self.size, self.vocab_size), jnp.float32),
+                "values": jnp.zeros((self.size,), jnp.float32)}
+      return params, {k: jax.sharding.PartitionSpec() for k in params}
     shape = (self.size, self.vocab_size) if self.output_head == "lm" else (self.size,)
     return {"table": jnp.zeros(shape, jnp.float32)}, {"table": jax.sharding.PartitionSpec()}
 
   def _out(self, params, idx):
+    if self.output_head == DUELING_Q:
+      return {"logits": params["table"][idx], "values": params["values"][idx]}
     key = "logits" if self.output_head == "lm" else "values"
     return {key: params["table"][idx]}
 
@@ -111,13 +118,16 @@ def all_states():
 class TinyMDP:
   """A random policy table, reward table and everything enumerable from them."""
 
-  def __init__(self, seed=0, temperature=1.0):
+  def __init__(self, seed=0, temperature=1.0, reward_offset=0.0, rare_token=None):
+    """rewards ~ U[0, 1] + reward_offset; `rare_token` gets logit -16 everywhere (p ~ 1e-7)."""
     rng = np.random.default_rng(seed)
     size = VOCAB ** MAX_LEN
     logits = np.full((size, VOCAB), -np.inf, np.float32)
     for s in all_states():
       row = rng.normal(size=VOCAB) * temperature
       row[0] = -np.inf
+      if rare_token is not None:
+        row[rare_token] = -16.0
       if len(s) == MAX_LEN - 1:
         row[2:] = -np.inf  # the 4th token must be EOS
       logits[np_index(s)] = row
@@ -125,7 +135,7 @@ class TinyMDP:
     self.logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1), np.float64)
     self.reward = np.zeros(size, np.float64)
     for y in all_responses():
-      self.reward[np_index(y)] = rng.uniform()
+      self.reward[np_index(y)] = rng.uniform() + reward_offset
     self.responses = all_responses()
     # V*(prefix) = E_p[r | prefix] for every prefix, terminal ones included.
     self.value = np.zeros(size, np.float64)

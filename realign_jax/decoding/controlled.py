@@ -11,7 +11,10 @@ BEFORE token t; V([x, y^{<=t}]) is at index t + 1. Incrementally, the output
 of `step_outputs` after consuming a token is the value of the prefix that
 ENDS with that token (after the first token of prefill: the empty response).
 A Q-head model (output_head "lm") reads its logits as Q(s)[z] = V([s, z]) for
-every next token z in one step.
+every next token z in one step. A dueling Q-model (output_head
+"lm+scalar:dueling", see training/value.py) has Q(s)[z] = logits[z] + c(s):
+token-wise CD reads its logits as a Q-head (a constant per state changes no
+distribution) and blockwise CD reads its scalar V(s) as a value head.
 
 Token-wise CD (Theorem 2 of the controlled-decoding talk):
   pi(z | s) proportional to p(z | s) exp(V([s, z]) / beta)
@@ -37,6 +40,7 @@ import jax.numpy as jnp
 from realign_jax.decoding import sampler
 from realign_jax.decoding.dera import Component
 from realign_jax.errors import UserError
+from realign_jax.models.heads import DUELING_Q
 
 POLICY, VALUE = 0, 1
 
@@ -69,15 +73,21 @@ def check_at_least_one(name: str, x) -> int:
   return x
 
 
-def head_kind(value: Component) -> str:
-  """'q' for a Q-head (logits read as Q-values), 'v' for a scalar value head."""
+def head_kind(value: Component, *, blockwise: bool = False) -> str:
+  """'q' for a Q-head (logits read as Q-values), 'v' for a scalar value head.
+
+  A dueling Q-model is 'q' token-wise (its logits are Q up to a constant per
+  state) and 'v' blockwise (blocks from different states are compared by V).
+  """
   head = getattr(value.lm, "output_head", "scalar")
   if head == "lm":
     return "q"
+  if head == DUELING_Q:
+    return "v" if blockwise else "q"
   if head in ("scalar", "lm+scalar"):
     return "v"
-  raise UserError(f"a value model needs output_head 'scalar', 'lm+scalar' or 'lm' (Q-head), "
-                  f"got {head!r}")
+  raise UserError(f"a value model needs output_head 'scalar', 'lm+scalar', 'lm' (Q-head) or "
+                  f"{DUELING_Q!r}, got {head!r}")
 
 
 # ---- caches ----------------------------------------------------------------------
@@ -210,7 +220,7 @@ def block_values(value: Component, vcache, first, blocks, lengths):
   """
   n, m = blocks.shape
   seq = jnp.concatenate([first[:, None].astype(jnp.int32), blocks], axis=1)  # [N, M + 1]
-  kind = head_kind(value)
+  kind = head_kind(value, blockwise=True)
   key = "logits" if kind == "q" else "values"
 
   def body(c, tok):

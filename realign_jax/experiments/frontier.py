@@ -105,12 +105,13 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
              lambdas: Sequence[float] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
              best_of_n: Sequence[int] = (1, 2, 4, 8, 16, 32),
              cd_betas: Sequence[float] = (3.0, 1.0, 0.3), cd_top_k: int = 10,
-             cd_q_top_k: int = 10,
+             cd_q_top_k: Sequence[int] | int = (10, 0),
              block_candidates: Sequence[int] = (2, 4, 8), block_length: int = 4,
              tq_alphas: Sequence[float] = (10.0, 10 / 3, 1.0),
              tq_alpha_convention: str = "paper", tq_top_k: int = 10,
              tq_horizon: int = 16, args_weights: Sequence[float] = (0.3, 1.0, 3.0),
              args_top_k: int = 10, value_batch_size: int = 32, cdq_target_period: int = 10,
+             cdq_output_head: str = "lm+scalar:dueling",
              num_prompts: int = 64, num_samples: int = 2, batch_size: int = 16,
              split: str = "validation", seed: int = 0, compilation_cache: bool = True,
              progress: bool = True) -> dict:
@@ -149,8 +150,14 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
   args_weights = _check_grid("args_weights", args_weights)
   vocab_size = sft.model.vocab_size
   controlled.check_top_k(cd_top_k, vocab_size, "frontier.cd_top_k")
-  if cd_q_top_k != 0:  # 0: the whole vocabulary
-    controlled.check_top_k(cd_q_top_k, vocab_size, "frontier.cd_q_top_k")
+  # one or several candidate counts for the Q-head; 0 = the whole vocabulary
+  cd_q_top_ks = [cd_q_top_k] if isinstance(cd_q_top_k, int) else list(cd_q_top_k)
+  if not cd_q_top_ks or len(set(cd_q_top_ks)) != len(cd_q_top_ks):
+    raise UserError(f"frontier.cd_q_top_k must be distinct candidate counts (0 = the whole "
+                    f"vocabulary), got {cd_q_top_k!r}")
+  for k in cd_q_top_ks:
+    if k != 0:
+      controlled.check_top_k(k, vocab_size, "frontier.cd_q_top_k")
   controlled.check_top_k(tq_top_k, vocab_size, "frontier.tq_top_k")
   controlled.check_top_k(args_top_k, vocab_size, "frontier.args_top_k")
   controlled.check_at_least_one("frontier.block_length (M)", block_length)
@@ -170,7 +177,7 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
   need_fudge = "cd_token_fudge" in methods or "cd_block" in methods
   need_cdq = "cd_token_q" in methods
   decodes = {"best_of_n": 1, "ppo": len(betas), "dera": 1, "cd_token_fudge": len(cd_betas),
-             "cd_token_q": len(cd_betas), "cd_block": len(block_candidates),
+             "cd_token_q": len(cd_betas) * len(cd_q_top_ks), "cd_block": len(block_candidates),
              "tq_direct": len(tq_alphas), "args": len(args_weights)}
   total = 1 + len(need_ppo) + need_fudge + need_cdq + sum(decodes[m] for m in methods)
   runner = stages_lib.StageRunner(model_dir, total=total)
@@ -218,7 +225,8 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
         reference_checkpoint=True, init_checkpoint=True)
   if need_cdq:
     trained["value_cdq"] = train_from_sft(
-        "value_cdq", CDQValue(**value_kw, target_ema=0.0, target_period=cdq_target_period),
+        "value_cdq", CDQValue(**value_kw, target_ema=0.0, target_period=cdq_target_period,
+                              output_head=cdq_output_head),
         value_steps, value_optimizer, reference_checkpoint=True, init_checkpoint=True)
 
   # ---- decoding: one call of the decode binary's function per stage ----------------------
@@ -264,8 +272,8 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
     add("dera", None, "dera_sweep", decode_stage(
         "dera_sweep", [_name("ppo_beta", aligned_beta)], {"lambdas": lambdas},
         method="dera", aligned_checkpoint=aligned_dir, lambdas=lambdas))
-  for method, value_stage, top_k in (("cd_token_fudge", "value_fudge", cd_top_k),
-                                     ("cd_token_q", "value_cdq", cd_q_top_k)):
+  for method, value_stage, top_k in ([("cd_token_fudge", "value_fudge", cd_top_k)] +
+                                     [("cd_token_q", "value_cdq", k) for k in cd_q_top_ks]):
     if method in methods:
       for b in cd_betas:
         st = _name(f"{method}_k{top_k}_beta", b)
@@ -312,10 +320,11 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
       "task": ppo.task, "split": split, "num_prompts": num_prompts, "num_samples": num_samples,
       "max_new_tokens": sampling.max_new_tokens, "reward": decode_bin.reward_label(reward),
       "sft_steps": sft_steps, "ppo_steps": ppo_steps, "value_steps": value_steps,
-      "aligned_beta": aligned_beta, "cd_top_k": cd_top_k, "cd_q_top_k": cd_q_top_k,
+      "aligned_beta": aligned_beta, "cd_top_k": cd_top_k, "cd_q_top_k": cd_q_top_ks,
       "block_length": block_length,
       "tq_top_k": tq_top_k, "tq_horizon": tq_horizon,
       "tq_alpha_convention": tq_alpha_convention, "args_top_k": args_top_k,
+      "cdq_output_head": cdq_output_head,
       "model": f"{type(sft.model.config).__name__}"})
   results["stage_seconds"] = dict(runner.timings)
   results["stages_run_now"] = list(runner.ran)
@@ -458,17 +467,31 @@ def build_results(entries: list, settings: dict) -> dict:
 
 
 # ---- figure and report -------------------------------------------------------------------
+def _curve(e: dict) -> str:
+  """The part of a setting that makes a separate curve: the candidate count k."""
+  return "k=" + e["setting"].split(",k=")[-1] if ",k=" in (e["setting"] or "") else ""
+
+
+def _curves(entries: list) -> list:
+  """(method, curve) in METHODS order, curves in order of appearance."""
+  seen = []
+  for method in METHODS:
+    for e in entries:
+      if e["method"] == method and (method, _curve(e)) not in seen:
+        seen.append((method, _curve(e)))
+  return seen
+
+
 def plot_frontier(path: str, results: dict) -> str:
   plt = rep._plt()
   fig, ax = plt.subplots(figsize=(7.0, 4.8))
   markers = dict(zip(METHODS, "os^v<>Dp"))
-  for method in METHODS:
-    es = [e for e in results["entries"] if e["method"] == method]
-    if not es:
-      continue
+  for method, curve in _curves(results["entries"]):
+    es = [e for e in results["entries"] if e["method"] == method and _curve(e) == curve]
     # NOTE: points joined in the order of the method's grid (n, lambda, beta, ...).
     exact = es[0]["kl_kind"] == "exact"
-    label = LABELS[method] + ("" if exact else " [KL: best-of-n estimator]")
+    label = LABELS[method] + (f" ({curve})" if curve else "") + (
+        "" if exact else " [KL: best-of-n estimator]")
     line = ax.errorbar([e["kl"] for e in es], [e["reward"] for e in es],
                        xerr=[e["kl_se"] for e in es], yerr=[e["reward_se"] for e in es],
                        marker=markers[method], capsize=2, linewidth=1.2, label=label,
@@ -492,6 +515,17 @@ def plot_frontier(path: str, results: dict) -> str:
   return out
 
 
+def _q_candidates(top_ks) -> str:
+  ks = [top_ks] if isinstance(top_ks, int) else top_ks  # NOTE: one int in older results
+  return " and ".join(f"the top {k}" if k else "the whole vocabulary" for k in ks)
+
+
+def _q_head_label(settings: dict) -> str:
+  head = settings.get("cdq_output_head", "lm")  # NOTE: older results used the plain Q-head
+  return ("dueling Q-head (V(s) + A(s, z), unvisited tokens at V(s))" if "dueling" in head
+          else "Q-head")
+
+
 def render_report(res: dict) -> str:
   f = rep.fmt
   s = res["settings"]
@@ -502,9 +536,8 @@ def render_report(res: dict) -> str:
            f"{s['num_samples']} samples each (best-of-n: its own draw), temperature 1, at most "
            f"{s['max_new_tokens']} tokens. DeRa and Transfer Q* use the PPO model at beta = "
            f"{s['aligned_beta']:g}; token-wise CD scores the top {s['cd_top_k']} tokens of p "
-           f"with the FUDGE value and " + (f"the top {s['cd_q_top_k']}" if s["cd_q_top_k"] else
-                                           "the whole vocabulary") +
-           f" with the Q-head; blockwise CD draws blocks of "
+           f"with the FUDGE value and " + _q_candidates(s["cd_q_top_k"]) +
+           f" with the {_q_head_label(s)}; blockwise CD draws blocks of "
            f"{s['block_length']} tokens; TQ* takes the top {s['tq_top_k']} with rollouts of "
            f"{s['tq_horizon']} tokens" + (
                # NOTE: results written before the option existed used the authors' form.

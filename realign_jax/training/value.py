@@ -25,6 +25,26 @@ the state): an EMA of the params (target_ema in (0, 1]) or a copy every
 `target_period` steps (target_ema = 0). Both p(. | s_{t+1}) and
 Q_target(s_{t+1}) come from one teacher-forced pass each in `prepare`.
 
+The dueling Q-head (output_head "lm+scalar:dueling", the default): the
+scalar head is V(s), the logits are advantages A(s, z), and
+  Q(s, z) = V(s) + A(s, z) - sum_z' p(z' | s) A(s, z'),
+so sum_z p(z | s) Q(s, z) = V(s) exactly and the bootstrap above is
+V_target(s_{t+1}). A token that no sampled response took at s keeps the
+advantage of its zero start, so its Q is V(s), the value of continuing with p,
+not the optimistic 0 of a plain Q-head when rewards are <= 0 (with the plain
+head, full-vocabulary CD-Q follows such tokens for small beta). The gauge
+(adding c to every A(s, .) changes no Q) is pinned by
+  gauge_weight * 1/2 sum_t (sum_z p(z | s_t) A(s_t, z))^2,
+which moves no Q: it keeps E_p A = 0, so an untouched advantage stays at V(s).
+A token p rarely draws still gets a gradient of order p(z | s) through the
+centering, which Adam's per-parameter normalisation turns into steps of full
+size (on the tiny MDP its A drifted to +0.1 in 300 steps); the advantages are
+therefore also pulled toward 0 by
+  advantage_l2 * 1/2 sum_t sum_z A(s_t, z)^2,
+which shrinks a visited token's advantage by about advantage_l2 / (p(z | s) +
+advantage_l2) of itself. p is the reference without pad (`sampler.mask_pad`),
+as it samples.
+
 Losses are sums over a response's tokens, averaged over the batch.
 """
 
@@ -40,6 +60,7 @@ from realign_jax.data import pipeline
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
+from realign_jax.models.heads import DUELING_Q
 from realign_jax.parallel import partitioning
 from realign_jax.rewards import base as rewards_base
 from realign_jax.training import policy as policy_lib
@@ -62,6 +83,12 @@ def fudge_loss(values, rewards, mask):
   return jnp.mean(0.5 * jnp.sum(jnp.square(err), axis=1))
 
 
+def _probs(ref_logits):
+  """p without pad; 0 where a row has no finite logit (positions past the response)."""
+  p = jax.nn.softmax(sampler.mask_pad(ref_logits), axis=-1)
+  return jnp.where(jnp.isfinite(p), p, 0.0)
+
+
 def cdq_targets(ref_logits_next, target_q_next, rewards, mask, lengths):
   """v_t for t = 0..T-1.
 
@@ -70,22 +97,45 @@ def cdq_targets(ref_logits_next, target_q_next, rewards, mask, lengths):
     target_q_next: [B, T, V] Q_target(s_{t+1})[.].
     rewards: [B]; mask: [B, T]; lengths: [B].
   """
-  p = jax.nn.softmax(ref_logits_next.astype(jnp.float32), axis=-1)
+  p = _probs(ref_logits_next)
   boot = jnp.sum(p * target_q_next.astype(jnp.float32), axis=-1)  # [B, T]
+  return bellman_targets(boot, rewards, mask, lengths)
+
+
+def bellman_targets(boot, rewards, mask, lengths):
+  """v_t = boot[:, t] = V(s_{t+1}) before the last token, r(x, y) at it; 0 after."""
   last = jnp.arange(mask.shape[1])[None] == (lengths[:, None] - 1)
-  return jnp.where(last, rewards[:, None], boot) * mask
+  return jnp.where(last, rewards[:, None], boot.astype(jnp.float32)) * mask
+
+
+def dueling_q_taken(values, advantages, ref_logits, tokens):
+  """Q(s_t, y_t) = V(s_t) + A(s_t, y_t) - E_{z ~ p(. | s_t)} A(s_t, z), and E_p A.
+
+  values [B, T], advantages / ref_logits [B, T, V] (p without pad), tokens [B, T].
+  """
+  adv = advantages.astype(jnp.float32)
+  p = _probs(ref_logits)
+  mean_adv = jnp.sum(p * adv, axis=-1)  # [B, T]
+  taken = jnp.take_along_axis(adv, tokens[..., None], axis=-1)[..., 0]
+  return values.astype(jnp.float32) + taken - mean_adv, mean_adv
 
 
 def cdq_loss(q_logits, tokens, targets, mask):
   """q_logits [B, T, V] = Q(s_t)[.], tokens [B, T], targets v_t [B, T]."""
   q = jnp.take_along_axis(q_logits.astype(jnp.float32), tokens[..., None], axis=-1)[..., 0]
-  return jnp.mean(0.5 * jnp.sum(jnp.square((q - targets) * mask), axis=1))
+  return td_loss(q, targets, mask)
+
+
+def td_loss(q_taken, targets, mask):
+  """E 1/2 sum_t (Q(s_t, y_t) - v_t)^2 over the response's tokens."""
+  return jnp.mean(0.5 * jnp.sum(jnp.square((q_taken - targets) * mask), axis=1))
 
 
 # The parameter collections that hold the value output of each value-model head
 # (a Q-head's is the LM output layer: T5's logits_dense, the decoder's lm_head).
 VALUE_OUTPUT = {"scalar": (policy_lib.VALUE_HEAD,), "lm+scalar": (policy_lib.VALUE_HEAD,),
-                "lm": ("logits_dense", "lm_head")}
+                "lm": ("logits_dense", "lm_head"),
+                DUELING_Q: (policy_lib.VALUE_HEAD, "logits_dense", "lm_head")}
 
 
 # ---- the algorithms --------------------------------------------------------------------
@@ -151,7 +201,8 @@ class ValueAlgorithm(Algorithm):
     if self.init_checkpoint:
       policy_lib.check_init_checkpoint(self.init_checkpoint, self.model.config,
                                        what="init_checkpoint")
-      if self.output_head == "lm" and self.model.config.tie_embeddings:
+      if "lm" in self.output_head and self.output_head != "lm+scalar" and \
+          self.model.config.tie_embeddings:
         raise UserError(f"init_checkpoint {self.init_checkpoint}: a Q-head value model with tied "
                         f"embeddings would read the LM's logits as values; untie them or drop "
                         f"init_checkpoint")
@@ -269,13 +320,21 @@ class FudgeValue(ValueAlgorithm):
 class CDQValue(ValueAlgorithm):
   """CD-Q: Bellman backups of a Q-head through p, with a target network in `aux`."""
 
-  output_head: str = "lm"
+  output_head: str = DUELING_Q  # or "lm": a plain Q-head, Q(s)[z] = logits
   target_ema: float = 0.0  # > 0: target <- (1 - ema) target + ema params every step
   target_period: int = 10  # with target_ema = 0: copy the params every this many steps
+  gauge_weight: float = 1.0  # dueling head: weight of 1/2 (E_p A)^2 per token
+  advantage_l2: float = 1e-3  # dueling head: weight of 1/2 sum_z A(s, z)^2 per token
   name: str = "cd_q"
 
   def __post_init__(self):
+    if self.output_head not in ("lm", DUELING_Q):
+      raise UserError(f"CDQValue.output_head must be 'lm' (plain Q-head) or {DUELING_Q!r} "
+                      f"(dueling), got {self.output_head!r}")
     super().__post_init__()
+    for name in ("gauge_weight", "advantage_l2"):
+      if not getattr(self, name) >= 0.0:
+        raise UserError(f"CDQValue.{name} must be >= 0, got {getattr(self, name)}")
     if not 0.0 <= self.target_ema <= 1.0:
       raise UserError(f"target_ema must be in [0, 1], got {self.target_ema}")
     if self.target_ema == 0.0 and self.target_period < 1:
@@ -299,14 +358,36 @@ class CDQValue(ValueAlgorithm):
     roll = self.sample(frozen, batch["inputs"], rng)
     ext = extend(roll["tokens"])
     ref_logits = self._ref_lm.forward(frozen["reference"], batch["inputs"], ext)["logits"]
-    target_q = self.model.forward(aux["target"], batch["inputs"], ext)["logits"]
-    v = cdq_targets(ref_logits[:, 1:], target_q[:, 1:], roll["rewards"], roll["mask"],
-                    roll["lengths"])
-    return dict(batch, **roll, value_targets=jax.lax.stop_gradient(v)), self.sample_metrics(roll)
+    target = self.model.forward(aux["target"], batch["inputs"], ext)
+    if self.output_head == DUELING_Q:
+      # sum_z p(z | s_{t+1}) Q_target(s_{t+1}, z) = V_target(s_{t+1}) by construction
+      v = bellman_targets(target["values"][:, 1:], roll["rewards"], roll["mask"],
+                          roll["lengths"])
+      extra = {"ref_logits": jax.lax.stop_gradient(ref_logits[:, :-1].astype(jnp.float32))}
+    else:
+      v = cdq_targets(ref_logits[:, 1:], target["logits"][:, 1:], roll["rewards"], roll["mask"],
+                      roll["lengths"])
+      extra = {}
+    return (dict(batch, **roll, **extra, value_targets=jax.lax.stop_gradient(v)),
+            self.sample_metrics(roll))
 
   def loss(self, params, batch, rng, aux=None, frozen=None):
     del rng, aux, frozen
-    q = self.model.forward(params, batch["inputs"], batch["tokens"])["logits"]
-    loss = cdq_loss(q, batch["tokens"], batch["value_targets"], batch["mask"])
-    n = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
-    return loss, {"value/target_mean": jnp.sum(batch["value_targets"]) / n}
+    out = self.model.forward(params, batch["inputs"], batch["tokens"])
+    mask = batch["mask"]
+    n = jnp.maximum(jnp.sum(mask), 1.0)
+    metrics = {"value/target_mean": jnp.sum(batch["value_targets"]) / n}
+    if self.output_head != DUELING_Q:
+      return cdq_loss(out["logits"], batch["tokens"], batch["value_targets"], mask), metrics
+    q, mean_adv = dueling_q_taken(out["values"], out["logits"], batch["ref_logits"],
+                                  batch["tokens"])
+    loss = td_loss(q, batch["value_targets"], mask)
+    gauge = jnp.mean(0.5 * jnp.sum(jnp.square(mean_adv * mask), axis=1))
+    adv = out["logits"].astype(jnp.float32)
+    real = jnp.arange(adv.shape[-1]) != sampler.PAD_ID  # NOTE: the pad's A is never read
+    sq = jnp.sum(jnp.square(adv) * real, axis=-1)  # [B, T]
+    l2 = jnp.mean(0.5 * jnp.sum(sq * mask, axis=1))
+    metrics.update({"value/td_loss": loss, "value/mean_abs_pmean_advantage":
+                    jnp.sum(jnp.abs(mean_adv) * mask) / n,
+                    "value/advantage_rms": jnp.sqrt(jnp.sum(sq * mask) / n / adv.shape[-1])})
+    return loss + self.gauge_weight * gauge + self.advantage_l2 * l2, metrics
