@@ -33,7 +33,7 @@ other methods write one line per (prompt, sample) with the same fields plus
 `method` and `setting` (see `_decode_method_all`). The file appears only when complete.
 
 On several hosts every process decodes every prompt on its own devices and
-process 0 alone writes the file (see `_host_mesh`).
+process 0 alone writes the file (see `host_mesh`).
 """
 
 from realign_jax import startup
@@ -208,7 +208,7 @@ def decode(*, ref_checkpoint: str, output_file: str, lambdas: Optional[Sequence[
   vocab, prompts, inputs = load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir,
                                         max_prompts, input_length)
 
-  mesh = _host_mesh()
+  mesh = host_mesh()
   rules = partitioning.logical_axis_rules()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     ref = load_component(ref_checkpoint, mesh, rules)
@@ -281,7 +281,7 @@ def write_rows(rows: Sequence[dict], output_file: str) -> None:
     ckpt_lib.atomic_write_jsonl(output_file, rows)
 
 
-def _host_mesh():
+def host_mesh():
   """The mesh decoding runs on: all devices on one host, this host's own on several.
 
   NOTE: on several hosts every process decodes every prompt on its own
@@ -556,7 +556,7 @@ def _decode_method(method: str, *, ref_checkpoint, output_file, aligned_checkpoi
   vocab, prompts, inputs = load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir,
                                         max_prompts, input_length)
 
-  mesh = _host_mesh()
+  mesh = host_mesh()
   rules = partitioning.logical_axis_rules()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     comps = {"ref": load_component(ref_checkpoint, mesh, rules)}
@@ -643,7 +643,8 @@ def _decode_method_all(run, params, inputs, prompts, vocab, method, setting, n, 
   num = inputs.shape[0]
   rows = []
   compiled, compile_s, decode_s, total_tokens, rounds = None, 0.0, 0.0, 0, 0
-  bar = tqdm(total=num, desc=f"decode {method}", unit="prompt", disable=not progress or jax.process_index() != 0,
+  bar = tqdm(total=num, desc=f"decode {method}", unit="prompt",
+             disable=not progress or jax.process_index() != 0,
              mininterval=1.0)
   for start in range(0, num, batch_size):
     idx = np.arange(start, min(start + batch_size, num))

@@ -203,3 +203,29 @@ def test_coordinator_that_never_answers_is_one_line(tmp_path):
   assert len(lines) == 1 and f"coordinator 127.0.0.1:{port} did not answer within 3 s" in lines[0]
   assert time.monotonic() - start < 60
   assert not (tmp_path / "run").exists()
+
+
+def test_dera_sweep_on_two_processes_matches_one(tiny_sft_dir, tmp_path):
+  """Both processes decode every prompt on their own devices; process 0 writes the file."""
+  cache = tmp_path / "jax_cache"
+
+  def args(out):
+    return ["-m", "realign_jax.decode", "--gin_file=configs/decode/dera_builtin_tiny.gin",
+            f"--gin.REF_CHECKPOINT='{tiny_sft_dir}'", f"--gin.ALIGNED_CHECKPOINT='{tiny_sft_dir}'",
+            f"--gin.OUTPUT_FILE='{out}'", "--gin.LAMBDAS=[0.0, 1.0]", "--gin.decode.max_prompts=8",
+            "--gin.decode.batch_size=8", "--gin.SamplingConfig.max_new_tokens=8"]
+
+  one = BinaryRun(args(tmp_path / "one.jsonl"), env=_env(4, cache), cwd=REPO_ROOT,
+                  log_prefix=str(tmp_path / "one"), nice=True)
+  job = _free_slurm_job_id()
+  two = [BinaryRun(args(tmp_path / "two.jsonl"), env=_env(2, cache, _slurm(job, rank)),
+                   cwd=REPO_ROOT, log_prefix=str(tmp_path / f"two.p{rank}")) for rank in (0, 1)]
+  _wait_all(two + [one])
+  for r in two + [one]:
+    assert r.returncode == 0, r.describe()
+  with open(tmp_path / "one.jsonl") as f:
+    rows_one = [json.loads(line) for line in f]
+  with open(tmp_path / "two.jsonl") as f:
+    rows_two = [json.loads(line) for line in f]
+  assert len(rows_one) == 8 * 2
+  assert rows_two == rows_one

@@ -146,7 +146,8 @@ def build_synthetic_preferences(
     raise UserError(f"no usable pairs from {stats.prompts} prompts ({stats.ties} ties, "
                     f"{stats.identical} identical, {stats.empty} empty); nothing written to "
                     f"{output_file}")
-  preferences.write_preference_jsonl(output_file, rows)
+  if jax.process_index() == 0:
+    preferences.write_preference_jsonl(output_file, rows)
   log = logging.warning if stats.skipped else logging.info
   log("%s: %d pairs from %d prompts; skipped %d ties, %d identical, %d empty", output_file,
       stats.pairs, stats.prompts, stats.ties, stats.identical, stats.empty)
@@ -168,7 +169,7 @@ def build_preference_dir(
   `(prompts, responses) -> scores` callable.
   """
   import flax.linen as nn
-  from realign_jax.decode import load_component
+  from realign_jax.decode import host_mesh, load_component
   from realign_jax.parallel import partitioning
   from realign_jax.rewards import base
 
@@ -181,7 +182,9 @@ def build_preference_dir(
     gold_reward = lambda p, r: base.score_texts(reward, p, r)
   elif not callable(gold_reward):
     raise UserError(f"gold_reward must be a Reward or a callable, got {type(gold_reward).__name__}")
-  mesh, rules = partitioning.create_mesh(), partitioning.logical_axis_rules()
+  # NOTE: on several hosts each decodes every prompt on its own devices (see
+  # decode.host_mesh) and process 0 alone writes the files.
+  mesh, rules = host_mesh(), partitioning.logical_axis_rules()
   stats = {}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     policy = load_component(policy_checkpoint, mesh, rules)
