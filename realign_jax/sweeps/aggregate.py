@@ -8,6 +8,9 @@ A run's metrics, by the file it left (`metrics_file`, or the first present of):
 A setting is the swept bindings without the seed. For each setting and metric:
 mean, standard error (sample standard deviation / sqrt(n); n = 1 has none:
 null) and n, over the runs that finished and reported a finite value.
+aggregate.json also records the sweep's binary, gin files and fixed bindings,
+the runs left out (not finished, or no metrics file) and each counted run's
+wall time in seconds (its sweep_status.json).
 """
 
 from __future__ import annotations
@@ -145,7 +148,7 @@ def aggregate(spec: plan_lib.Sweep, runs: Sequence[plan_lib.Run]) -> dict:
   root = plan_lib.root_dir(spec)
   swept = plan_lib.swept_names(spec)
   groups = collections.OrderedDict()
-  missing = []
+  missing, seconds = [], {}
   for run in runs:
     key = tuple((k, plan_lib.name_text(v)) for k, v in run.setting)
     group = groups.setdefault(key, {"bindings": dict(run.setting), "runs": [], "values": {}})
@@ -154,6 +157,7 @@ def aggregate(spec: plan_lib.Sweep, runs: Sequence[plan_lib.Run]) -> dict:
       missing.append(run.name)
       continue
     group["runs"].append(run.name)
+    seconds[run.name] = runner.read_status(run.run_dir).get("seconds")
     for metric, v in read_metrics(path, spec.list_axis, run.run_dir).items():
       if math.isfinite(v):
         group["values"].setdefault(metric, []).append(v)
@@ -167,8 +171,10 @@ def aggregate(spec: plan_lib.Sweep, runs: Sequence[plan_lib.Run]) -> dict:
       mean, se, n = mean_se(g["values"].get(m, []))
       stats[m] = {"mean": _json_number(mean), "se": _json_number(se), "n": n}
     settings.append({"bindings": g["bindings"], "runs": g["runs"], "metrics": stats})
-  doc = {"binary": spec.binary, "seed_binding": spec.seed_binding, "seeds": list(spec.seeds),
+  doc = {"binary": spec.binary, "gin_files": list(spec.gin_files), "fixed": dict(spec.fixed),
+         "seed_binding": spec.seed_binding, "seeds": list(spec.seeds),
          "swept": swept, "settings": settings, "missing_runs": missing,
+         "run_seconds": seconds,
          "standard_error": "sample standard deviation across seeds / sqrt(n); null for n = 1"}
   from realign_jax.checkpoints.manager import atomic_write_text
   os.makedirs(root, exist_ok=True)
