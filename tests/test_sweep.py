@@ -209,6 +209,18 @@ def test_shipped_sweep_dry_run(repo_root):
   assert h.returncode == 0 and "--dry_run" in h.stdout
 
 
+@pytest.mark.parametrize("name,runs", [("ppo_beta_tiny", 10), ("length_reward_seeds", 3),
+                                       ("dera_beta_decoder_tiny", 6)])
+def test_every_shipped_sweep_checks_and_lists_its_runs(name, runs, repo_root, tmp_path, capsys,
+                                                       monkeypatch):
+  monkeypatch.chdir(repo_root)
+  assert sweep_bin.main([f"--gin_file=configs/sweeps/{name}.gin", "--dry_run",
+                         f"--gin.sweep.root='{tmp_path / 'root'}'"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == runs and all("\tto run\t" in l for l in lines)
+  assert not (tmp_path / "root").exists()
+
+
 @pytest.mark.parametrize("over,message", [
     (dict(grid="{'ALPHAX': [1.0, 2.0]}"), "binding ALPHAX is not a macro of the base config"),
     (dict(fixed="{'sweepfake.gamma': 1}"), "binding sweepfake.gamma"),

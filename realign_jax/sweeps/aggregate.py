@@ -236,7 +236,8 @@ def plot(spec: plan_lib.Sweep, settings: list, metric_names: list, root: str) ->
   if any(lab for lab in lines if lab):
     ax.legend(fontsize=7)
   fig.tight_layout()
-  path = os.path.join(root, re.sub(r"[^A-Za-z0-9._=+-]", "_", f"{metric}_vs_{x}") + ".png")
+  stem = re.sub(r"[^A-Za-z0-9._=+-]", "_", f"{metric}_vs_{x}".replace("]", ""))
+  path = os.path.join(root, stem + ".png")
   tmp = path + ".tmp.png"
   fig.savefig(tmp, dpi=120)
   plt.close(fig)
