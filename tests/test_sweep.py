@@ -336,3 +336,24 @@ def test_slurm_job_array_script_and_local_array(tmp_path, monkeypatch):
 def test_mean_se_one_value_has_no_standard_error():
   mean, se, n = aggregate_lib.mean_se([2.5])
   assert mean == 2.5 and math.isnan(se) and n == 1
+
+
+def test_study_and_decode_outputs_are_read_per_lambda(tmp_path):
+  # A study's results.json: lists over the lambda grid, labelled by `list_axis`.
+  res = {"lambdas": [0.0, 0.5], "dera_reward": [-1.0, -0.25], "pearson": None,
+         "dera_verdict": {"verdict": "x"}, "stage_seconds": {"sft": 3.0}}
+  (tmp_path / "results.json").write_text(json.dumps(res))
+  flat = aggregate_lib.read_metrics(str(tmp_path / "results.json"), "lambdas")
+  assert flat["dera_reward[lambdas=0.0]"] == -1.0 and flat["dera_reward[lambdas=0.5]"] == -0.25
+  assert flat["stage_seconds/sft"] == 3.0 and "pearson" not in flat
+  # Decode rows (one per prompt, sample and lambda): the mean of each field per lambda.
+  rng = np.random.default_rng(1)
+  rows = [{"prompt": f"p{i}", "response": "r", "lam": lam, "seed": 0, "kl": float(rng.random()),
+           "length": int(rng.integers(1, 9))} for i in range(5) for lam in (0.0, 2.0)]
+  (tmp_path / "dera.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  flat = aggregate_lib.read_metrics(str(tmp_path / "dera.jsonl"))
+  for lam in (0.0, 2.0):
+    sel = [r for r in rows if r["lam"] == lam]
+    assert flat[f"kl[lam={lam}]"] == pytest.approx(np.mean([r["kl"] for r in sel]))
+    assert flat[f"length[lam={lam}]"] == pytest.approx(np.mean([r["length"] for r in sel]))
+  assert not any(k.startswith(("seed", "lam[")) for k in flat)
