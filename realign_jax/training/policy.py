@@ -147,9 +147,11 @@ def check_init_checkpoint(init_checkpoint: str, config: Optional[ModelConfig] = 
     raise UserError(f"{what} is empty")
   if not os.path.isdir(init_checkpoint):
     raise UserError(f"{what} {init_checkpoint} does not exist")
-  if not os.path.exists(os.path.join(init_checkpoint, ckpt_lib.MODEL_JSON)):
+  from realign_jax.checkpoints import hf_import  # NOTE: lazy, as the binaries import it
+  if (not os.path.exists(os.path.join(init_checkpoint, ckpt_lib.MODEL_JSON)) and
+      not hf_import.is_hf_dir(init_checkpoint)):
     raise UserError(f"{what} {init_checkpoint} has no {ckpt_lib.MODEL_JSON}: not a run "
-                    "directory written by realign_jax.train")
+                    "directory written by realign_jax.train (nor a Hugging Face directory)")
   found, head = ckpt_lib.read_model_json(init_checkpoint)
   if config is not None:
     if found.family != config.family:

@@ -293,7 +293,9 @@ class RLAlgorithm(Algorithm):
     # NOTE: the objective the policy is trained on at this step: with adaptive
     # KL control the initial self.beta is stale after the first update.
     beta = float(aux["beta"]) if aux is not None and "beta" in aux else float(self.beta)
+    se = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
     metrics = {"reward": float(np.mean(out["reward"])), "kl": float(np.mean(out["kl"])),
+               "reward_se": se(out["reward"]), "kl_se": se(out["kl"]),
                "length": float(np.mean(out["length"])),
                "regularised": float(np.mean(out["reward"] - beta * out["kl"])), "beta": beta}
     samples = []
