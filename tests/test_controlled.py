@@ -496,3 +496,67 @@ def test_bad_settings_are_one_line_errors(mdp):
     controlled.validate_blockwise(p, v, num_blocks=0, block_len=2)
   with pytest.raises(UserError, match="value model needs output_head"):
     controlled.validate_tokenwise(p, Component(TabularLM(output_head="x"), v.params), 1.0, 2)
+
+
+# ---- the sampler's KL and best-of-n against enumeration ----------------------------
+def test_dera_sampler_kl_equals_enumeration_per_step_and_per_sequence():
+  """DeRa at lambda = 0.5 between two tabular policies: every step's reported KL is
+  KL(pi(. | s) || p(. | s)) of the enumerated mixture at that state, and the mean of the
+  sequence KLs matches the enumerated KL(pi || p) over the 40 responses."""
+  from realign_jax.decoding import dera
+  ref, al = TinyMDP(seed=0), TinyMDP(seed=1, temperature=2.0)
+  lam, n = 0.5, 3000
+  mix = lam * al.logits.astype(np.float64) + (1 - lam) * ref.logits.astype(np.float64)
+  logpi = np.where(np.isfinite(mix), mix - np.logaddexp.reduce(
+      np.where(np.isfinite(mix), mix, -np.inf), axis=-1, keepdims=True), -np.inf)
+  step_kl = {}
+  for s in all_states():
+    i = np_index(s)
+    live = np.isfinite(logpi[i])
+    step_kl[s] = float(np.sum(np.exp(logpi[i, live]) * (logpi[i, live] - ref.logp[i, live])))
+  cfg = sampler.SamplingConfig(max_new_tokens=MAX_LEN)
+  inputs = jnp.asarray(np.repeat(PROMPTS, n, axis=0))
+  out = jax.jit(lambda r: dera.sample_mixture([ref.policy(), al.policy()], dera.dera_weights(lam),
+                                              inputs, r, cfg))(jax.random.PRNGKey(5))
+  tokens, kls = np.asarray(out.tokens), np.asarray(out.kl, np.float64)
+  for row in range(50):
+    y = tuple(int(t) for t in tokens[row] if t)
+    for t in range(len(y)):
+      assert abs(kls[row, t] - step_kl[y[:t]]) < 1e-5, (row, t)
+    assert np.all(kls[row, len(y):] == 0.0)
+  seq = kls.sum(axis=1)
+  prob_pi = lambda y: np.exp(sum(logpi[np_index(y[:i]), y[i]] for i in range(len(y))))
+  exact = sum(prob_pi(y) * (np.log(prob_pi(y)) - np.log(ref.prob(y))) for y in ref.responses)
+  assert abs(seq.mean() - exact) < 4 * seq.std(ddof=1) / np.sqrt(n), (seq.mean(), exact)
+
+
+def test_best_of_n_distribution_and_exact_kl_against_enumeration():
+  """Best-of-4 over the 40 responses (distinct rewards): the kept responses' frequencies
+  follow pi_n(y) = F(y)^n - F(y-)^n, and `exact_kl` equals sum_y pi_n log(pi_n / p)."""
+  from realign_jax.evaluation import best_of_n_theory as bon_theory
+  mdp, n, rows = TinyMDP(seed=0), 4, 4000
+  p = np.array([mdp.prob(y) for y in mdp.responses])
+  r = np.array([mdp.reward[np_index(y)] for y in mdp.responses])
+  order = np.argsort(r)
+  cdf = np.cumsum(p[order])
+  pi = np.empty_like(p)
+  pi[order] = cdf ** n - np.concatenate([[0.0], cdf[:-1]]) ** n
+  exact = float(np.sum(pi * np.log(pi / p)))
+  assert abs(bon_theory.exact_kl(p, r, n) - exact) < 1e-6  # p sums to 1 within 1e-7
+  policy = mdp.policy()
+  cfg = sampler.SamplingConfig(max_new_tokens=MAX_LEN)
+  sample_fn = jax.jit(lambda x, key, k: sampler.generate(policy.lm, policy.params, x, key, cfg,
+                                                         num_samples=k), static_argnums=2)
+  reward = lambda prompts, responses: [mdp.reward[np_index(tuple(y) + (EOS,))]
+                                       for y in responses]
+  best = bon.best_of_n(sample_fn, jnp.asarray(np.repeat(PROMPTS, rows, axis=0)),
+                       jax.random.PRNGKey(6), n=n, reward_fn=reward)
+  index_of = {y: i for i, y in enumerate(mdp.responses)}
+  counts = np.zeros(len(p))
+  for row in np.asarray(best.best_tokens):
+    counts[index_of[tuple(int(t) for t in row if t)]] += 1
+  freq = counts / rows
+  se = np.sqrt(pi * (1 - pi) / rows)
+  assert np.all(np.abs(freq - pi) < 4.5 * se + 1e-3), np.max(np.abs(freq - pi) / (se + 1e-12))
+  # and it is not p itself: the test can tell the two apart
+  assert np.max(np.abs(freq - p) / np.sqrt(p * (1 - p) / rows)) > 10
