@@ -61,6 +61,9 @@ def train(*, model_dir: str, train_steps: int, algorithm: trainer_lib.Algorithm,
     raise UserError("MODEL_DIR is empty")
   ckpt_lib.check_run_dir(model_dir)
   multihost.initialize()  # NOTE: a no-op when the binary already did, or on one host
+  batch_size = getattr(algorithm, "batch_size", None)
+  if isinstance(batch_size, int):  # NOTE: before anything is written into MODEL_DIR
+    multihost.check_divides(batch_size, f"{type(algorithm).__name__}.batch_size")
   mesh = partitioning.create_mesh(mesh_data, mesh_model)
   rules = partitioning.logical_axis_rules(fsdp)
   # NOTE: process 0 speaks for the run: it holds the lock and writes the records.

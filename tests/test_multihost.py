@@ -229,3 +229,18 @@ def test_dera_sweep_on_two_processes_matches_one(tiny_sft_dir, tmp_path):
     rows_two = [json.loads(line) for line in f]
   assert len(rows_one) == 8 * 2
   assert rows_two == rows_one
+
+
+def test_batch_not_divisible_by_the_processes_is_one_line(tmp_path):
+  job = _free_slurm_job_id()
+  model_dir = tmp_path / "run"
+  args = _train_args(model_dir) + ["--gin.SFT.batch_size=7"]
+  runs = _wait_all([BinaryRun(args, env=_env(2, tmp_path / "cache", _slurm(job, rank)),
+                              cwd=REPO_ROOT, log_prefix=str(tmp_path / f"p{rank}"))
+                    for rank in (0, 1)], timeout=120)
+  for r in runs:
+    assert r.returncode == 2, r.describe()
+    lines = r.stderr.strip().splitlines()
+    assert lines == ["error: SFT.batch_size=7 is not divisible by the 2 processes of this run; "
+                     "use a multiple of 2"], r.describe()
+  assert not model_dir.exists() or os.listdir(model_dir) == []
