@@ -11,6 +11,7 @@ import pytest
 
 from realign_jax import gin_utils
 from realign_jax.errors import UserError
+from realign_jax.evaluation import optimum as opt
 from realign_jax.experiments import length_reward as lr
 from realign_jax.experiments import report as rep
 from realign_jax.experiments import stages as stages_lib
@@ -192,6 +193,59 @@ def test_results_and_report_from_fake_stage_outputs(tmp_path):
     assert f"{kl:.3f}" in text
 
 
+def _even_rows(lam, hits_per_prompt, kl, n_prompts=4, samples=8):
+  """Every prompt with the same number of reward-0 rows: per-prompt means equal (se 0)."""
+  return [{"prompt_index": p, "sample": j, "lam": lam, "tokens": [7] * (5 if j < hits_per_prompt
+                                                                          else 12) + [1],
+           "length": 5 if j < hits_per_prompt else 12,
+           "reward": 0.0 if j < hits_per_prompt else -1.0, "kl": kl, "log_ratio": kl,
+           "response": "x"} for p in range(n_prompts) for j in range(samples)]
+
+
+def test_results_against_the_exact_optimum(tmp_path):
+  # SFT: 1 of 8 samples per prompt in the window, p0 = 12.5% (the issue's run).
+  lambdas = [0.0, 0.5, 1.0, 2.0]
+  retr = {0.0: _even_rows(0.0, 1, 0.0),
+          0.5: _even_rows(None, 8, 2.5),   # J = 0 - 0.2 * 2.5 = -0.5 vs J* = -0.407
+          1.0: _even_rows(1.0, 4, 1.0),    # J = -0.5 - 0.1 = -0.6 vs J* = -0.208
+          2.0: _even_rows(None, 8, 2.2)}   # J = -0.11 vs J* = -0.104: converged
+  dera = [dict(r, lam=lam) for lam, h, k in ((0.0, 1, 0.0), (0.5, 2, 0.3), (1.0, 4, 1.0),
+                                             (2.0, 6, 1.5)) for r in _even_rows(lam, h, k)]
+  res = lr.build_results(
+      lambdas=lambdas, beta=0.1, window=(3, 6), dera_rows=dera, retrained_rows=retr,
+      sft_in_range=0.125, max_sft_in_range=0.3, stage_seconds={"sft": 1.0},
+      invocation_seconds=1.0, ran=[], max_new_tokens=16,
+      settings={"sft_steps": 1, "ppo_steps": 1, "num_eval_prompts": 4, "num_samples": 8,
+                "eval_split": "validation", "task": "t", "model": "m",
+                "retrained_names": {"0.5": "ppo_beta0.2", "1": "ppo_beta0.1",
+                                    "2": "ppo_beta0.05"}})
+  assert res["p0"] == 0.125 and res["base_beta"] == 0.1
+  # the issue's figures: J* = -0.41 at beta 0.2, -0.21 at 0.1, -0.10 at 0.05; E_ref[r] at 0
+  assert res["optimum_J"] == pytest.approx([-0.875, -0.4067, -0.2079, -0.1040], abs=1e-4)
+  assert res["optimum_kl"][0] == 0.0 and res["optimum_reward"][0] == -0.875
+  assert res["retrained_J"] == pytest.approx([-0.875, -0.5, -0.6, -0.11])
+  # DeRa at lambda = 2 stands for beta = 0.05: -0.25 - 0.05 * 1.5
+  assert res["dera_J"] == pytest.approx([-0.875, -0.75 - 0.2 * 0.3, -0.6, -0.25 - 0.075])
+  assert res["retrained_converged"] == [True, False, False, True]
+  for key in ("lambdas", "dera_reward", "retrained_reward", "dera_kl", "pearson"):
+    assert key in res
+  for key in ("optimum_J", "optimum_reward", "optimum_kl", "dera_J", "retrained_J",
+              "retrained_converged"):
+    assert len(res[key]) == len(lambdas)
+  text = lr.render_report(res)
+  assert "p0 = **12.5%**" in text and "**2 of 3 retrained models are not at the optimum" in text
+  assert "lambda = 0.5 (beta' = 0.2): the retrained model is 0.093 below J*" in text
+  figs = lr.write_figures(str(tmp_path), res, dera, retr)
+  assert set(figs) >= {"reward", "kl", "objective", "reward_kl"}
+  for path in figs.values():
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  # a reward the length study cannot have is refused, naming the values
+  bad = {**retr, 0.0: [dict(r, reward=0.5) for r in retr[0.0]]}
+  with pytest.raises(UserError, match="only -1 and 0"):
+    lr.optimum_columns(lambdas, 0.1, bad[0.0], dera, bad)
+
+
 def test_disagreement_is_reported(tmp_path):
   # Retraining gains nothing beyond lambda = 1 where DeRa gains everything.
   res, _, _ = _fake_results(tmp_path, [-1.0, -0.75, -0.5, 0.0], [-1.0, -0.75, -0.5, -1.0])
@@ -297,6 +351,19 @@ def test_length_reward_end_to_end_then_resumes(tmp_path, clean_gin, capsys):
   assert res["retrained_beta"] == [None, 0.1]
   for name in res["figures"].values():
     assert (tmp_path / name).stat().st_size > 0
+  assert "reward_vs_kl.png" in res["figures"].values()
+  # The optimum and J, recomputed from the samples files.
+  sft = stages_lib.read_jsonl(str(tmp_path / "eval_sft" / "samples.jsonl"))
+  ppo = stages_lib.read_jsonl(str(tmp_path / "eval_ppo_beta0.1" / "samples.jsonl"))
+  p0 = float(np.mean([r["reward"] == 0.0 for r in sft]))
+  assert res["p0"] == pytest.approx(p0) and res["base_beta"] == 0.1
+  star = opt.binary_optimum(p0, 0.1)
+  assert res["optimum_J"] == pytest.approx([p0 - 1.0, star["J"]])
+  assert res["optimum_kl"] == pytest.approx([0.0, star["kl"]])
+  j1 = float(np.mean([r["reward"] for r in ppo]) - 0.1 * np.mean([r["kl"] for r in ppo]))
+  assert res["retrained_J"] == pytest.approx([p0 - 1.0, j1], abs=1e-9)
+  assert res["dera_J"][1] == pytest.approx(j1, abs=1e-5)  # same tokens; KL to float32
+  assert res["retrained_converged"][0] is True and isinstance(res["retrained_converged"][1], bool)
   assert "Pearson correlation" in (tmp_path / "report.md").read_text()
   rows = stages_lib.read_jsonl(str(tmp_path / "dera_sweep" / "samples.jsonl"))
   assert len(rows) == 6 * 2 * 2

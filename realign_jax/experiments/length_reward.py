@@ -40,6 +40,7 @@ import numpy as np
 from realign_jax import gin_utils
 from realign_jax.data import pipeline
 from realign_jax.errors import UserError
+from realign_jax.evaluation import optimum as opt
 from realign_jax.experiments import report as rep
 from realign_jax.experiments import sampling
 from realign_jax.experiments import stages as stages_lib
@@ -211,7 +212,7 @@ def length_reward(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_ste
       retrained_rows=retrained_rows, sft_in_range=in_range, max_sft_in_range=max_sft_in_range,
       stage_seconds=dict(runner.timings), stage_cpu_seconds=dict(runner.cpu_timings),
       invocation_seconds=wall, ran=list(runner.ran),
-      max_new_tokens=ppo.max_new_tokens,
+      max_new_tokens=ppo.max_new_tokens, sft_rows=sft_rows,
       settings={"sft_steps": sft_steps, "ppo_steps": ppo_steps, "num_eval_prompts":
                 num_eval_prompts, "num_samples": num_samples, "eval_split": eval_split,
                 "task": ppo.task, "model": rep_model(sft), "retrained_names": {
@@ -232,11 +233,65 @@ def _by_lam(rows, lam):
   return out
 
 
+# NOTE: a retrained model counts as converged when its J is within this of J*
+# (or within Z standard errors of its J, whichever is larger).
+CONVERGED_TOL = 0.05
+
+
+def objective_rows(rows, kl_weight: float) -> tuple:
+  """(mean, standard error over prompts) of J = r - kl_weight * KL per response.
+
+  kl_weight = inf stands for lambda = 0, the SFT model itself: J = E_ref[r].
+  """
+  vals = [r["reward"] if math.isinf(kl_weight) else r["reward"] - kl_weight * r["kl"]
+          for r in rows]
+  return rep.mean_se(vals, [r["prompt_index"] for r in rows])
+
+
+def optimum_columns(lambdas, beta: float, sft_rows, dera_rows, retrained_rows) -> dict:
+  """The exact KL-regularised optimum at beta / lambda next to DeRa and the retrained models.
+
+  The length reward takes two values, {-1, 0}: pi*_{beta'} is known in closed
+  form from the SFT success rate p0 (`evaluation.optimum.binary_optimum`).
+  """
+  rewards = sorted({float(r["reward"]) for r in sft_rows})
+  if not set(rewards) <= {-1.0, 0.0}:
+    raise UserError(f"the SFT samples hold rewards {rewards[:5]}; the length reward gives only "
+                    f"-1 and 0")
+  p0 = float(np.mean([r["reward"] == 0.0 for r in sft_rows]))
+  weights = [math.inf if lam == 0 else beta / lam for lam in lambdas]
+  o = opt.binary_optimum(p0, np.array(weights), r_lo=-1.0, r_hi=0.0)
+  out = {"p0": p0, "base_beta": beta, "kl_weight": [None if math.isinf(w) else w
+                                                     for w in weights],
+         "optimum_J": [float(x) for x in o["J"]],
+         "optimum_reward": [float(x) for x in o["reward"]],
+         "optimum_kl": [float(x) for x in o["kl"]]}
+  for prefix, get in (("dera", lambda lam: _by_lam(dera_rows, lam)),
+                      ("retrained", lambda lam: retrained_rows[lam])):
+    js = [objective_rows(get(lam), w) for lam, w in zip(lambdas, weights)]
+    out[f"{prefix}_J"] = [j for j, _ in js]
+    out[f"{prefix}_J_se"] = [se for _, se in js]
+    out[f"{prefix}_J_gap"] = [js_ - j for js_, (j, _) in zip(out["optimum_J"], js)]
+  tol = [max(CONVERGED_TOL, rep.Z * se) if math.isfinite(se) else CONVERGED_TOL
+         for se in out["retrained_J_se"]]
+  out["retrained_converged_tolerance"] = tol
+  out["retrained_converged"] = [bool(g <= t) for g, t in zip(out["retrained_J_gap"], tol)]
+  return out
+
+
 def build_results(*, lambdas, beta, window, dera_rows, retrained_rows, sft_in_range,
                   max_sft_in_range, stage_seconds, invocation_seconds, ran, max_new_tokens,
-                  settings, stage_cpu_seconds=None) -> dict:
-  """Every number of results.json and report.md, from the decode rows."""
+                  settings, stage_cpu_seconds=None, sft_rows=None) -> dict:
+  """Every number of results.json and report.md, from the decode rows.
+
+  `sft_rows` (the SFT model's samples) default to the retrained rows at lambda = 0.
+  """
   lambdas = rep.check_lambdas(lambdas)
+  if sft_rows is None:
+    if 0.0 not in retrained_rows:
+      raise UserError("the optimum needs the SFT model's samples: pass sft_rows or a lambda "
+                      "grid holding 0")
+    sft_rows = retrained_rows[0.0]
   dera = [rep.summarize_rows(_by_lam(dera_rows, lam)) for lam in lambdas]
   retr = [rep.summarize_rows(retrained_rows[lam]) for lam in lambdas]
   col = lambda ss, f: [s[f] for s in ss]
@@ -253,6 +308,7 @@ def build_results(*, lambdas, beta, window, dera_rows, retrained_rows, sft_in_ra
       out[f"{prefix}_{key}_se"] = col(ss, f + "_se")
     out[f"{prefix}_in_range"] = [float(np.mean([r["reward"] == 0.0 for r in (
         _by_lam(dera_rows, lam) if prefix == "dera" else retrained_rows[lam])])) for lam in lambdas]
+  out.update(optimum_columns(lambdas, beta, sft_rows, dera_rows, retrained_rows))
   out["pearson"] = rep.pearson(out["dera_reward"], out["retrained_reward"])
   out["pearson_kl"] = rep.pearson(out["dera_kl"], out["retrained_kl"])
   out["reward_disagreement_lambdas"] = rep.disagreements(
@@ -288,18 +344,40 @@ def build_results(*, lambdas, beta, window, dera_rows, retrained_rows, sft_in_ra
 
 def write_figures(model_dir, results, dera_rows, retrained_rows) -> dict:
   lambdas = results["lambdas"]
+  beta = results["base_beta"]
+  star = "exact KL-regularised optimum at beta / lambda"
   figs = {}
-  figs["reward"] = rep.plot_curves(
+  figs["reward"] = rep.plot_lambda_curves(
       os.path.join(model_dir, "fig2a_reward_vs_lambda.png"), lambdas,
       {"DeRa (one aligned model)": (results["dera_reward"], results["dera_reward_se"]),
        "retrained at beta / lambda": (results["retrained_reward"],
                                       results["retrained_reward_se"])},
-      ylabel="mean length reward", title="Length reward against lambda (Fig. 2a)")
-  figs["kl"] = rep.plot_curves(
+      ylabel="mean length reward", title="Length reward against lambda (Fig. 2a)",
+      base_beta=beta, lines={star: results["optimum_reward"]})
+  figs["kl"] = rep.plot_lambda_curves(
       os.path.join(model_dir, "kl_vs_lambda.png"), lambdas,
       {"DeRa": (results["dera_kl"], results["dera_kl_se"]),
        "retrained": (results["retrained_kl"], results["retrained_kl_se"])},
-      ylabel="KL(pi || pi_ref), nats", title="KL to the SFT model against lambda")
+      ylabel="KL(pi || pi_ref), nats", title="KL to the SFT model against lambda",
+      base_beta=beta, lines={star: results["optimum_kl"]})
+  figs["objective"] = rep.plot_lambda_curves(
+      os.path.join(model_dir, "objective_vs_lambda.png"), lambdas,
+      {"DeRa": (results["dera_J"], results["dera_J_se"]),
+       "retrained": (results["retrained_J"], results["retrained_J_se"])},
+      ylabel="J = E[r] - (beta / lambda) KL",
+      title="Regularised objective at beta / lambda (J* = its maximum)",
+      base_beta=beta, lines={"J* (" + star + ")": results["optimum_J"]})
+  curve = _optimum_curve(results["p0"])
+  notes = [f"lambda={lam:g}" for lam in lambdas]
+  figs["reward_kl"] = rep.plot_reward_kl(
+      os.path.join(model_dir, "reward_vs_kl.png"), curve,
+      {"DeRa (lambda)": (results["dera_kl"], results["dera_kl_se"], results["dera_reward"],
+                         results["dera_reward_se"], notes),
+       "retrained at beta / lambda": (results["retrained_kl"], results["retrained_kl_se"],
+                                      results["retrained_reward"],
+                                      results["retrained_reward_se"], notes)},
+      title=f"Length reward against KL (SFT success rate p0 = {100 * results['p0']:.1f}%)",
+      ylabel="mean length reward")
   window = tuple(results["window"])
   t_max = results["max_new_tokens"]
   figs["dera_hist"] = rep.plot_histograms(
@@ -311,6 +389,69 @@ def write_figures(model_dir, results, dera_rows, retrained_rows) -> dict:
       {lam: [r["length"] for r in retrained_rows[lam]] for lam in lambdas}, window=window,
       title="Retrained response lengths (Fig. 2c)", max_length=t_max)
   return figs
+
+
+def _optimum_curve(p0: float) -> dict:
+  """The optimal reward-against-KL curve of the length reward for SFT success rate p0."""
+  o = opt.binary_optimum(p0, np.append(np.logspace(-3, 3, 121), math.inf))
+  order = np.argsort(o["kl"], kind="stable")
+  return {"kl": o["kl"][order], "reward": o["reward"][order]}
+
+
+def _gap_words(gap: float, se: float) -> str:
+  f = rep.fmt
+  if gap >= 0:
+    return f"{f(gap)} below J*" + ("" if not math.isfinite(se) else f" (standard error {f(se)})")
+  return f"{f(-gap)} above J* (sampling noise: no policy beats J*; standard error {f(se)})"
+
+
+def optimum_section(res: dict) -> list:
+  """The report's comparison of every model with the exact optimum at beta / lambda."""
+  f = rep.fmt
+  lam = res["lambdas"]
+  e_ref = res["p0"] - 1.0  # E_SFT[r] for a reward in {-1, 0}
+  lines = ["## Against the exact KL-regularised optimum", "",
+           f"With a reward in {{-1, 0}} the optimum of J = E[r] - beta' KL(pi || pi_SFT) is "
+           f"pi* ∝ pi_SFT exp(r / beta'), known in closed form from the SFT success rate "
+           f"p0 = **{100 * res['p0']:.1f}%** (the share of the SFT samples with reward 0): "
+           f"J* = beta' log(p0 + (1 - p0) e^(-1/beta')). Each lambda stands for "
+           f"beta' = beta / lambda (base beta = {res['base_beta']:g}; lambda = 0 is the SFT "
+           f"model, beta' = inf, where J = E_SFT[r] = {f(e_ref)} is optimal). A retrained "
+           f"model counts as converged when its J is within "
+           f"max({CONVERGED_TOL:g}, {rep.Z:g} standard errors) of J*.", ""]
+  rows = []
+  for i, x in enumerate(lam):
+    w = res["kl_weight"][i]
+    rows.append([f"{x:g}", "inf" if w is None else f"{w:g}", f(res["optimum_J"][i]),
+                 f(res["optimum_reward"][i]), f(res["optimum_kl"][i]),
+                 f"{f(res['dera_J'][i])} ± {f(res['dera_J_se'][i])}",
+                 f"{f(res['retrained_J'][i])} ± {f(res['retrained_J_se'][i])}",
+                 "yes" if res["retrained_converged"][i] else "**no**"])
+  lines += [rep.markdown_table(
+      ["lambda", "beta / lambda", "J*", "E*[r]", "KL* (nats)", "DeRa J", "retrained J",
+       "retrained converged"], rows), ""]
+  for i, x in enumerate(lam):
+    w = res["kl_weight"][i]
+    if w is None:
+      lines.append(f"- lambda = 0: both are the SFT model, J = E_SFT[r] = "
+                   f"{f(res['retrained_J'][i])}, the optimum's limit as beta' grows.")
+      continue
+    lines.append(
+        f"- lambda = {x:g} (beta' = {w:g}): the retrained model is "
+        f"{_gap_words(res['retrained_J_gap'][i], res['retrained_J_se'][i])}, "
+        f"{'within' if res['retrained_converged'][i] else 'outside'} the tolerance "
+        f"{f(res['retrained_converged_tolerance'][i])}; DeRa is "
+        f"{_gap_words(res['dera_J_gap'][i], res['dera_J_se'][i])}.")
+  trained = [i for i, w in enumerate(res["kl_weight"]) if w is not None]
+  bad = [lam[i] for i in trained if not res["retrained_converged"][i]]
+  if bad:
+    lines += ["", f"**{len(bad)} of {len(trained)} retrained models are not at the optimum "
+              f"they stand for** (lambda = {', '.join(f'{x:g}' for x in bad)}): at those "
+              f"lambdas the comparison with DeRa measures the retraining's optimisation, not "
+              f"the trade-off at beta / lambda."]
+  elif trained:
+    lines += ["", f"All {len(trained)} retrained models are within tolerance of the optimum."]
+  return lines
 
 
 def render_report(res: dict) -> str:
@@ -367,6 +508,7 @@ def render_report(res: dict) -> str:
     lines.append(f"- Check: at lambda = {k}, DeRa's samples equal the "
                  f"{'SFT' if k == '0' else 'base PPO'} model's token for token in "
                  f"{100 * v:.0f}% of rows (same row seeds; expected 100%).")
+  lines += ["", *optimum_section(res)]
   lines += ["", "## Is the base beta over- or under-regularised?", ""]
   dv, rv = res["dera_verdict"], res["retrained_verdict"]
   lines.append(f"- From DeRa's reward curve: **{dv['verdict']}**: {dv['reason']}.")
@@ -376,6 +518,8 @@ def render_report(res: dict) -> str:
   lines += ["", "## Figures", "",
             "![reward against lambda](fig2a_reward_vs_lambda.png)", "",
             "![KL against lambda](kl_vs_lambda.png)", "",
+            "![reward against KL with the optimum](reward_vs_kl.png)", "",
+            "![regularised objective against lambda](objective_vs_lambda.png)", "",
             "![DeRa lengths](fig2b_dera_lengths.png)", "",
             "![retrained lengths](fig2c_retrained_lengths.png)", "",
             "## Time", ""]

@@ -168,6 +168,94 @@ def plot_curves(path: str, lambdas, curves: dict, *, ylabel: str, title: str,
   return out
 
 
+# NOTE: where lambda = 0 sits on a log lambda axis: this factor below the smallest lambda > 0.
+ZERO_OFFSET = 4.0
+SE_NOTE = "error bars: ±1 standard error over prompts"
+
+
+def lambda_positions(lambdas) -> np.ndarray:
+  """x positions of `lambdas` on a log axis: lambda = 0 at an offset below the smallest > 0."""
+  lam = np.asarray(lambdas, np.float64)
+  pos = lam[lam > 0]
+  zero_at = (pos.min() if pos.size else 1.0) / ZERO_OFFSET
+  return np.where(lam > 0, lam, zero_at)
+
+
+def _lambda_axis(ax, lambdas, base_beta: Optional[float]) -> None:
+  """Log lambda axis (lambda = 0 at an offset, labelled), the base beta marked and, with a
+  base beta, beta / lambda as a second axis on top."""
+  xs = lambda_positions(lambdas)
+  ax.set_xscale("log")
+  ax.set_xticks(xs)
+  ax.set_xticklabels(["0 (SFT)" if lam == 0 else f"{lam:g}" for lam in lambdas])
+  ax.minorticks_off()
+  ax.set_xlabel("lambda (log axis; lambda = 0 drawn at an offset)")
+  if base_beta is None:
+    return
+  ax.axvline(1.0, color="grey", linestyle=":", linewidth=1.0,
+             label=f"base beta = {base_beta:g} (lambda = 1)")
+  inv = lambda x: base_beta / np.clip(x, 1e-300, None)  # NOTE: its own inverse
+  top = ax.secondary_xaxis("top", functions=(inv, inv))
+  top.set_xticks([base_beta / x for x in xs])
+  top.set_xticklabels(["inf" if lam == 0 else f"{base_beta / lam:g}" for lam in lambdas])
+  top.minorticks_off()
+  top.set_xlabel("beta / lambda (the KL weight each lambda stands for)")
+
+
+def plot_lambda_curves(path: str, lambdas, curves: dict, *, ylabel: str, title: str,
+                       base_beta: Optional[float] = None, lines: Optional[dict] = None) -> str:
+  """Error-bar curves against lambda on a log axis; `lines` = {label: values} without errors
+  (e.g. the optimum at beta / lambda), drawn dashed."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(5.6, 4.0))
+  xs = lambda_positions(lambdas)
+  for label, vals in (lines or {}).items():
+    ax.plot(xs, vals, linestyle="--", color="black", marker="x", linewidth=1.2, label=label)
+  for label, (vals, ses) in curves.items():
+    ax.errorbar(xs, vals, yerr=_yerr(ses), marker="o", capsize=3, label=label)
+  _lambda_axis(ax, lambdas, base_beta)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, title=SE_NOTE, title_fontsize=7)
+  out = _save(fig, path)
+  plt.close(fig)
+  return out
+
+
+def _yerr(ses):
+  return [0.0 if not _defined(s) else s for s in ses]
+
+
+def plot_reward_kl(path: str, curve: dict, points: dict, *, title: str,
+                   curve_label: str = "exact KL-regularised optimum",
+                   ylabel: str = "mean reward") -> str:
+  """Reward against KL: the optimum's curve (curve["kl"], curve["reward"]) and, per label,
+  points (kl, kl_se, reward, reward_se, annotations) with error bars."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(5.6, 4.0))
+  ck, cr = list(curve["kl"]), list(curve["reward"])
+  # NOTE: beyond its largest KL the optimum's reward stays at its last (the reward's maximum).
+  far = max([k for (kl, *_rest) in points.values() for k in kl if k is not None] + [ck[-1]])
+  if far > ck[-1]:
+    ck, cr = ck + [far], cr + [cr[-1]]
+  ax.plot(ck, cr, color="black", linewidth=1.4, label=curve_label)
+  for label, (kl, kl_se, rw, rw_se, notes) in points.items():
+    line = ax.errorbar(kl, rw, xerr=_yerr(kl_se), yerr=_yerr(rw_se), marker="o", capsize=3,
+                       linestyle="none", label=label)
+    for x, y, t in zip(kl, rw, notes):
+      ax.annotate(t, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6,
+                  color=line[0].get_color())
+  ax.set_xlabel("KL(pi || pi_ref), nats")
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, title=SE_NOTE, title_fontsize=7)
+  out = _save(fig, path)
+  plt.close(fig)
+  return out
+
+
 def plot_histograms(path: str, lengths_by_lam: dict, *, window: Optional[tuple], title: str,
                     max_length: int) -> str:
   """Step histograms of response lengths, one per lambda, the rewarded window shaded."""
