@@ -30,7 +30,8 @@ paper, configs/decode/dera_multi_builtin_tiny.gin) mix
 sum_i lam_i h_i + (1 - sum_i lam_i) h_ref; their rows' `lam` is the weight
 vector and `aligned_model_logprobs` holds one list per aligned model. The
 other methods write one line per (prompt, sample) with the same fields plus
-`method` and `setting` (see `_decode_method_all`). The file appears only when complete.
+`method` and `setting` (see `_decode_method_all`). The file appears only when complete;
+the binary then writes its operative gin config beside it (OUTPUT_FILE.config.gin).
 
 On several hosts every process decodes every prompt on its own devices and
 process 0 alone writes the file (see `host_mesh`).
@@ -748,6 +749,7 @@ def block_kl_estimate(proposal_logprobs, block_length: int, num_candidates: int)
 def main(argv: list) -> int:
   summary = gin_utils.call(gin_utils.configure_binary(
       argv, "decode", decode, extra=[(sampler.SamplingConfig, "SamplingConfig")]))
+  gin_utils.write_operative_config_beside(summary["output_file"])
   if "lambdas" in summary:
     print(f"wrote {summary['rows']} rows ({summary['prompts']} prompts x lambdas "
           f"{summary['lambdas']}) to {summary['output_file']}; mean KL to the reference "

@@ -225,7 +225,9 @@ def _print_summary(summary: dict) -> None:
 
 
 def main(argv: list) -> int:
-  _print_summary(gin_utils.call(gin_utils.configure_binary(argv, "evaluate", evaluate)))
+  summary = gin_utils.call(gin_utils.configure_binary(argv, "evaluate", evaluate))
+  gin_utils.write_operative_config_beside(summary["output_file"])  # OUTPUT_FILE.config.gin
+  _print_summary(summary)
   return 0
 
 

@@ -227,6 +227,12 @@ def write_operative_config(model_dir: str, name: str = "config.gin") -> Optional
   return path
 
 
+def write_operative_config_beside(output_file: str) -> Optional[str]:
+  """The operative config next to a binary's output: OUT.config.gin beside OUT (process 0)."""
+  path = os.path.abspath(output_file)
+  return write_operative_config(os.path.dirname(path), os.path.basename(path) + ".config.gin")
+
+
 def run_main(main: Callable[[list], int]) -> None:
   """Runs a binary's main(argv): one-line errors and exit codes for the user."""
   from realign_jax.training.trainer import PREEMPTED_EXIT_CODE, Preempted
