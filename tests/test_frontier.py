@@ -9,6 +9,7 @@ import pytest
 
 from realign_jax.errors import UserError
 from realign_jax.evaluation import best_of_n_theory as bon
+from realign_jax.evaluation import optimum as opt
 from realign_jax.experiments import frontier as fr
 from realign_jax.experiments import stages as stages_lib
 
@@ -66,6 +67,51 @@ def test_pareto_and_budgets_by_hand():
   assert (b[0.5]["method"], b[1.0]["setting"], b[2.0]["reward"]) == ("a", "2", -0.5)
   assert (b[4.0]["method"], b[4.0]["kl_kind"]) == ("b", "bon_estimator")
   assert fr.budget_table(es, budgets=(-1.0,))[0]["method"] is None
+
+
+def _fake_entries():
+  return [{"method": "ppo", "setting": "beta=0.1", "reward": 0.2, "reward_se": 0.05,
+           "kl": 0.0, "kl_se": 0.0, "kl_kind": "exact", "kl_bound": None, "length": 3.0,
+           "stage": "ppo_beta0.1"},
+          {"method": "best_of_n", "setting": "n=4", "reward": 0.5, "reward_se": 0.1,
+           "kl": 50.0, "kl_se": 0.1, "kl_kind": "bon_estimator", "kl_bound": 0.64,
+           "kl_levels": 0.5, "length": 3.0, "stage": "best_of_n"}]
+
+
+def test_optimum_block_and_gaps_by_hand(tmp_path):
+  # Three reward levels in the SFT samples: the self-normalised estimate.
+  ref = [{"prompt_index": p, "sample": j, "reward": r}
+         for p, rs in enumerate([[1.0, -0.5], [0.3, 0.3]]) for j, r in enumerate(rs)]
+  res = fr.build_results(_fake_entries(), settings={}, reference_rows=ref)
+  best = res["optimum"]
+  assert best["kind"] == "estimate" and best["num_samples"] == 4
+  assert best["reference_reward"] == pytest.approx(0.275)
+  e0, e1 = res["entries"]
+  # at KL 0 the optimum is p itself (mean 0.275); at 50 nats, beyond the curve, max r = 1
+  assert e0["optimum_reward_at_kl"] == pytest.approx(0.275) and e0["gap_to_optimum"] == \
+      pytest.approx(0.075)
+  assert e1["optimum_reward_at_kl"] == pytest.approx(1.0, abs=1e-9)
+  assert e1["gap_to_optimum"] == pytest.approx(0.5, abs=1e-9)
+  text = fr.render_report(dict(res, stage_seconds={}, invocation_seconds=1.0,
+                               stages_run_now=[], settings=_fake_settings()))
+  assert "self-normalised estimate from the 4 samples" in text
+  assert "| 0.275 | 0.075 |" in text
+  fr.plot_frontier(str(tmp_path / "f.png"), res)
+  assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+  # Without samples of the SFT model: no optimum, no gaps, said so.
+  none = fr.build_results(_fake_entries(), settings={})
+  assert none["optimum"]["kind"] is None and none["entries"][0]["gap_to_optimum"] is None
+  text = fr.render_report(dict(none, stage_seconds={}, invocation_seconds=1.0,
+                               stages_run_now=[], settings=_fake_settings()))
+  assert "No optimum: no samples of the SFT model" in text
+
+
+def _fake_settings():
+  return {"task": "t", "reward": "r", "model": "m", "sft_steps": 1, "ppo_steps": 1,
+          "value_steps": 1, "num_prompts": 2, "split": "validation", "num_samples": 2,
+          "max_new_tokens": 6, "aligned_beta": 0.1, "cd_top_k": 4, "cd_q_top_k": [0],
+          "block_length": 3, "tq_top_k": 3, "tq_horizon": 3, "tq_alpha_convention": "paper",
+          "args_top_k": 4}
 
 
 # ---- end to end ------------------------------------------------------------------------------
@@ -191,6 +237,26 @@ def test_frontier_end_to_end_then_resumes(tmp_path, clean_gin, capsys):
   assert any(x["pareto"] for x in res["entries"]) and len(res["budgets"]) == len(fr.BUDGETS)
   report = (tmp_path / "report.md").read_text()
   assert "Transfer Q* direct" in report and "bon_estimator" in report
+  # The optimum: closed form from the best_of_n stage's samples of the SFT model (reward
+  # in {-1, 0}); each entry's gap against the optimum's reward at its KL, found here by
+  # bisection on beta of the closed form.
+  ref = stages_lib.read_jsonl(str(tmp_path / "best_of_n" / "samples.jsonl"))
+  p0 = float(np.mean([r["reward"] == 0.0 for r in ref]))
+  assert 0 < p0 < 1
+  best = res["optimum"]
+  assert best["kind"] == "exact" and best["p0"] == pytest.approx(p0) and best["levels"] == [-1, 0]
+  assert "exact KL-regularised optimum" in report and f"p0 = {100 * p0:.1f}%" in report
+  for x in res["entries"]:
+    lo, hi = 1e-4, 1e4
+    if x["kl"] >= -math.log(p0):
+      want = 0.0
+    else:
+      for _ in range(200):  # KL of the optimum decreases in beta
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if opt.binary_optimum(p0, mid)["kl"] > x["kl"] else (lo, mid)
+      want = opt.binary_optimum(p0, lo)["reward"]
+    assert x["optimum_reward_at_kl"] == pytest.approx(want, abs=2e-3), x
+    assert x["gap_to_optimum"] == pytest.approx(want - x["reward"], abs=2e-3)
   # Rerun: everything cached; a damaged decode stage is redone, nothing else.
   (tmp_path / "args_w1" / "samples.jsonl").unlink()
   assert _main(tmp_path) == 0

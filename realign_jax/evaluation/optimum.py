@@ -177,8 +177,9 @@ def optimum_curve(rewards, betas=None, groups: Optional[Sequence] = None) -> dic
   """The optimal reward-against-KL curve from reference reward samples.
 
   Exact (closed form, kind "exact") when the samples hold two reward values,
-  else the self-normalised estimate (kind "estimate", with `small_ess` per
-  point). One value: pi_ref is already optimal (a single point at KL 0).
+  else the self-normalised estimate (kind "estimate", with `small_ess`, `ess`
+  and the standard errors `reward_se`, `kl_se`, `J_se` per point, clustered by
+  `groups`). One value: pi_ref is already optimal (a single point at KL 0).
   beta = inf (pi_ref, KL 0) is always one of the points; they are sorted by KL.
   """
   r = np.asarray(rewards, np.float64).reshape(-1)
@@ -199,15 +200,16 @@ def optimum_curve(rewards, betas=None, groups: Optional[Sequence] = None) -> dic
   else:
     est = [estimate_optimum(r, b, groups) for b in betas]
     pts = {k: np.array([e[k] for e in est]) for k in ("beta", "reward", "kl", "J")}
-    extra = {"kind": "estimate", "n": int(r.size),
-             "small_ess": [e["small_ess"] for e in est], "ess": [e["ess"] for e in est]}
+    extra = {"kind": "estimate", "n": int(r.size)}
+    per_point = {k: [e[k] for e in est] for k in ("small_ess", "ess", "reward_se", "kl_se",
+                                                   "J_se")}
   order = np.argsort(pts["kl"], kind="stable")
   out = dict(extra)
   for k, v in pts.items():
     out[k] = [float(x) for x in v[order]]
-  if "small_ess" in out:
-    out["small_ess"] = [out["small_ess"][i] for i in order]
-    out["ess"] = [out["ess"][i] for i in order]
+  if lv is None:
+    for k, v in per_point.items():
+      out[k] = [v[i] for i in order]
   return out
 
 

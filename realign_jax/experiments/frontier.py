@@ -55,6 +55,7 @@ import numpy as np
 
 from realign_jax import gin_utils
 from realign_jax.errors import UserError
+from realign_jax.evaluation import optimum as opt
 from realign_jax.experiments import report as rep
 from realign_jax.experiments import stages as stages_lib
 from realign_jax.training import trainer as trainer_lib
@@ -304,11 +305,12 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
           args_top_k=args_top_k, args_weight=float(w)))
 
   # ---- results and report ----------------------------------------------------------------
-  entries = []
+  entries, reference_rows = [], None
   for method, setting, stage, result in decoded:
     rows = stages_lib.read_jsonl(os.path.join(runner.stage_dir(stage), SAMPLES))
     extra = {"stage": stage, "stage_seconds": runner.timings.get(stage), **result}
     if method == "best_of_n":
+      reference_rows = rows  # NOTE: samples of p itself: the optimum's reference
       entries += [dict(e, **extra) for e in best_of_n_entries(rows, best_of_n)]
     elif method == "dera":
       for lam in lambdas:
@@ -325,7 +327,7 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
       "tq_top_k": tq_top_k, "tq_horizon": tq_horizon,
       "tq_alpha_convention": tq_alpha_convention, "args_top_k": args_top_k,
       "cdq_output_head": cdq_output_head,
-      "model": f"{type(sft.model.config).__name__}"})
+      "model": f"{type(sft.model.config).__name__}"}, reference_rows=reference_rows)
   results["stage_seconds"] = dict(runner.timings)
   results["stages_run_now"] = list(runner.ran)
   results["invocation_seconds"] = time.perf_counter() - t_start
@@ -457,13 +459,54 @@ def budget_table(entries: Sequence[dict], budgets=BUDGETS) -> list:
   return out
 
 
-def build_results(entries: list, settings: dict) -> dict:
+def optimum_block(reference_rows: Optional[Sequence[dict]]) -> dict:
+  """The KL-regularised optimum from the SFT model's samples (the best_of_n stage's rows).
+
+  Closed form when their rewards take two values (kind "exact", with p0), else
+  the self-normalised estimate (kind "estimate", clustered by prompt, with the
+  effective sample size per point); kind None without such samples.
+  """
+  if not reference_rows:
+    return {"kind": None, "reason": "no samples of the SFT model (the best_of_n stage did "
+                                    "not run)"}
+  rewards = [r["reward"] for r in reference_rows]
+  curve = opt.optimum_curve(rewards, groups=[r["prompt_index"] for r in reference_rows])
+  curve["source"] = "best_of_n"
+  curve["num_samples"] = len(rewards)
+  curve["reference_reward"] = float(np.mean(rewards))
+  return curve
+
+
+def build_results(entries: list, settings: dict,
+                  reference_rows: Optional[Sequence[dict]] = None) -> dict:
+  """Frontier, budgets and, with the SFT model's samples, each entry's gap to the optimum.
+
+  gap_to_optimum = the optimum's reward at the entry's KL minus the entry's reward
+  (at the KL of its kind: exact, or the best-of-n estimate).
+  """
   front = pareto(entries)
   for i, e in enumerate(entries):
     e["pareto"] = i in front
+  best = optimum_block(reference_rows)
+  for e in entries:
+    if best["kind"] is not None and e.get("kl") is not None and math.isfinite(e["kl"]):
+      e["optimum_reward_at_kl"] = float(opt.reward_at_kl(best, e["kl"]))
+      e["gap_to_optimum"] = e["optimum_reward_at_kl"] - e["reward"]
+    else:
+      e["optimum_reward_at_kl"] = e["gap_to_optimum"] = None
   return {"entries": entries, "pareto": [[entries[i]["method"], entries[i]["setting"]]
                                          for i in front],
-          "budgets": budget_table(entries), "settings": settings}
+          "budgets": budget_table(entries), "settings": settings, "optimum": best}
+
+
+def optimum_label(best: dict) -> str:
+  if best["kind"] == "exact":
+    if len(best["levels"]) == 1:
+      return "KL-regularised optimum: the SFT model itself (one reward value)"
+    return (f"exact KL-regularised optimum (closed form, SFT success rate p0 = "
+            f"{100 * best['p0']:.1f}%)")
+  return (f"KL-regularised optimum, estimated (self-normalised, "
+          f"{best['num_samples']} SFT samples)")
 
 
 # ---- figure and report -------------------------------------------------------------------
@@ -486,6 +529,19 @@ def plot_frontier(path: str, results: dict) -> str:
   plt = rep._plt()
   fig, ax = plt.subplots(figsize=(7.0, 4.8))
   markers = dict(zip(METHODS, "os^v<>Dp"))
+  best = results.get("optimum") or {"kind": None}  # NOTE: absent from older results
+  if best["kind"] is not None:
+    ck, cr = list(best["kl"]), list(best["reward"])
+    # NOTE: beyond its largest KL the optimum's reward stays at the reward's maximum.
+    far = max([e["kl"] for e in results["entries"] if e.get("kl") is not None] + [ck[-1]])
+    if far > ck[-1]:
+      ck, cr = ck + [far], cr + [cr[-1]]
+    ax.plot(ck, cr, color="black", linewidth=1.6, label=optimum_label(best))
+    if best["kind"] == "estimate" and any(best["small_ess"]):
+      lo = min(k for k, f in zip(best["kl"], best["small_ess"]) if f)
+      ax.axvspan(lo, max(ck), color="grey", alpha=0.1,
+                 label=f"optimum estimate unreliable (ESS < "
+                       f"{100 * opt.SMALL_ESS_FRACTION:.0f}% of samples)")
   for method, curve in _curves(results["entries"]):
     es = [e for e in results["entries"] if e["method"] == method and _curve(e) == curve]
     # NOTE: points joined in the order of the method's grid (n, lambda, beta, ...).
@@ -509,7 +565,8 @@ def plot_frontier(path: str, results: dict) -> str:
   ax.set_ylabel("mean task reward")
   ax.set_title("Reward against KL to the SFT model")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+            title=rep.SE_NOTE, title_fontsize=7)
   out = rep._save(fig, path)
   plt.close(fig)
   return out
@@ -524,6 +581,50 @@ def _q_head_label(settings: dict) -> str:
   head = settings.get("cdq_output_head", "lm")  # NOTE: older results used the plain Q-head
   return ("dueling Q-head (V(s) + A(s, z), unvisited tokens at V(s))" if "dueling" in head
           else "Q-head")
+
+
+def optimum_section(res: dict) -> list:
+  """What the optimum's curve is, where it comes from, and who comes closest to it."""
+  f = rep.fmt
+  best = res.get("optimum") or {"kind": None, "reason": "not computed by this version"}
+  lines = ["## Against the KL-regularised optimum", ""]
+  if best["kind"] is None:
+    return lines + [f"No optimum: {best['reason']}.", ""]
+  lines.append(
+      "For each KL weight beta the policy maximising E[r] - beta KL(pi || p) is p exp(r / beta) "
+      "/ Z; its (KL, reward) pairs over beta are the best any method can reach, the black "
+      "curve in the figure. `optimum at this KL` is that curve's reward at the entry's KL "
+      "(of the entry's kind), `gap to optimum` that minus the entry's reward (> 0: below the "
+      "optimum).")
+  if best["kind"] == "exact":
+    lines.append(
+        f"The reward takes {len(best['levels'])} value(s) in the {best['num_samples']} samples "
+        f"of the SFT model (the best_of_n stage)" + (
+            f", {best['levels'][1]:g} with probability p0 = {100 * best['p0']:.1f}%: the curve "
+            f"is the exact KL-regularised optimum (closed form from p0), from KL 0 (reward {f(best['reference_reward'])})"
+            f" to KL -log p0 = {f(best['kl'][-1])} nats (reward {f(best['reward'][-1])})."
+            if len(best["levels"]) == 2 else ": the SFT model is already optimal."))
+  else:
+    small = [k for k, s in zip(best["kl"], best["small_ess"]) if s]
+    lines.append(
+        f"The reward takes more than two values: the curve is the self-normalised estimate "
+        f"from the {best['num_samples']} samples of the SFT model (weights exp(r / beta); "
+        f"standard errors by the delta method, clustered by prompt, in results.json)." + (
+            f" **Beyond KL {f(min(small))} nats the effective sample size falls below "
+            f"{100 * opt.SMALL_ESS_FRACTION:.0f}% of the samples: the estimate there rests on a "
+            f"few responses.**" if small else ""))
+  gaps = [e for e in res["entries"] if e.get("gap_to_optimum") is not None]
+  if gaps:
+    near = min(gaps, key=lambda e: e["gap_to_optimum"])
+    far = max(gaps, key=lambda e: e["gap_to_optimum"])
+    def where(e):
+      g = e["gap_to_optimum"]
+      return (f"{f(g)} below it" if g >= 0 else f"{f(-g)} above it: sampling noise or a KL "
+              f"underestimate, since no policy beats the optimum") + f" at {f(e['kl'])} nats"
+    lines.append(f"Closest to the optimum: {LABELS[near['method']]} {near['setting'] or ''} "
+                 f"({where(near)}); farthest: {LABELS[far['method']]} {far['setting'] or ''} "
+                 f"({where(far)}).")
+  return lines + [""]
 
 
 def render_report(res: dict) -> str:
@@ -556,11 +657,13 @@ def render_report(res: dict) -> str:
     rows.append([LABELS[e["method"]], e["setting"] or "",
                  f"{f(e['reward'])} ± {f(e['reward_se'])}",
                  f"{f(e['kl'])} ± {f(e['kl_se'])}", e["kl_kind"], f(e.get("kl_bound")),
-                 f(e.get("kl_levels")), f(e["length"], 1), "yes" if e["pareto"] else ""])
+                 f(e.get("kl_levels")), f(e["length"], 1), "yes" if e["pareto"] else "",
+                 f(e.get("optimum_reward_at_kl")), f(e.get("gap_to_optimum"))])
   lines += ["## Results", "", rep.markdown_table(
       ["method", "setting", "reward", "KL (nats)", "KL kind", "KL bound", "KL levels",
-       "length", "on the frontier"], rows), "",
+       "length", "on the frontier", "optimum at this KL", "gap to optimum"], rows), "",
       "Means ± standard errors (clustered by prompt; best-of-n: over prompts).", ""]
+  lines += optimum_section(res)
   trunc = [e for e in res["entries"] if e["method"] == "args" and e["setting"] == "w=0"]
   if trunc:
     t = trunc[0]
