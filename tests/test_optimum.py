@@ -158,3 +158,38 @@ def test_curve_and_reward_at_kl():
   assert g["kind"] == "estimate" and len(g["small_ess"]) == len(g["kl"])
   one = opt.optimum_curve(np.full(5, -1.0))
   assert one["kl"] == [0.0] and one["reward"] == [-1.0]
+
+
+# ---- command line ---------------------------------------------------------------------
+def test_command_line_closed_form_and_samples(tmp_path, capsys):
+  import json
+  out = tmp_path / "opt.json"
+  assert opt.main(["--p0=0.125", "--betas=inf,0.2,0.1", f"--out={out}"]) == 0
+  text = capsys.readouterr().out
+  assert "exact (closed form), p0 = 12.50%" in text and "-0.4067" in text
+  doc = json.loads(out.read_text())
+  assert doc["kind"] == "exact" and doc["rows"][0]["beta"] is None  # inf -> null in JSON
+  assert [r["J"] for r in doc["rows"]] == pytest.approx([-0.875, -0.40667, -0.20791], abs=1e-5)
+  # samples.jsonl rows of a reference with three reward levels: the estimate
+  rows = [{"prompt_index": i // 2, "sample": i % 2, "reward": r}
+          for i, r in enumerate([1.0, -0.5, 0.3, 0.3])]
+  path = tmp_path / "samples.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert opt.main([f"--samples={path}", "--betas=0.4", f"--out={out}"]) == 0
+  doc = json.loads(out.read_text())
+  assert doc["kind"] == "estimate" and doc["num_samples"] == 4
+  assert doc["rows"][0]["J"] == pytest.approx(opt.estimate_optimum([1.0, -0.5, 0.3, 0.3],
+                                                                    0.4)["J"])
+  # two levels in the samples: the closed form with their p0
+  path.write_text("".join(json.dumps(dict(r, reward=float(r["reward"] > 0.5) - 1.0)) + "\n"
+                          for r in rows))
+  assert opt.main([f"--samples={path}", "--betas=0.1"]) == 0
+  assert "p0 = 25.00%" in capsys.readouterr().out
+  path.write_text('{"reward": "x"}\n')
+  with pytest.raises(UserError, match="line 1 is not a JSON row"):
+    opt.main([f"--samples={path}", "--betas=0.1"])
+  with pytest.raises(UserError, match="no such file"):
+    opt.main([f"--samples={tmp_path / 'none.jsonl'}", "--betas=0.1"])
+  with pytest.raises(UserError, match="--betas='0.1,-2'"):
+    opt.main(["--p0=0.5", "--betas=0.1,-2"])
+  assert not (tmp_path / "none.jsonl").exists()

@@ -25,6 +25,7 @@ KL = E*[d] - L, so b -> 0 neither overflows nor cancels.
 """
 
 import math
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -223,3 +224,108 @@ def reward_at_kl(curve: dict, kl) -> np.ndarray:
   k = np.asarray(curve["kl"], np.float64)
   v = np.maximum.accumulate(np.asarray(curve["reward"], np.float64))
   return np.interp(np.asarray(kl, np.float64), k, v)
+
+
+# ---- command line ---------------------------------------------------------------------
+def _parse_betas(text: str) -> list:
+  try:
+    betas = [float(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    betas = []
+  if not betas or not all(b > 0 for b in betas):
+    raise UserError(f"--betas={text!r} must be a comma-separated list of numbers > 0 (inf "
+                    f"allowed), e.g. 0.4,0.2,0.1")
+  return betas
+
+
+def _read_samples(path: str) -> tuple:
+  import json
+  if not os.path.isfile(path):
+    raise UserError(f"--samples={path}: no such file (a samples.jsonl of the SFT model, one "
+                    f"JSON row with 'reward' and 'prompt_index' per line)")
+  rewards, groups = [], []
+  with open(path) as f:
+    for i, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        rewards.append(float(row["reward"]))
+        groups.append(row.get("prompt_index", i))
+      except (ValueError, KeyError, TypeError):
+        raise UserError(f"--samples={path}: line {i} is not a JSON row with a numeric "
+                        f"'reward'") from None
+  if not rewards:
+    raise UserError(f"--samples={path} holds no rows")
+  return rewards, groups
+
+
+def table(*, betas, p0: Optional[float] = None, r_lo: float = -1.0, r_hi: float = 0.0,
+          rewards=None, groups=None) -> dict:
+  """The optimum at each beta: closed form from p0, or from reward samples of pi_ref."""
+  if (p0 is None) == (rewards is None):
+    raise UserError("give either the success rate p0 or reward samples of the reference")
+  if rewards is not None:
+    lv = two_levels(rewards)
+    if lv is None and np.unique(np.asarray(rewards, np.float64)).size > 1:
+      rows = [estimate_optimum(rewards, b, groups) for b in betas]
+      return {"kind": "estimate", "num_samples": len(rewards), "rows": rows}
+    if lv is None:  # one value: pi_ref is optimal
+      r0 = float(np.asarray(rewards, np.float64).reshape(-1)[0])
+      lv = (r0 - 1.0, r0, 1.0)
+    r_lo, r_hi, p0 = lv
+  o = binary_optimum(p0, np.array(betas, np.float64), r_lo, r_hi)
+  rows = [{k: float(o[k][i]) for k in ("beta", "log_Z", "reward", "kl", "J")}
+          for i in range(len(betas))]
+  return {"kind": "exact", "p0": p0, "levels": [r_lo, r_hi], "rows": rows}
+
+
+def main(argv: list) -> int:
+  import argparse
+  import json
+
+  class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+      self.exit(2, f"error: {message} (see --help)\n")
+
+  p = _Parser(prog="python -m realign_jax.evaluation.optimum",
+              description="The exact KL-regularised optimum pi_ref exp(r / beta) / Z at each "
+                          "beta: J* = beta log Z, E*[r] and KL(pi* || pi_ref).")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--p0", type=float, help="success rate P_ref(r = r_hi) of a two-valued reward")
+  src.add_argument("--samples", help="samples.jsonl of the reference (rows with 'reward')")
+  p.add_argument("--betas", required=True, help="comma-separated KL weights, e.g. 0.4,0.2,0.1")
+  p.add_argument("--r_lo", type=float, default=-1.0, help="with --p0: the low reward (-1)")
+  p.add_argument("--r_hi", type=float, default=0.0, help="with --p0: the high reward (0)")
+  p.add_argument("--out", help="also write the table as JSON to this file")
+  a = p.parse_args(argv)
+  betas = _parse_betas(a.betas)
+  if a.samples:
+    rewards, groups = _read_samples(a.samples)
+    res = table(betas=betas, rewards=rewards, groups=groups)
+    res["samples"] = a.samples
+  else:
+    res = table(betas=betas, p0=a.p0, r_lo=a.r_lo, r_hi=a.r_hi)
+  if a.out and not os.path.isdir(os.path.dirname(a.out) or "."):
+    raise UserError(f"--out={a.out}: its directory does not exist")
+  head = (f"exact (closed form), p0 = {100 * res['p0']:.2f}%, rewards {res['levels']}"
+          if res["kind"] == "exact" else
+          f"self-normalised estimate from {res['num_samples']} samples")
+  print(f"KL-regularised optimum: {head}")
+  print(f"{'beta':>8} {'J*':>9} {'E*[r]':>9} {'KL* (nats)':>11}" +
+        ("" if res["kind"] == "exact" else f" {'J* se':>8} {'ESS':>8}"))
+  for r in res["rows"]:
+    print(f"{r['beta']:>8g} {r['J']:>9.4f} {r['reward']:>9.4f} {r['kl']:>11.4f}" +
+          ("" if res["kind"] == "exact" else
+           f" {r['J_se']:>8.4f} {r['ess']:>8.1f}" + (" small ESS" if r["small_ess"] else "")))
+  if a.out:
+    from realign_jax.checkpoints.manager import atomic_write_text
+    from realign_jax.evaluation import stats
+    atomic_write_text(a.out, json.dumps(stats.clean_for_json(res), indent=1) + "\n")
+    print(f"wrote {a.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  from realign_jax import gin_utils
+  gin_utils.run_main(main)
