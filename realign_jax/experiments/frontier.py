@@ -601,8 +601,8 @@ def optimum_section(res: dict) -> list:
         f"The reward takes {len(best['levels'])} value(s) in the {best['num_samples']} samples "
         f"of the SFT model (the best_of_n stage)" + (
             f", {best['levels'][1]:g} with probability p0 = {100 * best['p0']:.1f}%: the curve "
-            f"is the exact KL-regularised optimum (closed form from p0), from KL 0 (reward {f(best['reference_reward'])})"
-            f" to KL -log p0 = {f(best['kl'][-1])} nats (reward {f(best['reward'][-1])})."
+            f"is the exact KL-regularised optimum (closed form from p0), from KL 0 (reward "
+            f"{f(best['reference_reward'])}) to KL -log p0 = {f(best['kl'][-1])} nats (reward {f(best['reward'][-1])})."
             if len(best["levels"]) == 2 else ": the SFT model is already optimal."))
   else:
     small = [k for k, s in zip(best["kl"], best["small_ess"]) if s]
