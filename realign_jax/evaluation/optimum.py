@@ -45,13 +45,6 @@ def _check_beta(beta) -> np.ndarray:
   return b
 
 
-def objective(reward, kl, beta):
-  """J = E[r] - beta KL; at beta = inf the policy must be pi_ref (KL taken as 0)."""
-  b = np.asarray(beta, np.float64)
-  return np.where(np.isinf(b), reward, np.asarray(reward) - np.where(np.isinf(b), 0.0, b)
-                  * np.asarray(kl))
-
-
 def binary_optimum(p0: float, beta, r_lo: float = -1.0, r_hi: float = 0.0) -> dict:
   """Closed form of pi*_b for a reward in {r_lo, r_hi}, P_ref(r = r_hi) = p0.
 
