@@ -236,7 +236,7 @@ def test_results_against_the_exact_optimum(tmp_path):
   assert "p0 = **12.5%**" in text and "**2 of 3 retrained models are not at the optimum" in text
   assert "lambda = 0.5 (beta' = 0.2): the retrained model is 0.093 below J*" in text
   figs = lr.write_figures(str(tmp_path), res, dera, retr)
-  assert set(figs) >= {"reward", "kl", "objective", "reward_kl"}
+  assert set(figs) >= {"reward", "kl", "objective", "reward_kl", "length_grid"}
   for path in figs.values():
     with open(path, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"

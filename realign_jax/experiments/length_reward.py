@@ -388,6 +388,12 @@ def write_figures(model_dir, results, dera_rows, retrained_rows) -> dict:
       os.path.join(model_dir, "fig2c_retrained_lengths.png"),
       {lam: [r["length"] for r in retrained_rows[lam]] for lam in lambdas}, window=window,
       title="Retrained response lengths (Fig. 2c)", max_length=t_max)
+  figs["length_grid"] = rep.plot_length_grid(
+      os.path.join(model_dir, "lengths_by_lambda.png"), lambdas,
+      {"DeRa": {lam: [r["length"] for r in _by_lam(dera_rows, lam)] for lam in lambdas},
+       "retrained at beta / lambda": {lam: [r["length"] for r in retrained_rows[lam]]
+                                      for lam in lambdas}},
+      window=window, max_length=t_max, title="Share of responses by length")
   return figs
 
 
@@ -522,6 +528,7 @@ def render_report(res: dict) -> str:
             "![regularised objective against lambda](objective_vs_lambda.png)", "",
             "![DeRa lengths](fig2b_dera_lengths.png)", "",
             "![retrained lengths](fig2c_retrained_lengths.png)", "",
+            "![lengths, DeRa and retrained side by side](lengths_by_lambda.png)", "",
             "## Time", ""]
   st, cpu = res["stage_seconds"], res.get("stage_cpu_seconds") or {}
   lines.append(rep.markdown_table(

@@ -277,6 +277,46 @@ def plot_histograms(path: str, lengths_by_lam: dict, *, window: Optional[tuple],
   return out
 
 
+def plot_length_grid(path: str, lambdas, columns: dict, *, window: Optional[tuple],
+                     max_length: int, title: str) -> str:
+  """Small multiples of response-length histograms: one row per lambda, one column per
+  model (columns = {label: {lambda: [lengths]}}), the rewarded window shaded and the
+  responses cut at `max_length` (no EOS) drawn as a separate red bar, with their share."""
+  plt = _plt()
+  names = list(columns)
+  fig, axes = plt.subplots(len(lambdas), len(names), figsize=(2.9 * len(names),
+                                                              1.25 * len(lambdas) + 0.8),
+                           sharex=True, sharey=True, squeeze=False)
+  bins = np.arange(0, max_length + 2) - 0.5
+  for i, lam in enumerate(lambdas):
+    for j, name in enumerate(names):
+      ax = axes[i][j]
+      lengths = np.asarray(columns[name][lam])
+      cut = lengths >= max_length
+      if window is not None:
+        ax.axvspan(window[0] - 0.5, window[1] + 0.5, color="green", alpha=0.12)
+      ax.hist(lengths[~cut], bins=bins, color="C0", weights=np.full((~cut).sum(),
+                                                                    1.0 / lengths.size))
+      if cut.any():
+        ax.bar([max_length], [cut.mean()], width=1.0, color="red")
+      ax.text(0.98, 0.9, f"cut at {max_length}: {100 * cut.mean():.0f}%", ha="right",
+              va="top", transform=ax.transAxes, fontsize=6, color="red")
+      if i == 0:
+        ax.set_title(name, fontsize=8)
+      if j == 0:
+        ax.set_ylabel(f"lambda = {lam:g}", fontsize=7)
+      ax.tick_params(labelsize=6)
+  for ax in axes[-1]:
+    ax.set_xlabel("response length (tokens, no EOS)", fontsize=7)
+  fig.suptitle(title + ("" if window is None else
+                        f"; green: rewarded [{window[0]}, {window[1]}]") +
+               "; red: cut at the length limit", fontsize=8)
+  fig.tight_layout()
+  out = _save(fig, path)
+  plt.close(fig)
+  return out
+
+
 def fmt(x: Optional[float], digits: int = 3) -> str:
   if x is None or (isinstance(x, float) and not math.isfinite(x)):
     return "n/a"
