@@ -196,7 +196,13 @@ def vocabulary_identity(vocab_path: Optional[str]) -> dict:
 
 
 def recorded_vocabulary(model_dir: str) -> Optional[dict]:
-  """model.json's "vocab" entry of a run directory, or None (absent, or no model.json)."""
+  """model.json's "vocab" entry of a run directory, or None (absent, or no model.json).
+
+  For a Hugging Face directory: the identity of its tokenizer file.
+  """
+  from realign_jax.checkpoints import hf_import  # NOTE: lazy, as the binaries import it
+  if hf_import.is_hf_dir(model_dir):
+    return hf_import.hf_vocabulary(model_dir)
   try:
     with open(os.path.join(model_dir, "model.json"), encoding="utf-8") as f:
       return json.load(f).get("vocab")

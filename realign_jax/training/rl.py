@@ -204,13 +204,15 @@ class RLAlgorithm(Algorithm):
   # ---- data -------------------------------------------------------------------
   def batches(self, start_step: int) -> Iterator[dict]:
     from realign_jax.data import pipeline  # NOTE: lazily: TensorFlow (see data/vocab.py)
+    from realign_jax.parallel import multihost
+    # NOTE: the same global batch on every process, cut to its rows (as SFT).
     it = pipeline.batch_iterator(
-        self.task, "train", batch_size=self.batch_size // jax.process_count(),
+        self.task, "train", batch_size=self.batch_size,
         input_length=self.input_length, target_length=self.max_new_tokens,
         seed=self.data_seed, shuffle=True, repeat=True, data_dir=self.data_dir,
-        vocab_path=self.vocab_path, start_step=start_step,
-        shard_index=jax.process_index(), num_shards=jax.process_count())
-    return ({"inputs": b["inputs"]} for b in it)
+        vocab_path=self.vocab_path, start_step=start_step)
+    return multihost.host_rows(({"inputs": b["inputs"]} for b in it), self._mesh,
+                               self.batch_size)
 
   # ---- rollouts ---------------------------------------------------------------
   def rollout(self, params, frozen, inputs, rng):

@@ -89,12 +89,15 @@ class SFT(Algorithm):
     # the losses here and subclasses with their own batches (benchmarks on
     # accelerator hosts without TensorFlow) import without them.
     from realign_jax.data import pipeline
-    return pipeline.batch_iterator(
-        self.task, "train", batch_size=self.batch_size // jax.process_count(),
+    from realign_jax.parallel import multihost
+    # NOTE: every process reads the same global batch and keeps the rows its
+    # devices hold, so the data does not depend on the number of hosts.
+    it = pipeline.batch_iterator(
+        self.task, "train", batch_size=self.batch_size,
         input_length=self.input_length, target_length=self.target_length,
         seed=self.data_seed, shuffle=True, repeat=True, data_dir=self.data_dir,
-        vocab_path=self.vocab_path, start_step=start_step,
-        shard_index=jax.process_index(), num_shards=jax.process_count())
+        vocab_path=self.vocab_path, start_step=start_step)
+    return multihost.host_rows(it, self._mesh, self.batch_size)
 
   # ---- loss -----------------------------------------------------------------
   def loss(self, params, batch, rng, aux=None, frozen=None):
