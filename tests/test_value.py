@@ -50,7 +50,11 @@ def test_dueling_q_by_hand():
   q, mean_adv = value.dueling_q_taken(values, adv, ref, jnp.array([[1, 2]]))
   # E_p A: 0.25 * 2 + 0.75 * -2 = -1 ; 0.5 * 1 + 0.5 * 3 = 2 (the pad's advantage never counts)
   np.testing.assert_allclose(np.asarray(mean_adv), [[-1.0, 2.0]], rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(q), [[0.5 + 2 + 1, -1.0 + 3 - 2]], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(q), [[0.5 + 2, -1.0 + 3]], rtol=1e-6)
+  # the TD error reaches V and the taken token's A only (never the others' A)
+  g = jax.grad(lambda a: jnp.sum(value.dueling_q_taken(values, a, ref, jnp.array([[1, 2]]))[0]))(
+      adv)
+  np.testing.assert_array_equal(np.asarray(g), [[[0, 1, 0], [0, 0, 1]]])
 
 
 @pytest.mark.parametrize("family", ["t5", "decoder"])
@@ -104,10 +108,7 @@ def _q_of(mdp, params, head):
   """Q(s)[z] as the head defines it, from the trained tables: [V^L, V]."""
   if head == "lm":
     return np.asarray(params["table"])
-  adv = np.asarray(params["table"], np.float64)
-  p = np.exp(mdp.logp)
-  mean = np.sum(np.where(np.isfinite(mdp.logp), p * adv, 0.0), axis=-1)
-  return np.asarray(params["values"])[:, None] + adv - mean[:, None]
+  return np.asarray(params["values"])[:, None] + np.asarray(params["table"])
 
 
 def _train_params(alg, steps, lr, tmp_path):
