@@ -65,6 +65,13 @@ def train(*, model_dir: str, train_steps: int, algorithm: trainer_lib.Algorithm,
   if isinstance(batch_size, int):  # NOTE: before anything is written into MODEL_DIR
     multihost.check_divides(batch_size, f"{type(algorithm).__name__}.batch_size")
   mesh = partitioning.create_mesh(mesh_data, mesh_model)
+  if isinstance(batch_size, int):
+    name = type(algorithm).__name__
+    partitioning.check_batch_divides(batch_size, mesh, f"{name}.batch_size")
+    minibatches = getattr(algorithm, "num_minibatches", 1)
+    if isinstance(minibatches, int) and minibatches > 1 and batch_size % minibatches == 0:
+      partitioning.check_batch_divides(batch_size // minibatches, mesh,
+                                       f"{name}.batch_size / num_minibatches")
   rules = partitioning.logical_axis_rules(fsdp)
   # NOTE: process 0 speaks for the run: it holds the lock and writes the records.
   lock = run_dir.RunLock(model_dir) if jax.process_index() == 0 else None

@@ -312,3 +312,30 @@ def test_tokenizer_json_through_the_data_pipeline(tmp_path):
   ex = next(iter(task.get_dataset(sequence_length={"inputs": 24, "targets": 6}, split="train",
                                   shuffle=False, use_cached=False)))
   np.testing.assert_array_equal(ex["targets"].numpy(), [3, 4, 5, 1])
+
+
+@pytest.mark.parametrize("case", ["t5_v5_unscaled", "mistral_window"])
+def test_hf_directory_as_a_checkpoint_in_both_layouts(tmp_path, case):
+  """manager.read_model_json / load_params take an HF directory directly; a scanned model gets
+  the layers stacked, with the logits of the unrolled one, and export unstacks them again."""
+  from realign_jax.models import layout
+  from realign_jax.models.config import replace
+  c = CASES[case]
+  hf = write_hf(tmp_path / "hf", c, hf_state(c))
+  config, head = manager.read_model_json(hf)
+  assert head == "lm" and config == hf_import.hf_model_config(hf)
+  unrolled = LanguageModel(config)
+  scanned_cfg = replace(config, scan_layers=True)
+  scanned = LanguageModel(scanned_cfg)
+  p_un = manager.load_params(hf, _abstract(unrolled))
+  p_sc = manager.load_params(hf, _abstract(scanned))
+  assert layout.detect(p_sc, scanned_cfg) == "scanned"
+  assert _leaves_equal(jax.tree.map(np.asarray, layout.to_unrolled(p_sc, scanned_cfg)),
+                       jax.tree.map(np.asarray, p_un))
+  x = jnp.asarray(np.random.default_rng(0).integers(2, 60, (2, 7)), jnp.int32)
+  y = jnp.asarray(np.random.default_rng(1).integers(2, 60, (2, 5)), jnp.int32)
+  a = np.asarray(unrolled.forward(p_un, x, y)["logits"])
+  b = np.asarray(scanned.forward(p_sc, x, y)["logits"])
+  np.testing.assert_allclose(a, b, atol=1e-5)
+  tensors = hf_import.hf_state_dict(scanned_cfg, jax.tree.map(np.asarray, p_sc))
+  assert sorted(tensors) == sorted(hf_state(c))

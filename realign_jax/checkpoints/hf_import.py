@@ -57,6 +57,7 @@ import ml_dtypes
 import numpy as np
 
 from realign_jax.errors import UserError
+from realign_jax.models import layout as layout_lib
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import DecoderConfig, ModelConfig, T5Config
 
@@ -693,7 +694,9 @@ def hf_params(path: str, abstract_params: Params) -> Params:
   Returns:
     The params as jax arrays, each leaf in its abstract dtype and sharding.
   """
-  _, params = load_hf_checkpoint(path)
+  config, params = load_hf_checkpoint(path)
+  # NOTE: HF checkpoints hold layers one by one; a scanned model gets them stacked.
+  params = layout_lib.to_layout(params, config, layout_lib.detect(abstract_params, config))
   diff = _tree_diff(params, abstract_params)
   if diff:
     raise UserError(f"HF checkpoint {path} does not fit the model it is used for: "
@@ -827,7 +830,9 @@ def load_hf_checkpoint(path: str, *, dtype: DTypeLike = None) -> tuple[ModelConf
 
 
 def hf_state_dict(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
-  """Our params as HF-named tensors in the HF layout (dtype preserved)."""
+  """Our params (either layer layout) as HF-named tensors in the HF layout (dtype preserved)."""
+  config = dataclasses.replace(config, scan_layers=False)
+  params = layout_lib.to_unrolled(params, config)
   want = LanguageModel(config).abstract_init()[0]
   diff = _tree_diff(params, want)
   if diff:

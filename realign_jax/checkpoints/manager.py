@@ -82,6 +82,10 @@ def write_model_json(model_dir: str, config: ModelConfig, output_head: str = "lm
 
 
 def read_model_json(model_dir: str) -> tuple[ModelConfig, str]:
+  """(config, output_head) of a run directory, or of a Hugging Face directory ("lm")."""
+  from realign_jax.checkpoints import hf_import  # NOTE: lazy (it imports this module's users)
+  if hf_import.is_hf_dir(model_dir):
+    return hf_import.hf_model_config(model_dir), "lm"
   path = os.path.join(model_dir, MODEL_JSON)
   if not os.path.exists(path):
     raise UserError(f"{path} not found: not a run directory written by realign_jax.train")
@@ -479,6 +483,9 @@ def load_params(model_dir: str, abstract_params: Any, *, step: Optional[int] = N
     abstract_params: tree of jax.ShapeDtypeStruct (with shardings) to restore into.
     step: which step; None = latest.
   """
+  from realign_jax.checkpoints import hf_import  # NOTE: lazy, as in read_model_json
+  if hf_import.is_hf_dir(model_dir):
+    return hf_import.hf_params(model_dir, abstract_params)
   ckpt_dir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
   if not os.path.isdir(ckpt_dir):
     raise UserError(f"no checkpoint directory at {ckpt_dir}")

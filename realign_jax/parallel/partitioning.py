@@ -5,10 +5,11 @@ Parameters carry logical axis names (`embed`, `vocab`, `heads`, `kv_heads`,
 Keeping the two vocabularies apart is what makes FSDP a one-line change:
 `fsdp=True` shards the parameters' `embed` axis over `data` while activations
 stay batch-sharded.
+
+Several hosts are set up by `parallel/multihost.py` (SLURM, TPU pods, explicit
+coordinator flags; launchers under scripts/).
 """
 
-import logging
-import os
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -96,24 +97,3 @@ def shard_batch(batch, mesh: Mesh):
   """Places a host batch (dict of numpy arrays) on the mesh, split over `data`."""
   sharding = batch_sharding(mesh)
   return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), batch)
-
-
-def maybe_initialize_distributed() -> None:
-  """Calls `jax.distributed.initialize()` when launched on several hosts.
-
-  Detected from the coordinator environment variables set by TPU pods, SLURM
-  or the multi-GPU launchers under scripts/.
-  """
-  markers = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS",
-             "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
-  if not any(os.environ.get(m) for m in markers):
-    return
-  if os.environ.get("SLURM_NTASKS", "1") == "1" and not os.environ.get(
-      "JAX_COORDINATOR_ADDRESS") and not os.environ.get("TPU_WORKER_HOSTNAMES"):
-    return
-  try:
-    jax.distributed.initialize()
-    logging.info("jax.distributed initialised: process %d of %d", jax.process_index(),
-                 jax.process_count())
-  except RuntimeError as e:  # already initialised
-    logging.info("jax.distributed.initialize skipped: %s", e)
