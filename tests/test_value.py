@@ -50,11 +50,7 @@ def test_dueling_q_by_hand():
   q, mean_adv = value.dueling_q_taken(values, adv, ref, jnp.array([[1, 2]]))
   # E_p A: 0.25 * 2 + 0.75 * -2 = -1 ; 0.5 * 1 + 0.5 * 3 = 2 (the pad's advantage never counts)
   np.testing.assert_allclose(np.asarray(mean_adv), [[-1.0, 2.0]], rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(q), [[0.5 + 2, -1.0 + 3]], rtol=1e-6)
-  # the TD error reaches V and the taken token's A only (never the others' A)
-  g = jax.grad(lambda a: jnp.sum(value.dueling_q_taken(values, a, ref, jnp.array([[1, 2]]))[0]))(
-      adv)
-  np.testing.assert_array_equal(np.asarray(g), [[[0, 1, 0], [0, 0, 1]]])
+  np.testing.assert_allclose(np.asarray(q), [[0.5 + 2 + 1, -1.0 + 3 - 2]], rtol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["t5", "decoder"])
@@ -108,7 +104,10 @@ def _q_of(mdp, params, head):
   """Q(s)[z] as the head defines it, from the trained tables: [V^L, V]."""
   if head == "lm":
     return np.asarray(params["table"])
-  return np.asarray(params["values"])[:, None] + np.asarray(params["table"])
+  adv = np.asarray(params["table"], np.float64)
+  p = np.exp(mdp.logp)
+  mean = np.sum(np.where(np.isfinite(mdp.logp), p * adv, 0.0), axis=-1)
+  return np.asarray(params["values"])[:, None] + adv - mean[:, None]
 
 
 def _train_params(alg, steps, lr, tmp_path):
@@ -142,9 +141,13 @@ def test_dueling_q_is_not_optimistic_on_unvisited_tokens(tmp_path):
   states = [s for s in all_states() if len(s) < MAX_LEN - 1 and 4 not in s]
   q = {}
   for head in ("lm", DUELING_Q):
+    # NOTE: a table shares no output rows between states, so the shrinkage the neural
+    # models need (advantage_l2 = 3e-2 by default) is only a bias here; 1e-3 still stops
+    # the drift of the never-drawn token's advantage.
     alg = value.CDQValue(model=TabularLM(output_head=head), reference=mdp.policy(),
                          token_reward=mdp.token_reward(), prompts=PROMPTS, batch_size=512,
-                         max_new_tokens=MAX_LEN, target_period=5, output_head=head)
+                         max_new_tokens=MAX_LEN, target_period=5, output_head=head,
+                         advantage_l2=1e-3)
     q[head] = _q_of(mdp, _train_params(alg, 300, 0.05, tmp_path / head.replace(":", "_")),
                     head)
   rare_plain = np.array([q["lm"][np_index(s), 4] for s in states])

@@ -12,7 +12,7 @@ of `step_outputs` after consuming a token is the value of the prefix that
 ENDS with that token (after the first token of prefill: the empty response).
 A Q-head model (output_head "lm") reads its logits as Q(s)[z] = V([s, z]) for
 every next token z in one step. A dueling Q-model (output_head
-"lm+scalar:dueling", see training/value.py) has Q(s)[z] = logits[z] + V(s):
+"lm+scalar:dueling", see training/value.py) has Q(s)[z] = logits[z] + c(s):
 token-wise CD reads its logits as a Q-head (a constant per state changes no
 distribution) and blockwise CD reads its scalar V(s) as a value head.
 

@@ -112,7 +112,7 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
              tq_alpha_convention: str = "paper", tq_top_k: int = 10,
              tq_horizon: int = 16, args_weights: Sequence[float] = (0.3, 1.0, 3.0),
              args_top_k: int = 10, value_batch_size: int = 32, cdq_target_period: int = 10,
-             cdq_output_head: str = "lm+scalar:dueling",
+             cdq_output_head: str = "lm+scalar:dueling", cdq_advantage_l2: float = 3e-2,
              num_prompts: int = 64, num_samples: int = 2, batch_size: int = 16,
              split: str = "validation", seed: int = 0, compilation_cache: bool = True,
              progress: bool = True) -> dict:
@@ -227,7 +227,7 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
   if need_cdq:
     trained["value_cdq"] = train_from_sft(
         "value_cdq", CDQValue(**value_kw, target_ema=0.0, target_period=cdq_target_period,
-                              output_head=cdq_output_head),
+                              output_head=cdq_output_head, advantage_l2=cdq_advantage_l2),
         value_steps, value_optimizer, reference_checkpoint=True, init_checkpoint=True)
 
   # ---- decoding: one call of the decode binary's function per stage ----------------------

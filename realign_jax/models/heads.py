@@ -7,9 +7,9 @@
   "lm+scalar"  both, for a policy with a value head sharing its trunk.
   "lm+scalar:dueling"
                both, read by CD-Q as a dueling Q-function: the scalar is V(s),
-               the logits are advantages A(s, z), Q(s, z) = V(s) + A(s, z)
-               with E_p A(s, .) held at 0 (training/value.py,
-               decoding/controlled.py).
+               the logits are advantages A(s, z), and
+               Q(s, z) = V(s) + A(s, z) - sum_z' p(z' | s) A(s, z')
+               (training/value.py, decoding/controlled.py).
 """
 
 import flax.linen as nn

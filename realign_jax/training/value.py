@@ -27,23 +27,29 @@ Q_target(s_{t+1}) come from one teacher-forced pass each in `prepare`.
 
 The dueling Q-head (output_head "lm+scalar:dueling", the default): the
 scalar head is V(s), the logits are advantages A(s, z), and
-  Q(s, z) = V(s) + A(s, z),  with E_{z ~ p} A(s, z) held at 0,
-so V(s) = E_p Q(s, .), the value of continuing with p. The TD error of
-(s_t, y_t) moves V(s_t) and A(s_t, y_t); the advantages are pulled toward 0 by
-  advantage_l2 * 1/2 sum_t sum_z A(s_t, z)^2
-(a visited token's Q is biased by about advantage_l2 * A / p(z | s)), and the
-split between V and A is pinned by moving V alone toward V + E_p A:
-  gauge_weight * 1/2 sum_t (V(s_t) - sg(V(s_t) + E_p A(s_t, .)))^2.
-A token that no sampled response took gets no gradient at all: its output row
-keeps its zero start and its Q stays at V(s), not at the optimistic 0 of a
-plain Q-head when rewards are <= 0 (with the plain head, full-vocabulary CD-Q
-follows such tokens for small beta). NOTE: nothing may carry a gradient of
-order p(z | s) into every token's advantage (for example E_p A inside Q, or a
-penalty on E_p A through A): Adam's per-parameter normalisation turns such
-tiny, consistent gradients into full-size steps (on the tiny MDP a never-drawn
-token's A drifted to +0.1 in 300 steps; on the tiny T5 that tail noise cost
-full-vocabulary CD 36 nats at beta = 0.03). p is the reference without pad
-(`sampler.mask_pad`), as it samples.
+  Q(s, z) = V(s) + A(s, z) - sum_z' p(z' | s) A(s, z'),
+so sum_z p(z | s) Q(s, z) = V(s) exactly and the bootstrap above is
+V_target(s_{t+1}). A token no sampled response took keeps an advantage near
+its zero start, so its Q is near V(s), the value of continuing with p, not the
+optimistic 0 of a plain Q-head when rewards are <= 0 (with the plain head,
+full-vocabulary CD-Q followed such tokens at small beta: 58.7 nats at
+beta = 0.1 in the frontier study). The gauge (adding c to every A(s, .)
+changes no Q) is pinned by
+  gauge_weight * 1/2 sum_t (sum_z p(z | s_t) A(s_t, z))^2.
+The advantages are shrunk toward 0 by
+  advantage_l2 * 1/2 sum_t sum_z A(s_t, z)^2:
+a token's output row is shared by every state, so a token drawn a few times
+anywhere gets a noisy advantage everywhere, and the tokens p rarely draws get
+gradients of order p(z | s) through the centering, which Adam's per-parameter
+normalisation turns into full-size steps (on the tiny MDP without the penalty
+a never-drawn token's A drifted to +0.1 in 300 steps). The penalty trades
+reward for KL at small beta (frontier study, full vocabulary, beta = 0.03:
+advantage_l2 = 1e-3 gave 35.9 nats, 1e-2 10.8 nats at reward -0.23, 3e-2
+2.2 nats at -0.44; a semi-gradient variant, the TD error reaching only the
+taken token, left the advantages too small to steer). p is the reference
+without pad (`sampler.mask_pad`), as it samples.
+
+Losses are sums over a response's tokens, averaged over the batch.
 """
 
 import dataclasses
@@ -107,14 +113,15 @@ def bellman_targets(boot, rewards, mask, lengths):
 
 
 def dueling_q_taken(values, advantages, ref_logits, tokens):
-  """Q(s_t, y_t) = V(s_t) + A(s_t, y_t), and E_{z ~ p(. | s_t)} A(s_t, z) (no gradient).
+  """Q(s_t, y_t) = V(s_t) + A(s_t, y_t) - E_{z ~ p(. | s_t)} A(s_t, z), and E_p A.
 
   values [B, T], advantages / ref_logits [B, T, V] (p without pad), tokens [B, T].
   """
   adv = advantages.astype(jnp.float32)
-  mean_adv = jnp.sum(_probs(ref_logits) * jax.lax.stop_gradient(adv), axis=-1)  # [B, T]
+  p = _probs(ref_logits)
+  mean_adv = jnp.sum(p * adv, axis=-1)  # [B, T]
   taken = jnp.take_along_axis(adv, tokens[..., None], axis=-1)[..., 0]
-  return values.astype(jnp.float32) + taken, mean_adv
+  return values.astype(jnp.float32) + taken - mean_adv, mean_adv
 
 
 def cdq_loss(q_logits, tokens, targets, mask):
@@ -322,8 +329,8 @@ class CDQValue(ValueAlgorithm):
   output_head: str = DUELING_Q  # or "lm": a plain Q-head, Q(s)[z] = logits
   target_ema: float = 0.0  # > 0: target <- (1 - ema) target + ema params every step
   target_period: int = 10  # with target_ema = 0: copy the params every this many steps
-  advantage_l2: float = 1e-3  # dueling head: weight of 1/2 sum_z A(s, z)^2 per token
-  gauge_weight: float = 1.0  # dueling head: weight of the V-only pull toward V + E_p A
+  gauge_weight: float = 1.0  # dueling head: weight of 1/2 (E_p A)^2 per token
+  advantage_l2: float = 3e-2  # dueling head: weight of 1/2 sum_z A(s, z)^2 per token
   name: str = "cd_q"
 
   def __post_init__(self):
@@ -331,7 +338,7 @@ class CDQValue(ValueAlgorithm):
       raise UserError(f"CDQValue.output_head must be 'lm' (plain Q-head) or {DUELING_Q!r} "
                       f"(dueling), got {self.output_head!r}")
     super().__post_init__()
-    for name in ("advantage_l2", "gauge_weight"):
+    for name in ("gauge_weight", "advantage_l2"):
       if not getattr(self, name) >= 0.0:
         raise UserError(f"CDQValue.{name} must be >= 0, got {getattr(self, name)}")
     if not 0.0 <= self.target_ema <= 1.0:
@@ -359,12 +366,14 @@ class CDQValue(ValueAlgorithm):
     ref_logits = self._ref_lm.forward(frozen["reference"], batch["inputs"], ext)["logits"]
     target = self.model.forward(aux["target"], batch["inputs"], ext)
     if self.output_head == DUELING_Q:
-      q_next = (target["values"][:, 1:, None].astype(jnp.float32) +
-                target["logits"][:, 1:].astype(jnp.float32))
+      # sum_z p(z | s_{t+1}) Q_target(s_{t+1}, z) = V_target(s_{t+1}) by construction
+      v = bellman_targets(target["values"][:, 1:], roll["rewards"], roll["mask"],
+                          roll["lengths"])
       extra = {"ref_logits": jax.lax.stop_gradient(ref_logits[:, :-1].astype(jnp.float32))}
     else:
-      q_next, extra = target["logits"][:, 1:], {}
-    v = cdq_targets(ref_logits[:, 1:], q_next, roll["rewards"], roll["mask"], roll["lengths"])
+      v = cdq_targets(ref_logits[:, 1:], target["logits"][:, 1:], roll["rewards"], roll["mask"],
+                      roll["lengths"])
+      extra = {}
     return (dict(batch, **roll, **extra, value_targets=jax.lax.stop_gradient(v)),
             self.sample_metrics(roll))
 
@@ -379,9 +388,7 @@ class CDQValue(ValueAlgorithm):
     q, mean_adv = dueling_q_taken(out["values"], out["logits"], batch["ref_logits"],
                                   batch["tokens"])
     loss = td_loss(q, batch["value_targets"], mask)
-    v = out["values"].astype(jnp.float32)
-    gauge = jnp.mean(0.5 * jnp.sum(jnp.square(
-        (v - jax.lax.stop_gradient(v + mean_adv)) * mask), axis=1))
+    gauge = jnp.mean(0.5 * jnp.sum(jnp.square(mean_adv * mask), axis=1))
     adv = out["logits"].astype(jnp.float32)
     real = jnp.arange(adv.shape[-1]) != sampler.PAD_ID  # NOTE: the pad's A is never read
     sq = jnp.sum(jnp.square(adv) * real, axis=-1)  # [B, T]
@@ -389,4 +396,4 @@ class CDQValue(ValueAlgorithm):
     metrics.update({"value/td_loss": loss, "value/mean_abs_pmean_advantage":
                     jnp.sum(jnp.abs(mean_adv) * mask) / n,
                     "value/advantage_rms": jnp.sqrt(jnp.sum(sq * mask) / n / adv.shape[-1])})
-    return loss + self.advantage_l2 * l2 + self.gauge_weight * gauge, metrics
+    return loss + self.gauge_weight * gauge + self.advantage_l2 * l2, metrics
