@@ -110,8 +110,11 @@ class _DropNoise(logging.Filter):
   # NOTE: orbax warns on every read-only open of a checkpoint directory, which
   # is how decoding and evaluation open a run (twice per load); gin logs an
   # error for every search path that lacks an included file, even when a
-  # later one has it (a file found nowhere is the binaries' one-line error).
-  _PREFIXES = ("Given directory is read only", "Path not found: ")
+  # later one has it (a file found nowhere is the binaries' one-line error);
+  # orbax times every wait for the previous async save, which a loaded machine
+  # turns into a warning at every checkpoint.
+  _PREFIXES = ("Given directory is read only", "Path not found: ",
+               "Waiting for previous save to complete took")
 
   def filter(self, record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith(self._PREFIXES)

@@ -130,6 +130,8 @@ def test_library_notices_hidden_unless_verbose():
     logger.warning("a real warning")
     assert collect.lines == ["a real warning"]
     logging.getLogger().error("Path not found: %s", "gin/models/t5_tiny.gin")
+    logger.warning("Waiting for previous save to complete took %f seconds. If this number is "
+                   "high, consider checkpointing less frequently.", 1.8)
     assert collect.lines == ["a real warning"]
     startup.configure(0)
     logger.warning("Given directory is read only=/x/checkpoints")
