@@ -62,18 +62,6 @@ def _check_destination(path: str, overwrite: bool, flag: str) -> str:
   return path
 
 
-def _replace_dir(tmp: str, path: str) -> None:
-  """Renames the complete `tmp` to `path`, the old `path` (if any) moved away first."""
-  parent = os.path.dirname(path)
-  if os.path.lexists(path):
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-    os.rename(path, os.path.join(old, "x"))
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.rename(tmp, path)
-
-
 def tokenizer_files(directory: str) -> dict[str, str]:
   """name -> path of the tokenizer files present in `directory`."""
   return {n: os.path.join(directory, n) for n in TOKENIZER_FILES
@@ -110,7 +98,7 @@ def hf_to_run_dir(hf_dir: str, model_dir: str, *, dtype: str = "float32",
       ckpt.close()
     manager.write_model_json(tmp, config, "lm", vocab=vocab)
     os.chmod(tmp, 0o755)
-    _replace_dir(tmp, model_dir)
+    hf_import.replace_dir(tmp, model_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

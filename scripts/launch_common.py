@@ -26,6 +26,11 @@ class Parser(argparse.ArgumentParser):
     sys.exit(2)
 
 
+# The end of a script that started processes in the background (pids+=($!)): wait for all,
+# exit with the last failure's status.
+WAIT_ALL = ["status=0", 'for p in "${pids[@]}"; do wait "$p" || status=$?; done', "exit $status"]
+
+
 def fail(prog: str, message: str) -> None:
   print(f"error: {prog}: {message}", file=sys.stderr)
   sys.exit(2)

@@ -33,9 +33,7 @@ def build(args, binary: list[str]) -> str:
     lines.append(f"CUDA_VISIBLE_DEVICES={gpus} JAX_COORDINATOR_ADDRESS=127.0.0.1:{args.port} "
                  f"JAX_NUM_PROCESSES={args.num_processes} JAX_PROCESS_ID={i} {command} &")
     lines.append("pids+=($!)")
-  lines += ["status=0", 'for p in "${pids[@]}"; do wait "$p" || status=$?; done',
-            "exit $status"]
-  return "\n".join(lines) + "\n"
+  return "\n".join(lines + launch_common.WAIT_ALL) + "\n"
 
 
 def main(argv: list[str]) -> int:

@@ -55,9 +55,7 @@ def build(args, binary: list[str]) -> str:
                  + f' "--command=MEGASCALE_COORDINATOR_ADDRESS=$COORDINATOR:{MEGASCALE_PORT}"'
                  + shlex.quote(rest) + " &")
     lines.append("pids+=($!)")
-  lines += ["status=0", 'for p in "${pids[@]}"; do wait "$p" || status=$?; done',
-            "exit $status"]
-  return "\n".join(lines) + "\n"
+  return "\n".join(lines + launch_common.WAIT_ALL) + "\n"
 
 
 def main(argv: list[str]) -> int:

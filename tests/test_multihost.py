@@ -21,11 +21,9 @@ import jax
 import numpy as np
 import pytest
 
-from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.errors import UserError
-from realign_jax.models.api import LanguageModel
 from realign_jax.parallel import multihost
-from tests.helpers import BinaryRun
+from tests.helpers import BinaryRun, load_run_params
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_GIN = "configs/sft/builtin_tiny.gin"
@@ -100,15 +98,6 @@ def _records(model_dir) -> list:
     return [json.loads(line) for line in f]
 
 
-def _load_params(model_dir):
-  config, _ = ckpt_lib.read_model_json(str(model_dir))
-  abstract, _ = LanguageModel(config).abstract_init()
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree_util.tree_map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
-  return ckpt_lib.as_numpy(ckpt_lib.load_params(str(model_dir), abstract))
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """(1-process run dir, 2-process run dir, the SIGTERM'd processes, the resumed processes)."""
@@ -146,7 +135,7 @@ def test_sigterm_on_one_host_saves_the_same_step_on_every_host(runs):
 def test_resumed_two_process_run_matches_one_process(runs):
   one, two, _, resumed = runs
   assert [r.returncode for r in resumed] == [0, 0], "\n".join(r.describe() for r in resumed)
-  a, b = _load_params(one), _load_params(two)
+  a, b = load_run_params(one), load_run_params(two)
   diffs = jax.tree_util.tree_map(lambda x, y: float(np.max(np.abs(x - y))), a, b)
   worst = max(jax.tree_util.tree_leaves(diffs))
   assert worst < 1e-5, diffs

@@ -30,7 +30,7 @@ from realign_jax.models import sizes
 from realign_jax.models.api import LanguageModel, count_params
 from realign_jax.models.config import DecoderConfig, T5Config
 from realign_jax.training import trainer as trainer_lib
-from tests.helpers import BinaryRun
+from tests.helpers import BinaryRun, load_run_params
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_GIN = os.path.join(REPO_ROOT, "configs", "sft", "builtin_tiny.gin")
@@ -131,15 +131,6 @@ def _wait_for(predicate, run: BinaryRun, what: str, timeout: float = 300.0, poll
       pytest.fail(f"the run ended before {what}:\n{run.wait().describe()}")
     time.sleep(poll)
   pytest.fail(f"timed out waiting for {what}")
-
-
-def _load_params(model_dir):
-  config, _ = ckpt_lib.read_model_json(str(model_dir))
-  abstract, _ = LanguageModel(config).abstract_init()
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree_util.tree_map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
-  return ckpt_lib.as_numpy(ckpt_lib.load_params(str(model_dir), abstract))
 
 
 def _max_abs_diff(a, b) -> float:
@@ -250,7 +241,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(launched, interrupted):
   assert _train_steps(rows) == list(range(1, FAST_STEPS + 1))
   assert _rows_up_to(rows, killed_ckpt) == _rows_up_to(interrupted["killed_rows"], killed_ckpt)
 
-  diff = _max_abs_diff(_load_params(interrupted["dir"]), _load_params(root / "reference"))
+  diff = _max_abs_diff(load_run_params(interrupted["dir"]), load_run_params(root / "reference"))
   assert diff <= 1e-6, diff
   ref_losses = [r["loss"] for r in _metrics(root / "reference")]
   np.testing.assert_allclose([r["loss"] for r in rows], ref_losses, rtol=0, atol=1e-6)

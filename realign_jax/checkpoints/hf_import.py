@@ -887,6 +887,18 @@ def write_hf_weights(directory: str, tensors: dict[str, np.ndarray],
   return files + [INDEX_FILE]
 
 
+def replace_dir(tmp: str, path: str) -> None:
+  """Renames the complete directory `tmp` to `path`; an old `path` is moved away first."""
+  parent = os.path.dirname(path)
+  if os.path.lexists(path):
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+    os.rename(path, os.path.join(old, "x"))
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.rename(tmp, path)
+
+
 def export_hf_checkpoint(config: ModelConfig, params: Params, path: str, *,
                          overwrite: bool = False, max_shard_bytes: Optional[int] = None,
                          extra_files: Optional[dict[str, str]] = None) -> None:
@@ -923,13 +935,7 @@ def export_hf_checkpoint(config: ModelConfig, params: Params, path: str, *,
     for name, source in sorted((extra_files or {}).items()):
       shutil.copyfile(source, os.path.join(tmp, name))
     os.chmod(tmp, 0o755)
-    if os.path.lexists(path):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-      os.rename(path, os.path.join(old, "x"))
-      os.rename(tmp, path)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, path)
+    replace_dir(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

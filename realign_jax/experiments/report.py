@@ -214,6 +214,11 @@ def plot_lambda_curves(path: str, lambdas, curves: dict, *, ylabel: str, title: 
   for label, (vals, ses) in curves.items():
     ax.errorbar(xs, vals, yerr=_yerr(ses), marker="o", capsize=3, label=label)
   _lambda_axis(ax, lambdas, base_beta)
+  return _finish(plt, fig, ax, path, ylabel=ylabel, title=title)
+
+
+def _finish(plt, fig, ax, path: str, *, ylabel: str, title: str) -> str:
+  """Labels, grid and the standard-error legend of a study figure; saves and closes it."""
   ax.set_ylabel(ylabel)
   ax.set_title(title)
   ax.grid(alpha=0.3)
@@ -247,13 +252,7 @@ def plot_reward_kl(path: str, curve: dict, points: dict, *, title: str,
       ax.annotate(t, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6,
                   color=line[0].get_color())
   ax.set_xlabel("KL(pi || pi_ref), nats")
-  ax.set_ylabel(ylabel)
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, title=SE_NOTE, title_fontsize=7)
-  out = _save(fig, path)
-  plt.close(fig)
-  return out
+  return _finish(plt, fig, ax, path, ylabel=ylabel, title=title)
 
 
 def plot_histograms(path: str, lengths_by_lam: dict, *, window: Optional[tuple], title: str,
