@@ -92,3 +92,21 @@ def load_run_params(model_dir):
   abstract = jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
   return ckpt_lib.as_numpy(ckpt_lib.load_params(str(model_dir), abstract))
+
+
+# A size bound large enough never to evict anything the suite compiles.
+_CACHE_MAX_BYTES = 1 << 36
+
+
+def compilation_cache_env(directory) -> dict:
+  """Environment for subprocesses that share one persistent compilation cache.
+
+  NOTE: JAX writes a cache entry in place, without a lock, unless the cache
+  has a size bound; then reads and writes go through a file lock. Processes
+  started together compile the same programs, and without the lock one of
+  them can read another's half-written entry (a warning on stderr, where the
+  binaries must print nothing but their own lines).
+  """
+  return {"JAX_COMPILATION_CACHE_DIR": str(directory),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_COMPILATION_CACHE_MAX_SIZE": str(_CACHE_MAX_BYTES)}

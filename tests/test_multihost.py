@@ -23,7 +23,7 @@ import pytest
 
 from realign_jax.errors import UserError
 from realign_jax.parallel import multihost
-from tests.helpers import BinaryRun, load_run_params
+from tests.helpers import BinaryRun, compilation_cache_env, load_run_params
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_GIN = "configs/sft/builtin_tiny.gin"
@@ -51,8 +51,7 @@ def _env(devices: int, cache, slurm: dict = None) -> dict:
                               "JAX_PROCESS_ID", "TPU_", "MEGASCALE_"))}
   env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             **compilation_cache_env(cache),
              PYTHONPATH=os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH"))
                                         if p))
   env.update(slurm or {})

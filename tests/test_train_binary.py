@@ -30,7 +30,7 @@ from realign_jax.models import sizes
 from realign_jax.models.api import LanguageModel, count_params
 from realign_jax.models.config import DecoderConfig, T5Config
 from realign_jax.training import trainer as trainer_lib
-from tests.helpers import BinaryRun, load_run_params
+from tests.helpers import BinaryRun, compilation_cache_env, load_run_params
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_GIN = os.path.join(REPO_ROOT, "configs", "sft", "builtin_tiny.gin")
@@ -74,8 +74,7 @@ class _Launcher:
     # NOTE: no TF_CPP_MIN_LOG_LEVEL: the binaries must be quiet on their own.
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
-               JAX_COMPILATION_CACHE_DIR=str(self.cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               **compilation_cache_env(self.cache),
                PYTHONPATH=os.pathsep.join(
                    p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p))
     env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices}"
