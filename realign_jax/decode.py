@@ -35,6 +35,15 @@ the binary then writes its operative gin config beside it (OUTPUT_FILE.config.gi
 
 On several hosts every process decodes every prompt on its own devices and
 process 0 alone writes the file (see `host_mesh`).
+
+Special ids and chat models: the models' special ids (model.json's
+special_tokens; an HF directory's tokenizer files) must be the vocabulary's
+(`decode.vocab_path`) and the same for every model combined; the sampler stops
+at that eos and pads with that pad. `decode.chat_template = True` renders
+each prompt with the chat template of the tokenizer's tokenizer_config.json
+(one user message, generation prompt appended; `data/chat.py`), and the rows'
+`prompt` is the rendered text. configs/decode/chat_dera.gin is the Zephyr
+recipe (docs/chat_recipe.md).
 """
 
 from realign_jax import startup
@@ -100,15 +109,27 @@ def load_component(model_dir: str, mesh, rules) -> dera.Component:
                                                         what="checkpoint"))
 
 
-def encode_prompts(vocab, prompts: Sequence[str], input_length: int) -> np.ndarray:
-  """[N, input_length] ids; over-long prompts are truncated (kept: the beginning), with a warning."""
+def encode_prompts(vocab, prompts: Sequence[str], input_length: int, *,
+                   chat: bool = False) -> np.ndarray:
+  """[N, input_length] ids (`pipeline.fit_prompts` with the vocabulary's special ids).
+
+  Over-long prompts are truncated (kept: the beginning), with a warning; an
+  over-long chat prompt is refused (its end is the generation prompt).
+  """
+  tokens = vocab_lib.special_tokens(vocab)
   ids = [vocab_lib.encode(vocab, p) for p in prompts]
+  if chat:
+    for i, x in enumerate(ids):
+      if len(x) > input_length:
+        raise UserError(f"prompt {i} is {len(x)} tokens after the chat template, more than "
+                        f"decode.input_length={input_length}; raise input_length")
+    return pipeline.fit_prompts(ids, input_length, tokens, add_bos=False)
   too_long = sum(len(x) > input_length - 1 for x in ids)
   if too_long:
     logging.warning("%d of %d prompts are longer than input_length - 1 = %d tokens and were "
                     "truncated to their first %d tokens", too_long, len(ids), input_length - 1,
                     input_length - 1)
-  return pipeline.fit(ids, input_length)
+  return pipeline.fit_prompts(ids, input_length, tokens)
 
 
 def decode(*, ref_checkpoint: str, output_file: str, lambdas: Optional[Sequence[float]] = None,
@@ -127,7 +148,8 @@ def decode(*, ref_checkpoint: str, output_file: str, lambdas: Optional[Sequence[
            vocab_path: Optional[str] = None, max_prompts: Optional[int] = 64,
            input_length: int = 96, batch_size: int = 8, num_samples: int = 1,
            sampling: sampler.SamplingConfig = sampler.SamplingConfig(), seed: int = 0,
-           progress: bool = True, allow_vocabulary_mismatch: bool = False) -> dict:
+           progress: bool = True, allow_vocabulary_mismatch: bool = False,
+           chat_template: bool = False) -> dict:
   """Decodes every prompt with `method` (at every lambda for DeRa); returns a summary dict.
 
   DeRa settings: `lambdas` (default [1.0]) with one `aligned_checkpoint`
@@ -149,7 +171,10 @@ def decode(*, ref_checkpoint: str, output_file: str, lambdas: Optional[Sequence[
       baseline_reward_checkpoint), which must be a different reward.
     args: args_top_k, args_weight and the reward.
   `sampling` decodes (temperature / greedy; KL is exact for the sampled
-  distribution; blockwise CD draws its blocks with it).
+  distribution; blockwise CD draws its blocks with it); its eos and pad ids
+  are the models' (leave them unset).
+  `chat_template`: render each prompt with the vocabulary's chat template
+  (tokenizer_config.json beside `vocab_path`) as one user message.
   """
   # NOTE: gin passes values on as written (batch_size='8'): types first.
   from realign_jax import config_check
@@ -181,7 +206,8 @@ def decode(*, ref_checkpoint: str, output_file: str, lambdas: Optional[Sequence[
         args_top_k=args_top_k, args_weight=args_weight, task=task, split=split,
         prompt_file=prompt_file, data_dir=data_dir, vocab_path=vocab_path,
         max_prompts=max_prompts, input_length=input_length, batch_size=batch_size,
-        num_samples=num_samples, sampling=sampling, seed=seed, progress=progress)
+        num_samples=num_samples, sampling=sampling, seed=seed, progress=progress,
+        chat_template=chat_template)
   # ---- validate everything before any compute --------------------------------
   if mixing not in MIXINGS:
     raise UserError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
@@ -206,8 +232,10 @@ def decode(*, ref_checkpoint: str, output_file: str, lambdas: Optional[Sequence[
       raise UserError(f"reference and aligned models have different vocabulary sizes: "
                       f"{ref_cfg.vocab_size} ({ref_checkpoint}) vs {al_cfg.vocab_size} "
                       f"({aligned_dir})")
+    check_same_tokens(ref_cfg, ref_checkpoint, al_cfg, aligned_dir)
   vocab, prompts, inputs = load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir,
-                                        max_prompts, input_length)
+                                        max_prompts, input_length, chat_template=chat_template,
+                                        ref_checkpoint=ref_checkpoint)
 
   mesh = host_mesh()
   rules = partitioning.logical_axis_rules()
@@ -258,13 +286,26 @@ def _check_common(num_samples: int, batch_size: int, output_file: str) -> None:
   config_check.check_output_file(output_file)
 
 
+def check_same_tokens(cfg_a, dir_a: str, cfg_b, dir_b: str) -> None:
+  """Refuses two models that record different special ids (both named)."""
+  if cfg_a.tokens != cfg_b.tokens:
+    raise UserError(f"{dir_b} records special token ids {cfg_b.tokens.describe()} but {dir_a} "
+                    f"records {cfg_a.tokens.describe()}; the models must share one tokenizer")
+
+
 def load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir, max_prompts,
-                 input_length):
-  """(vocab, prompts, inputs [N, input_length]) with the vocabulary checked against the model."""
+                 input_length, *, chat_template: bool = False, ref_checkpoint: str = ""):
+  """(vocab, prompts, inputs [N, input_length]) with the vocabulary checked against the model.
+
+  With `chat_template` the prompts are the rendered chat texts.
+  """
+  if not isinstance(chat_template, bool):
+    raise UserError(f"decode.chat_template must be True or False, got {chat_template!r}")
+  if chat_template:
+    from realign_jax.data import chat
+    chat.load_template(vocab_path)  # NOTE: a missing template is refused before any reading
   vocab = vocab_lib.load_vocabulary(vocab_path)
-  if vocab.vocab_size > ref_cfg.vocab_size:
-    raise UserError(f"vocabulary {vocab_path or 'built-in'} has {vocab.vocab_size} ids, more than "
-                    f"the models' vocab_size {ref_cfg.vocab_size}")
+  vocab_lib.check_model_tokens(vocab, ref_cfg, f"the model {ref_checkpoint}".rstrip())
   if prompt_file:
     prompts = read_prompt_file(prompt_file)
   else:
@@ -273,7 +314,10 @@ def load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir, max_pr
       raise UserError(f"task {task} split {split} holds no examples")
   if max_prompts:
     prompts = prompts[:max_prompts]
-  return vocab, prompts, encode_prompts(vocab, prompts, input_length)
+  if chat_template:
+    from realign_jax.data import chat
+    prompts = chat.render_prompts(vocab_path, prompts)
+  return vocab, prompts, encode_prompts(vocab, prompts, input_length, chat=chat_template)
 
 
 def write_rows(rows: Sequence[dict], output_file: str) -> None:
@@ -437,7 +481,8 @@ def _same_reward(a: Reward, b: Reward) -> bool:
 
 
 def _resolve_reward(method: str, obj: Optional[Reward], ckpt: Optional[str], what: str,
-                    vocab_path: Optional[str], input_length: int, vocab_size: int) -> Reward:
+                    vocab_path: Optional[str], input_length: int, vocab_size: int,
+                    tokens) -> Reward:
   """The reward given by gin (`obj`) or by a reward-model run directory (`ckpt`)."""
   from realign_jax.rewards import learned
   if obj is not None and ckpt:
@@ -450,6 +495,10 @@ def _resolve_reward(method: str, obj: Optional[Reward], ckpt: Optional[str], wha
   if not isinstance(obj, Reward):
     raise UserError(f"decode.{what} must be a Reward (e.g. @LengthReward()), got "
                     f"{type(obj).__name__}")
+  if obj.special_tokens() != tokens:
+    raise UserError(f"the {what} {reward_label(obj)} reads special token ids "
+                    f"{obj.special_tokens().describe()} but the policy records "
+                    f"{tokens.describe()}; give the reward the policy's vocabulary (vocab_path)")
   lm = getattr(obj, "lm", None)
   if lm is not None and lm.vocab_size != vocab_size:
     raise UserError(f"the {what} model {reward_label(obj)} has vocabulary size "
@@ -502,10 +551,11 @@ def _validate_method(method, *, ref_cfg, aligned_checkpoint, value_checkpoint,
                  "value_head": head, "temperature": float(sampling.temperature)}
   if method in REWARD_METHODS:
     target = _resolve_reward(method, reward, reward_checkpoint, "reward", vocab_path,
-                             input_length, vocab_size)
+                             input_length, vocab_size, ref_cfg.tokens)
     if method == "tq_indirect":
       base_r = _resolve_reward(method, baseline_reward, baseline_reward_checkpoint,
-                               "baseline_reward", vocab_path, input_length, vocab_size)
+                               "baseline_reward", vocab_path, input_length, vocab_size,
+                               ref_cfg.tokens)
       if _same_reward(target, base_r):
         raise UserError(f"indirect Transfer Q* needs two different rewards, but reward and "
                         f"baseline_reward are the same ({reward_label(target)}); use "
@@ -541,7 +591,7 @@ def _decode_method(method: str, *, ref_checkpoint, output_file, aligned_checkpoi
                    baseline_reward, baseline_reward_checkpoint, cd_beta, cd_top_k,
                    block_candidates, block_length, tq, args_top_k, args_weight, task, split,
                    prompt_file, data_dir, vocab_path, max_prompts, input_length, batch_size,
-                   num_samples, sampling, seed, progress) -> dict:
+                   num_samples, sampling, seed, progress, chat_template=False) -> dict:
   """`decode` for every method but DeRa: validate, load, probe the rewards, decode, write."""
   # ---- validate everything before any compute --------------------------------
   _check_common(num_samples, batch_size, output_file)
@@ -554,8 +604,13 @@ def _decode_method(method: str, *, ref_checkpoint, output_file, aligned_checkpoi
       block_candidates=block_candidates, block_length=block_length, tq=tq, args_top_k=args_top_k,
       args_weight=args_weight, vocab_path=vocab_path, input_length=input_length,
       sampling=sampling)
+  for name, other in (("value_checkpoint", value_checkpoint),
+                      ("baseline_checkpoint", baseline_checkpoint)):
+    if other:
+      check_same_tokens(ref_cfg, ref_checkpoint, ckpt_lib.read_model_json(other)[0], other)
   vocab, prompts, inputs = load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir,
-                                        max_prompts, input_length)
+                                        max_prompts, input_length, chat_template=chat_template,
+                                        ref_checkpoint=ref_checkpoint)
 
   mesh = host_mesh()
   rules = partitioning.logical_axis_rules()
@@ -574,7 +629,8 @@ def _decode_method(method: str, *, ref_checkpoint, output_file, aligned_checkpoi
         probe = jax.jit(lambda p, x, y, n, r=r: r.score_tokens(p, x, y, n))
         transfer_q.check_reward_finite(
             lambda x, y, n, p=r.params(), probe=probe: probe(p, x, y, n),
-            jnp.asarray(inputs[:batch_size]), what=f"{key} {reward_label(r)}")
+            jnp.asarray(inputs[:batch_size]), what=f"{key} {reward_label(r)}",
+            tokens=ref_cfg.tokens)
     params = {k: c.params for k, c in comps.items()}
     params.update({k: r.params() for k, r in rewards.items()})
     run = _method_runner(method, {k: c.lm for k, c in comps.items()}, rewards, sampling,

@@ -26,6 +26,7 @@ from realign_jax.checkpoints import run_dir
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
+from realign_jax.models.config import SpecialTokens
 from tests.test_hf_import import CASES, T5_CONFIG, hf_state, write_hf
 
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran"]
@@ -242,9 +243,10 @@ def test_tokenizer_json_special_ids_from_files(tmp_path):
     json.dump({"bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "</s>",
                "unk_token": "<unk>"}, f)
   assert vocab_lib.hf_special_ids(path) == {"bos": 1, "eos": 2, "pad": None}
-  with pytest.raises(UserError, match=r"has pad_id=None and eos_id=2 \(bos_id=1\).*"
-                     r"pad_id=0 and eos_id=1 only"):
-    vocab_lib.load_vocabulary(path)
+  # Loaded with its own ids: no pad token, so it pads with its unk (0).
+  vocab = vocab_lib.load_vocabulary(path)
+  assert vocab_lib.special_tokens(vocab) == SpecialTokens(pad_id=0, eos_id=2, bos_id=1)
+  assert vocab_lib.decode(vocab, [1, 3, 0, 4, 2, 5]) == "the cat"
   # Without tokenizer_config.json / special_tokens_map.json the ids are unknown: refused.
   bare = write_tokenizer(tmp_path / "bare", T5_SPECIALS)
   with pytest.raises(UserError, match="eos and pad tokens are unknown"):

@@ -24,7 +24,7 @@ import safetensors.numpy as st_numpy
 from realign_jax.checkpoints import hf_import
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
-from realign_jax.models.config import DecoderConfig, T5Config
+from realign_jax.models.config import DecoderConfig, SpecialTokens, T5Config
 
 ATOL = 1e-4
 
@@ -611,7 +611,12 @@ def test_config_from_hf_mapping_and_defaults():
   assert mistral == DecoderConfig(vocab_size=97, d_model=32, num_heads=4, num_kv_heads=1,
                                   head_dim=8, d_ff=48, num_layers=2, rope_theta=10000.0,
                                   rms_eps=1e-6, tie_embeddings=False, sliding_window=4,
-                                  max_length=64)
+                                  max_length=64, tokens=SpecialTokens(0, 2, 1))
+  # Special ids: transformers' defaults per model type, else config.json's (a pad equal to
+  # eos or bos is not a pad of its own: 0, the Llama/Mistral unk).
+  assert t5.tokens == SpecialTokens(pad_id=0, eos_id=1, bos_id=None)
+  assert hf_import.config_from_hf({**LLAMA_CONFIG, "bos_token_id": 5, "eos_token_id": [7, 9],
+                                   "pad_token_id": 7}).tokens == SpecialTokens(0, 7, 5)
   no_kv = {k: v for k, v in LLAMA_CONFIG.items() if k not in ("num_key_value_heads", "head_dim")}
   llama = hf_import.config_from_hf(no_kv)
   assert (llama.num_kv_heads, llama.head_dim, llama.sliding_window) == (4, 8, None)

@@ -59,7 +59,7 @@ import numpy as np
 from realign_jax.errors import UserError
 from realign_jax.models import layout as layout_lib
 from realign_jax.models.api import LanguageModel
-from realign_jax.models.config import DecoderConfig, ModelConfig, T5Config
+from realign_jax.models.config import DecoderConfig, ModelConfig, SpecialTokens, T5Config
 
 Params = Any
 DTypeLike = Union[str, np.dtype, type, None]
@@ -292,6 +292,34 @@ def _t5_head_aliases(c: dict) -> tuple[str, ...]:
   return ()
 
 
+def _token_id(c: dict, key: str, default: Optional[int]) -> Optional[int]:
+  """config.json's `key` (an id, null, or a list whose first id is the main one)."""
+  v = c.get(key, default)
+  if isinstance(v, list):
+    v = v[0] if v else None
+  if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+    raise UserError(f"config.json: {key}={v!r} is not a token id")
+  return v
+
+
+def hf_config_tokens(c: dict) -> SpecialTokens:
+  """The special ids config.json records, with transformers' defaults for its model type.
+
+  T5: pad 0, eos 1, no bos. Llama/Mistral: bos 1, eos 2 and no pad token;
+  the pad is then 0, the unk of the Llama/Mistral vocabularies (a directory
+  holding a tokenizer takes the tokenizer's ids instead: `hf_model_config`).
+  """
+  if c.get("model_type") in ("t5", "mt5"):
+    return SpecialTokens(pad_id=_token_id(c, "pad_token_id", 0),
+                         eos_id=_token_id(c, "eos_token_id", 1), bos_id=None)
+  bos = _token_id(c, "bos_token_id", 1)
+  eos = _token_id(c, "eos_token_id", 2)
+  pad = _token_id(c, "pad_token_id", None)
+  if pad is None or pad in (eos, bos):
+    pad = 0
+  return SpecialTokens(pad_id=pad, eos_id=eos, bos_id=bos)
+
+
 def config_from_hf(config_json: dict) -> ModelConfig:
   """Maps an HF `config.json` (as a dict) to our model config.
 
@@ -329,6 +357,7 @@ def config_from_hf(config_json: dict) -> ModelConfig:
         relative_buckets=int(_get(c, "relative_attention_num_buckets", 32)),
         relative_max_distance=int(_get(c, "relative_attention_max_distance", 128)),
         rms_eps=float(_get(c, "layer_norm_epsilon", 1e-6)),
+        tokens=hf_config_tokens(c),
     )
   if model_type in ("llama", "mistral"):
     act = c.get("hidden_act", "silu")
@@ -358,6 +387,7 @@ def config_from_hf(config_json: dict) -> ModelConfig:
         tie_embeddings=bool(_get(c, "tie_word_embeddings", False)),
         sliding_window=None if window is None else int(window),
         max_length=int(_get(c, "max_position_embeddings", 2048)),
+        tokens=hf_config_tokens(c),
     )
   raise UserError(f"config.json: unsupported model_type {model_type!r} (supported: 't5' or "
                   "'mt5' with gated-gelu, 'llama', 'mistral')")
@@ -388,7 +418,8 @@ def config_to_hf(config: ModelConfig, torch_dtype: str = "float32") -> dict:
         # weights hold `lm_head`); 4.x derives the same from the tying above.
         "scale_decoder_outputs": config.tie_embeddings,
         "is_encoder_decoder": True,
-        "pad_token_id": 0,
+        "pad_token_id": config.tokens.pad_id,
+        "eos_token_id": config.tokens.eos_id,
         "decoder_start_token_id": 0,  # NOTE: the models hard-code 0 as the decoder start.
         "torch_dtype": torch_dtype,
     }
@@ -413,6 +444,9 @@ def config_to_hf(config: ModelConfig, torch_dtype: str = "float32") -> dict:
         "attention_bias": False,
         "mlp_bias": False,
         "torch_dtype": torch_dtype,
+        "bos_token_id": config.tokens.bos_id,
+        "eos_token_id": config.tokens.eos_id,
+        "pad_token_id": config.tokens.pad_id,
     }
     if mistral:
       out["sliding_window"] = config.sliding_window
@@ -628,14 +662,50 @@ def _read_config_json(path: str) -> tuple[str, dict]:
 
 
 def _config_of(config_json: dict, config_path: str) -> ModelConfig:
-  """`config_from_hf`, its errors naming the file instead of "config.json"."""
+  """`config_from_hf`, its errors naming the file instead of "config.json"; ids as below.
+
+  A directory holding a tokenizer (the first vocabulary file of
+  HF_VOCAB_FILES) takes its special ids from the tokenizer's files; they must
+  agree with the bos/eos ids config.json states (one line naming both).
+  """
   try:
-    return config_from_hf(config_json)
+    config = config_from_hf(config_json)
   except UserError as e:
     msg = str(e)
     if msg.startswith(CONFIG_FILE):
       msg = config_path + msg[len(CONFIG_FILE):]
     raise UserError(msg) from None
+  tokens = _tokenizer_tokens(os.path.dirname(config_path))
+  if tokens is None:
+    return config
+  for name, key in (("eos_id", "eos_token_id"), ("bos_id", "bos_token_id")):
+    stated = config_json.get(key)
+    if stated is not None and getattr(tokens, name) not in (
+        stated if isinstance(stated, list) else [stated]):
+      raise UserError(f"{config_path} has {key}={stated} but the tokenizer beside it has "
+                      f"{name}={getattr(tokens, name)} ({tokens.describe()})")
+  try:
+    return dataclasses.replace(config, tokens=tokens)
+  except UserError as e:
+    raise UserError(f"{config_path}: {e}") from None
+
+
+def _tokenizer_tokens(path: str) -> Optional[SpecialTokens]:
+  """The SpecialTokens of an HF directory's tokenizer files.
+
+  None: no tokenizer, or a tokenizer.json whose special tokens no file names
+  (config.json's ids are then the model's).
+  """
+  from realign_jax.data import vocab as vocab_lib  # NOTE: lazy, as the binaries import it
+  for name in HF_VOCAB_FILES:
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+      continue
+    if name == vocab_lib.HF_TOKENIZER_FILE and not any(
+        os.path.isfile(os.path.join(path, f)) for f in vocab_lib.HF_SPECIAL_FILES):
+      return None
+    return vocab_lib.special_tokens_of(file)
+  return None
 
 
 def is_hf_dir(path: str) -> bool:
@@ -681,6 +751,25 @@ def hf_vocabulary(path: str) -> Optional[dict]:
       except OSError as e:
         raise UserError(f"cannot read {file}: {e.strerror}") from None
   return None
+
+
+def hf_vocabularies(path: str) -> list[dict]:
+  """{"path", "sha256"} of every vocabulary file an HF directory holds (HF_VOCAB_FILES order).
+
+  Each is the directory's vocabulary: a tokenizer.json and a tokenizer.model
+  beside it are the fast and slow forms of one tokenizer.
+  """
+  import hashlib
+  out = []
+  for name in HF_VOCAB_FILES:
+    file = os.path.join(path, name)
+    if os.path.isfile(file):
+      try:
+        with open(file, "rb") as f:
+          out.append({"path": file, "sha256": hashlib.sha256(f.read()).hexdigest()})
+      except OSError as e:
+        raise UserError(f"cannot read {file}: {e.strerror}") from None
+  return out
 
 
 def hf_params(path: str, abstract_params: Params) -> Params:

@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 
 from realign_jax.errors import UserError
 from realign_jax.models import layout as layout_lib
-from realign_jax.models.config import DecoderConfig, ModelConfig, T5Config
+from realign_jax.models.config import DecoderConfig, ModelConfig, SpecialTokens, T5Config
 
 CHECKPOINT_SUBDIR = "checkpoints"
 BROKEN_SUBDIR = "broken_checkpoints"
@@ -74,8 +74,12 @@ def write_model_json(model_dir: str, config: ModelConfig, output_head: str = "lm
                      vocab: Optional[dict] = None) -> None:
   """`vocab`: the vocabulary's identity (`run_dir.vocabulary_identity`), when known."""
   os.makedirs(model_dir, exist_ok=True)
+  fields = dataclasses.asdict(config)
+  # NOTE: the special token ids sit next to the config: they belong to the
+  # model/tokenizer pair, not to the architecture.
+  special = fields.pop("tokens")
   doc = {"family": config.family, "output_head": output_head,
-         "layout": layout_lib.layout(config), "config": dataclasses.asdict(config)}
+         "layout": layout_lib.layout(config), "config": fields, "special_tokens": special}
   if vocab is not None:
     doc["vocab"] = vocab
   atomic_write_text(os.path.join(model_dir, MODEL_JSON), json.dumps(doc, indent=2))
@@ -98,7 +102,14 @@ def read_model_json(model_dir: str) -> tuple[ModelConfig, str]:
     if layout not in layout_lib.LAYOUTS:
       raise ValueError(f"layout {layout!r} is not one of {', '.join(layout_lib.LAYOUTS)}")
     fields["scan_layers"] = layout == "scanned"
-    return cls(**fields), doc.get("output_head", "lm")
+    # NOTE: written before the ids were recorded: T5's (the only ids then supported).
+    special = doc.get("special_tokens", fields.pop("tokens", None)) or {}
+    fields.pop("tokens", None)
+    if not isinstance(special, dict):
+      raise ValueError(f"special_tokens must be an object, got {special!r}")
+    return cls(**fields, tokens=SpecialTokens(**special)), doc.get("output_head", "lm")
+  except UserError as e:
+    raise UserError(f"{path}: {e}") from None
   except (KeyError, TypeError, ValueError) as e:
     raise UserError(f"{path} is malformed: {e}") from e
 

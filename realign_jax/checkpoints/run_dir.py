@@ -222,6 +222,10 @@ def check_vocabulary(model_dir: str, recorded: Optional[dict], vocab_path: Optio
   mine = vocabulary_identity(vocab_path)
   if mine["sha256"] == recorded.get("sha256"):
     return
+  from realign_jax.checkpoints import hf_import  # NOTE: lazy, as the binaries import it
+  if hf_import.is_hf_dir(model_dir) and mine["sha256"] in {
+      v["sha256"] for v in hf_import.hf_vocabularies(model_dir)}:
+    return  # NOTE: any of an HF directory's tokenizer files (tokenizer.json or .model)
   prefix = f"{where}: " if where else ""
   raise UserError(
       f"{prefix}{model_dir} was trained with vocabulary {recorded.get('path')} (sha256 "

@@ -1,8 +1,13 @@
 """Fixed-shape numpy batches for the trainer and the binaries.
 
-A split is read once through its seqio task, encoded with sentencepiece in
-numpy and held in memory. Every sequence is `encode(text)` cut to `length - 1`
-tokens, then EOS, then right-padded with 0:
+A split is read once through its seqio task, encoded with the vocabulary in
+numpy and held in memory. The special ids are the vocabulary's own
+(`vocab.special_tokens`, T5's pad 0 / eos 1 for the built-in one). Every
+target is `encode(text)` cut to `length - 1` tokens, then EOS, then
+right-padded with pad; every prompt is the same for a tokenizer without BOS
+(T5, the built-in vocabulary) and BOS followed by `encode(text)` cut to
+`length - 1` tokens, without EOS, for a tokenizer with one (Llama, Mistral:
+such decoder-only models continue their prompt, as they were trained to):
 
   summarisation tasks:  {"inputs": [batch, input_length],
                          "targets": [batch, target_length]}
@@ -10,8 +15,9 @@ tokens, then EOS, then right-padded with 0:
                          "chosen": [batch, target_length],
                          "rejected": [batch, target_length]}
 
-all int32. Both model families use the same EOS-terminated prompt: T5 encodes
-it, a decoder-only model reads its EOS as the separator before the response.
+all int32. Both model families use the same prompt: T5 encodes it, a
+decoder-only model trained here reads its EOS as the separator before the
+response.
 
 Training order is a function of (seed, step) alone: example position
 `p = step * batch_size + i` of the endless stream is example
@@ -33,6 +39,7 @@ import numpy as np
 
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.errors import UserError
+from realign_jax.models.config import SpecialTokens
 
 if typing.TYPE_CHECKING:
   import seqio
@@ -97,23 +104,46 @@ def text_examples(
   return [dict(r) for r in rows[shard_index::num_shards]]
 
 
-def fit(ids: Sequence[Sequence[int]], length: int) -> np.ndarray:
-  """Truncates to `length - 1` tokens, appends EOS, right-pads with 0.
+_T5 = SpecialTokens()
+
+
+def fit(ids: Sequence[Sequence[int]], length: int, tokens: SpecialTokens = _T5) -> np.ndarray:
+  """Targets: truncates to `length - 1` tokens, appends EOS, right-pads with pad.
 
   Args:
     ids: token ids per example, without EOS.
     length: the fixed length (>= 1).
+    tokens: the special ids (default T5's).
 
   Returns:
     `[len(ids), length]` int32.
   """
   if length < 1:
     raise UserError(f"sequence length must be >= 1, got {length}")
-  out = np.full((len(ids), length), vocab_lib.PAD_ID, dtype=np.int32)
+  out = np.full((len(ids), length), tokens.pad_id, dtype=np.int32)
   for row, seq in enumerate(ids):
     seq = list(seq)[:length - 1]
     out[row, :len(seq)] = seq
-    out[row, len(seq)] = vocab_lib.EOS_ID
+    out[row, len(seq)] = tokens.eos_id
+  return out
+
+
+def fit_prompts(ids: Sequence[Sequence[int]], length: int, tokens: SpecialTokens = _T5, *,
+                add_bos: bool = True) -> np.ndarray:
+  """Prompts (see the module docstring): as `fit` without BOS, BOS + ids[:length - 1] with one.
+
+  `add_bos=False`: the ids already say where BOS goes (a rendered chat
+  template), so none is added, and none EOS either when the tokenizer has a BOS.
+  """
+  if tokens.bos_id is None:
+    return fit(ids, length, tokens)
+  if length < 1:
+    raise UserError(f"sequence length must be >= 1, got {length}")
+  out = np.full((len(ids), length), tokens.pad_id, dtype=np.int32)
+  head = [tokens.bos_id] if add_bos else []
+  for row, seq in enumerate(ids):
+    seq = (head + list(seq))[:length]
+    out[row, :len(seq)] = seq
   return out
 
 
@@ -121,8 +151,9 @@ def encode_pair(vocab: seqio.SentencePieceVocabulary, inputs: str,
                 targets: str, input_length: int,
                 target_length: int) -> dict[str, np.ndarray]:
   """One example: {"inputs": [input_length], "targets": [target_length]}."""
-  return {"inputs": fit([vocab_lib.encode(vocab, inputs)], input_length)[0],
-          "targets": fit([vocab_lib.encode(vocab, targets)], target_length)[0]}
+  tokens = vocab_lib.special_tokens(vocab)
+  return {"inputs": fit_prompts([vocab_lib.encode(vocab, inputs)], input_length, tokens)[0],
+          "targets": fit([vocab_lib.encode(vocab, targets)], target_length, tokens)[0]}
 
 
 def encode_batch(vocab: seqio.SentencePieceVocabulary,
@@ -142,6 +173,7 @@ def encode_batch(vocab: seqio.SentencePieceVocabulary,
   if not examples:
     raise UserError("cannot encode an empty list of examples")
   out = {}
+  tokens = vocab_lib.special_tokens(vocab)
   for feature in examples[0]:
     key = _BATCH_KEYS.get(feature)
     if key is None:
@@ -149,7 +181,8 @@ def encode_batch(vocab: seqio.SentencePieceVocabulary,
                       f"{', '.join(_BATCH_KEYS)}")
     length = input_length if key == "inputs" else target_length
     texts = [e[feature] for e in examples]
-    out[key] = fit(vocab_lib.encode_many(vocab, texts), length)
+    ids = vocab_lib.encode_many(vocab, texts)
+    out[key] = fit_prompts(ids, length, tokens) if key == "inputs" else fit(ids, length, tokens)
   return out
 
 
@@ -261,7 +294,7 @@ def eval_batches(
 ) -> Iterator[Batch]:
   """The whole split once, in order, for evaluation.
 
-  The last batch is filled up with all-zero rows; "weights" `[batch]` float32
+  The last batch is filled up with all-pad rows; "weights" `[batch]` float32
   is 1 for real examples and 0 for filler, so weighted metrics cover every
   example exactly once.
 
@@ -287,11 +320,12 @@ def eval_batches(
                          vocab_path=vocab_path, limit=limit,
                          shard_index=shard_index, num_shards=num_shards)
   num_examples = len(next(iter(arrays.values())))
+  pad_id = vocab_lib.special_tokens_of(vocab_path).pad_id
   for start in range(0, num_examples, batch_size):
     size = min(batch_size, num_examples - start)
     batch = {}
     for key, array in arrays.items():
-      part = np.zeros((batch_size, array.shape[1]), dtype=np.int32)
+      part = np.full((batch_size, array.shape[1]), pad_id, dtype=np.int32)
       part[:size] = array[start:start + size]
       batch[key] = part
     weights = np.zeros((batch_size,), dtype=np.float32)

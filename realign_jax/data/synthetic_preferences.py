@@ -54,13 +54,13 @@ class BuildStats:
 
 
 def encode_prompts(vocab, prompts: Sequence[str], input_length: int) -> np.ndarray:
-  """[N, input_length] EOS-terminated prompt ids; over-long prompts are cut (warned)."""
+  """[N, input_length] prompt ids (`pipeline.fit_prompts`); over-long prompts are cut (warned)."""
   ids = vocab_lib.encode_many(vocab, list(prompts))
   too_long = sum(len(x) > input_length - 1 for x in ids)
   if too_long:
     logging.warning("%d of %d prompts are longer than input_length - 1 = %d tokens and were "
                     "truncated", too_long, len(ids), input_length - 1)
-  return pipeline.fit(ids, input_length)
+  return pipeline.fit_prompts(ids, input_length, vocab_lib.special_tokens(vocab))
 
 
 @functools.lru_cache(maxsize=8)
@@ -126,9 +126,7 @@ def build_synthetic_preferences(
   if batch_size < 1:
     raise UserError(f"batch_size must be >= 1, got {batch_size}")
   vocab = vocab_lib.load_vocabulary(vocab_path)
-  if vocab.vocab_size > lm.vocab_size:
-    raise UserError(f"vocabulary {vocab_path or 'built-in'} has {vocab.vocab_size} ids, more "
-                    f"than the policy's vocab_size {lm.vocab_size}")
+  vocab_lib.check_model_tokens(vocab, lm.config, "the policy")
   inputs = encode_prompts(vocab, prompts, input_length)
   run = _pair_sampler(lm, sampling)
   rng = jax.random.PRNGKey(seed)

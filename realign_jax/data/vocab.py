@@ -1,14 +1,20 @@
-"""Vocabularies with T5/seqio ids (pad 0, eos 1): sentencepiece or tokenizer.json.
+"""Vocabularies: sentencepiece or a Hugging Face tokenizer.json, with their own special ids.
 
 The built-in vocabulary (`builtin/vocab.model`, 2048 unigram pieces trained on
 the built-in corpus by `scripts/train_vocab.py`) is the default; any other
-sentencepiece model with the same special ids, e.g. T5's 32k vocabulary, is
-loaded by path. A Hugging Face `tokenizer.json` (a path to the file, or to a
-directory holding it) is loaded through the `tokenizers` library; its
+sentencepiece model, e.g. T5's 32k vocabulary or a Llama `tokenizer.model`,
+is loaded by path. A Hugging Face `tokenizer.json` (a path to the file, or to
+a directory holding it) is loaded through the `tokenizers` library; its
 bos/eos/pad ids come from the tokenizer's own files (tokenizer_config.json,
-special_tokens_map.json, the added tokens of tokenizer.json), never assumed.
-The pipeline, sampler and losses use pad 0 and eos 1, so a tokenizer whose
-ids differ is refused with the ids it has.
+special_tokens_map.json, the added tokens of tokenizer.json), a
+sentencepiece model's from the model itself: never assumed.
+
+`special_tokens(vocab)` gives them as the `SpecialTokens` the models record;
+`check_model_tokens` refuses a vocabulary with more ids than a model's
+embedding, or with other special ids than the model's. A tokenizer without a
+pad token (Llama, Mistral), or whose pad token is its eos (Zephyr), pads with
+its unk id: padding is never a token of a sequence (the sampler masks it), so
+it needs an id of its own, and unk is one a trained model does not emit.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ if typing.TYPE_CHECKING:
   import seqio
 
 from realign_jax.errors import UserError
+from realign_jax.models.config import SpecialTokens
 
-PAD_ID = 0
-EOS_ID = 1
+# NOTE: T5's ids (the built-in vocabulary's): the defaults of SpecialTokens.
+PAD_ID = SpecialTokens().pad_id
+EOS_ID = SpecialTokens().eos_id
 
 BUILTIN_DIR = pathlib.Path(__file__).resolve().parent / "builtin"
 BUILTIN_VOCAB_PATH = str(BUILTIN_DIR / "vocab.model")
@@ -43,7 +51,7 @@ def resolve_vocab_path(path: str | os.PathLike[str] | None) -> str:
 
 
 HF_TOKENIZER_FILE = "tokenizer.json"
-_HF_SPECIAL_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+HF_SPECIAL_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 
 def is_hf_tokenizer(path: str) -> bool:
@@ -76,7 +84,7 @@ def hf_special_ids(tokenizer_json: str) -> dict[str, int | None]:
   tok = _load_hf_tokenizer(tokenizer_json)
   names: dict[str, str] = {}
   found = []
-  for fname in _HF_SPECIAL_FILES:
+  for fname in HF_SPECIAL_FILES:
     fpath = os.path.join(directory, fname)
     if not os.path.isfile(fpath):
       continue
@@ -93,7 +101,7 @@ def hf_special_ids(tokenizer_json: str) -> dict[str, int | None]:
       if content is not None:
         names.setdefault(role, content)  # NOTE: tokenizer_config.json is read first.
   if not found:
-    raise UserError(f"no {' or '.join(_HF_SPECIAL_FILES)} next to {tokenizer_json}: its eos and "
+    raise UserError(f"no {' or '.join(HF_SPECIAL_FILES)} next to {tokenizer_json}: its eos and "
                     "pad tokens are unknown")
   ids: dict[str, int | None] = {}
   for role in ("bos", "eos", "pad"):
@@ -106,6 +114,84 @@ def hf_special_ids(tokenizer_json: str) -> dict[str, int | None]:
       raise UserError(f"{found[0]}: {role}_token {content!r} is not a token of {tokenizer_json}")
     ids[role] = i
   return ids
+
+
+def _hf_unk_id(tokenizer_json: str) -> int | None:
+  """The unk id of a tokenizer.json: its files' unk_token, else its model's (None: none)."""
+  import json
+
+  tok = _load_hf_tokenizer(tokenizer_json)
+  directory = os.path.dirname(tokenizer_json)
+  for fname in HF_SPECIAL_FILES:
+    fpath = os.path.join(directory, fname)
+    if os.path.isfile(fpath):
+      try:
+        with open(fpath, encoding="utf-8") as f:
+          content = _token_content(json.load(f).get("unk_token"))
+      except (OSError, ValueError, AttributeError):
+        content = None  # NOTE: hf_special_ids reports an unreadable file
+      if content is not None and tok.token_to_id(content) is not None:
+        return tok.token_to_id(content)
+  content = getattr(tok.model, "unk_token", None)
+  if isinstance(content, str) and tok.token_to_id(content) is not None:
+    return tok.token_to_id(content)
+  unk_id = getattr(tok.model, "unk_id", None)  # Unigram
+  return unk_id if isinstance(unk_id, int) else None
+
+
+def special_tokens_from_ids(bos: int | None, eos: int | None, pad: int | None,
+                            unk: int | None, where: str) -> SpecialTokens:
+  """The `SpecialTokens` of a tokenizer with these ids (None: it has no such token).
+
+  The pad id is the tokenizer's pad unless it has none or it is its eos or
+  bos (Zephyr pads with </s>); then its unk (see the module docstring).
+
+  Raises:
+    UserError: no eos, or no usable pad and no unk to pad with.
+  """
+  if eos is None:
+    raise UserError(f"{where} names no eos token: responses could never end")
+  if pad is None or pad in (eos, bos):
+    if unk is None or unk in (eos, bos):
+      raise UserError(
+          f"{where} has no pad token of its own (pad={pad}, eos={eos}, bos={bos}) and no unk "
+          "token to pad with; name one as pad_token in its tokenizer_config.json")
+    pad = unk
+  return SpecialTokens(pad_id=pad, eos_id=eos, bos_id=bos)
+
+
+def hf_special_tokens(tokenizer_json: str) -> SpecialTokens:
+  """The `SpecialTokens` of a tokenizer.json, from the files beside it."""
+  ids = hf_special_ids(tokenizer_json)
+  return special_tokens_from_ids(ids["bos"], ids["eos"], ids["pad"], _hf_unk_id(tokenizer_json),
+                                 tokenizer_json)
+
+
+def _sentencepiece_tokens(processor, path: str) -> SpecialTokens:
+  none = lambda i: None if i < 0 else i
+  return special_tokens_from_ids(none(processor.bos_id()), none(processor.eos_id()),
+                                 none(processor.pad_id()), none(processor.unk_id()), path)
+
+
+def special_tokens_of(path: str | os.PathLike[str] | None) -> SpecialTokens:
+  """The `SpecialTokens` of the vocabulary at `path` (None: built-in), read from its files.
+
+  Light: neither seqio nor TensorFlow is imported.
+  """
+  path = resolve_vocab_path(path)
+  if is_hf_tokenizer(path):
+    if os.path.isdir(path):
+      path = os.path.join(path, HF_TOKENIZER_FILE)
+    return hf_special_tokens(path)
+  return _sentencepiece_tokens(_load_processor(path), path)
+
+
+def special_tokens(vocab) -> SpecialTokens:
+  """The `SpecialTokens` of a loaded vocabulary (`load_vocabulary`)."""
+  tokens = getattr(vocab, "tokens", None)
+  if tokens is not None:
+    return tokens
+  return _sentencepiece_tokens(vocab.tokenizer, getattr(vocab, "sentencepiece_model_file", ""))
 
 
 @functools.lru_cache(maxsize=8)
@@ -142,11 +228,33 @@ def tokenizer_size(files: dict[str, str]) -> tuple[int | None, str]:
   return None, ""
 
 
+def vocab_file(vocab) -> str:
+  """The file a loaded vocabulary was read from."""
+  return getattr(vocab, "path", None) or getattr(vocab, "sentencepiece_model_file", "") or "?"
+
+
 def check_model_vocab_size(vocab, model_vocab_size: int, where: str = "the model") -> None:
   """Refuses a vocabulary with more ids than `model_vocab_size` (both numbers named)."""
   if vocab.vocab_size > model_vocab_size:
-    raise UserError(f"vocabulary {getattr(vocab, 'path', '')} has {vocab.vocab_size} token ids "
+    raise UserError(f"vocabulary {vocab_file(vocab)} has {vocab.vocab_size} token ids "
                     f"but {where} has vocab_size={model_vocab_size}")
+
+
+def check_model_tokens(vocab, config, where: str = "the model") -> SpecialTokens:
+  """Refuses a vocabulary that does not fit a model config; returns their SpecialTokens.
+
+  Refused: more token ids than the model's vocab_size, or other special ids
+  than the model records (model.json's special_tokens; an HF directory's
+  tokenizer files or config.json). Both numbers are named.
+  """
+  check_model_vocab_size(vocab, config.vocab_size, where)
+  mine, theirs = special_tokens(vocab), config.tokens
+  for name in ("eos_id", "pad_id", "bos_id"):
+    a, b = getattr(mine, name), getattr(theirs, name)
+    if a != b:
+      raise UserError(f"vocabulary {vocab_file(vocab)} has {name}={a} but {where} records "
+                      f"{name}={b} ({theirs.describe()}); decode a model with its own tokenizer")
+  return mine
 
 
 def _hf_vocabulary_class():
@@ -154,25 +262,28 @@ def _hf_vocabulary_class():
   import seqio
 
   class HFTokenizerVocabulary(seqio.Vocabulary):
-    """A Hugging Face tokenizer.json as a seqio vocabulary (pad 0, eos 1).
+    """A Hugging Face tokenizer.json as a seqio vocabulary.
 
-    `tokenizer` is the `tokenizers.Tokenizer`; `path` the tokenizer.json.
-    Encoding adds no special tokens (seqio appends eos itself).
+    `tokenizer` is the `tokenizers.Tokenizer`; `path` the tokenizer.json;
+    `special` the bos/eos/pad ids its files name; `tokens` the SpecialTokens
+    the pipeline and models use (the pad resolved as `special_tokens_from_ids`).
+    Encoding adds no special tokens (the pipeline adds bos and eos itself).
     """
 
-    def __init__(self, path: str, tokenizer, special: dict):
+    def __init__(self, path: str, tokenizer, special: dict, tokens: SpecialTokens):
       self.path = path
       self.tokenizer = tokenizer
       self.special = special
+      self.tokens = tokens
       super().__init__(extra_ids=0)
 
     @property
     def eos_id(self):
-      return EOS_ID
+      return self.tokens.eos_id
 
     @property
     def pad_id(self):
-      return PAD_ID
+      return self.tokens.pad_id
 
     @property
     def unk_id(self):
@@ -225,20 +336,14 @@ def _load_hf(path: str):
     path = os.path.join(path, HF_TOKENIZER_FILE)
   tok = _load_hf_tokenizer(path)
   special = hf_special_ids(path)
-  if special["pad"] != PAD_ID or special["eos"] != EOS_ID:
-    raise UserError(
-        f"tokenizer {path} has pad_id={special['pad']} and eos_id={special['eos']} "
-        f"(bos_id={special['bos']}); the pipeline, sampler and losses support pad_id={PAD_ID} "
-        f"and eos_id={EOS_ID} only")
+  tokens = hf_special_tokens(path)
   from realign_jax import startup
   startup.import_tensorflow()
-  return _hf_vocabulary_class()(path, tok, special)
+  return _hf_vocabulary_class()(path, tok, special, tokens)
 
 
 @functools.lru_cache(maxsize=8)
-def _load(path: str) -> seqio.SentencePieceVocabulary:
-  if is_hf_tokenizer(path):
-    return _load_hf(path)
+def _load_processor(path: str):
   try:
     with open(path, "rb") as f:
       proto = f.read()
@@ -250,11 +355,14 @@ def _load(path: str) -> seqio.SentencePieceVocabulary:
   except (RuntimeError, OSError) as e:
     raise UserError(
         f"vocabulary {path} is not a valid sentencepiece model") from e
-  if processor.pad_id() != PAD_ID or processor.eos_id() != EOS_ID:
-    raise UserError(
-        f"vocabulary {path} has pad_id={processor.pad_id()} and "
-        f"eos_id={processor.eos_id()}; T5/seqio ids pad_id={PAD_ID} and "
-        f"eos_id={EOS_ID} are required")
+  return processor
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: str) -> seqio.SentencePieceVocabulary:
+  if is_hf_tokenizer(path):
+    return _load_hf(path)
+  _sentencepiece_tokens(_load_processor(path), path)  # NOTE: refuses unusable ids up front
   # NOTE: imported here so that modules needing only ids and sentencepiece
   # (rewards, RL) import on hosts without the TensorFlow stack.
   from realign_jax import startup
@@ -280,9 +388,8 @@ def load_vocabulary(
     The vocabulary (memoised per path).
 
   Raises:
-    UserError: the file is missing, unreadable, not a sentencepiece model, or
-      its pad/eos ids are not 0/1 (for a tokenizer.json: as its own files
-      name them).
+    UserError: the file is missing, unreadable, not a sentencepiece model,
+      or names no eos (or no pad and no unk to pad with).
   """
   return _load(resolve_vocab_path(path))
 
@@ -310,7 +417,7 @@ def encode_many(vocab: seqio.SentencePieceVocabulary,
 
 def decode(vocab: seqio.SentencePieceVocabulary,
            ids: Iterable[int] | np.ndarray) -> str:
-  """Text of `ids`, up to the first EOS; pad ids are ignored.
+  """Text of `ids`, up to the first EOS; pad ids (and bos) are ignored; all the vocabulary's own.
 
   Args:
     vocab: the vocabulary.
@@ -319,21 +426,22 @@ def decode(vocab: seqio.SentencePieceVocabulary,
   Returns:
     The decoded text.
   """
+  tokens = special_tokens(vocab)
   if _is_hf(vocab):
     clean = []
     for i in np.asarray(ids).reshape(-1).tolist():
-      if i == EOS_ID:
+      if i == tokens.eos_id:
         break
-      if i != PAD_ID and 0 <= i < vocab.vocab_size:  # NOTE: ids past the tokenizer: dropped
+      if i != tokens.pad_id and 0 <= i < vocab.vocab_size:  # NOTE: ids past the tokenizer: dropped
         clean.append(i)
     return vocab.tokenizer.decode(clean, skip_special_tokens=True)
   size = vocab.tokenizer.GetPieceSize()
   unk = vocab.tokenizer.unk_id()
   clean = []
   for i in np.asarray(ids).reshape(-1).tolist():
-    if i == EOS_ID:
+    if i == tokens.eos_id:
       break
-    if i == PAD_ID:
+    if i == tokens.pad_id:
       continue
     clean.append(i if 0 <= i < size else unk)
   return vocab.tokenizer.DecodeIds(clean)

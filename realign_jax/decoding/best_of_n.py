@@ -22,11 +22,11 @@ class BestOfNResult(NamedTuple):
   samples: sampler.SampleOutput  # all B * n rows, prompt-major
 
 
-def trim(tokens: np.ndarray, eos_id: int = sampler.EOS_ID) -> list:
-  """Token ids up to (excluding) the first EOS or pad."""
+def trim(tokens: np.ndarray, eos_id: int = sampler.EOS_ID, pad_id: int = sampler.PAD_ID) -> list:
+  """Token ids up to (excluding) the first EOS or pad (the model's ids; default T5's)."""
   out = []
   for t in np.asarray(tokens).tolist():
-    if t in (eos_id, sampler.PAD_ID):
+    if t in (eos_id, pad_id):
       break
     out.append(t)
   return out
@@ -34,7 +34,8 @@ def trim(tokens: np.ndarray, eos_id: int = sampler.EOS_ID) -> list:
 
 def best_of_n(sample_fn: Callable[..., sampler.SampleOutput], inputs, rng, *, n: int,
               reward_fn: RewardFn, prompts: Optional[Sequence[Any]] = None,
-              detokenize: Optional[Callable[[list], Any]] = None) -> BestOfNResult:
+              detokenize: Optional[Callable[[list], Any]] = None,
+              eos_id: int = sampler.EOS_ID, pad_id: int = sampler.PAD_ID) -> BestOfNResult:
   """Draws n samples per prompt and keeps the highest-scoring one.
 
   Args:
@@ -47,6 +48,7 @@ def best_of_n(sample_fn: Callable[..., sampler.SampleOutput], inputs, rng, *, n:
     prompts: what reward_fn receives as prompts (default: the prompt id rows).
     detokenize: maps a trimmed token list to what reward_fn receives as a
       response (default: the token list itself).
+    eos_id, pad_id: the model's ids (`config.tokens`; default T5's), for `trim`.
 
   Returns:
     BestOfNResult; ties go to the lowest sample index.
@@ -57,10 +59,10 @@ def best_of_n(sample_fn: Callable[..., sampler.SampleOutput], inputs, rng, *, n:
   tokens = np.asarray(out.tokens)
   b = np.asarray(inputs).shape[0]
   if prompts is None:
-    prompts = [trim(row) for row in np.asarray(inputs)]
+    prompts = [trim(row, eos_id, pad_id) for row in np.asarray(inputs)]
   if len(prompts) != b:
     raise UserError(f"best-of-n got {len(prompts)} prompts for {b} input rows")
-  responses = [trim(row) for row in tokens]
+  responses = [trim(row, eos_id, pad_id) for row in tokens]
   if detokenize is not None:
     responses = [detokenize(r) for r in responses]
   rep_prompts = [p for p in prompts for _ in range(n)]

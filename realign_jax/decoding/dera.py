@@ -139,13 +139,26 @@ def mixed_step(components: Sequence[Component], weights):
   return step
 
 
+def shared_tokens(components: Sequence[Component]):
+  """The special ids every component records (one line naming both sets when they differ)."""
+  first = components[0].lm.config.tokens
+  for i, c in enumerate(components[1:], 1):
+    if c.lm.config.tokens != first:
+      raise UserError(f"the models being combined record different special token ids: "
+                      f"{first.describe()} (model 0) vs {c.lm.config.tokens.describe()} "
+                      f"(model {i})")
+  return first
+
+
 def sample_mixture(components: Sequence[Component], weights, inputs, rng,
                    config: sampler.SamplingConfig, *, num_samples: int = 1, row_ids=None,
                    reference_index: Optional[int] = REF, with_components: bool = True):
   """Samples from softmax(sum_m w_m h_m): prefill once, then one while_loop (call in jit).
 
-  `weights` is [M] or [M, B * num_samples].
+  `weights` is [M] or [M, B * num_samples]. The ids are the models' own
+  (`shared_tokens`, `sampler.with_tokens`).
   """
+  config = sampler.with_tokens(config, shared_tokens(components))
   cache = prefill(components, inputs, config.max_new_tokens)
   cache = repeat(cache, num_samples)
   b = inputs.shape[0] * num_samples

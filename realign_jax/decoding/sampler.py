@@ -14,6 +14,11 @@ same tokens as separate calls).
 The pad id is never sampled (`mask_pad`): every distribution the loop samples
 from or reports (log-probs, each component's log-probs, the KL) is over the
 vocabulary without pad, renormalised.
+
+Special ids: `SamplingConfig.eos_id` / `pad_id` are the model's
+(`with_tokens(config, lm.config.tokens)`, which every decoder built on a model
+applies: `generate`, DeRa, controlled decoding, TQ*, ARGS); None in a bare
+`sample_loop` call means T5's (pad 0, eos 1).
 """
 
 import dataclasses
@@ -23,9 +28,11 @@ import jax
 import jax.numpy as jnp
 
 from realign_jax.errors import UserError
+from realign_jax.models.config import SpecialTokens
 
-PAD_ID = 0
-EOS_ID = 1
+# NOTE: T5's ids, the defaults of SpecialTokens (a model's own are config.tokens).
+PAD_ID = SpecialTokens().pad_id
+EOS_ID = SpecialTokens().eos_id
 
 
 class MixedLogits(NamedTuple):
@@ -43,8 +50,8 @@ class SamplingConfig:
   top_k: int = 0  # 0 = off
   top_p: float = 1.0  # 1.0 = off
   greedy: bool = False
-  eos_id: int = EOS_ID
-  pad_id: int = PAD_ID
+  eos_id: Optional[int] = None  # None: the model's (`with_tokens`)
+  pad_id: Optional[int] = None
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -55,6 +62,24 @@ class SamplingConfig:
       raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
     if self.top_k < 0:
       raise UserError(f"top_k must be >= 0, got {self.top_k}")
+
+  @property
+  def eos(self) -> int:
+    return EOS_ID if self.eos_id is None else self.eos_id
+
+  @property
+  def pad(self) -> int:
+    return PAD_ID if self.pad_id is None else self.pad_id
+
+
+def with_tokens(config: SamplingConfig, tokens: SpecialTokens) -> SamplingConfig:
+  """`config` with the model's eos and pad ids; an explicit other id is a UserError."""
+  for name in ("eos_id", "pad_id"):
+    mine = getattr(config, name)
+    if mine is not None and mine != getattr(tokens, name):
+      raise UserError(f"SamplingConfig.{name}={mine} but the model's {name} is "
+                      f"{getattr(tokens, name)} ({tokens.describe()}); leave it unset")
+  return dataclasses.replace(config, eos_id=tokens.eos_id, pad_id=tokens.pad_id)
 
 
 class SampleOutput(NamedTuple):
@@ -69,7 +94,7 @@ def mask_pad(logits, pad_id: int = PAD_ID):
   """[..., V] logits -> float32 with the pad id at -inf: padding is never a token.
 
   NOTE: a response ends at EOS and pad only fills what follows; the
-  decoder-only teacher-forced pass masks `tokens != 0` and `best_of_n.trim`
+  decoder-only teacher-forced pass masks `tokens != pad` and `best_of_n.trim`
   stops at pad. Every distribution a response is sampled from, scored under
   (`training.policy.logprobs_from_logits`) or compared with (KL) therefore
   excludes pad, so they all agree with what was sampled.
@@ -162,12 +187,12 @@ def sample_loop(step: Callable[[jax.Array, Any], tuple], cache: Any, first_token
   def body(state):
     t, tok, cache, done, lengths, toks, lps, comp_lps, kls = state
     out, cache = step(tok, cache)
-    raw = mask_pad(out.logits if mixed else out, config.pad_id)
+    raw = mask_pad(out.logits if mixed else out, config.pad)
     logits = process_logits(raw, config)
     logq = jax.nn.log_softmax(logits, axis=-1)
     keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
     new = _draw(keys, logq, config.greedy)
-    new = jnp.where(done, config.pad_id, new)
+    new = jnp.where(done, config.pad, new)
     live = ~done
     lp = jnp.take_along_axis(logq, new[:, None], axis=1)[:, 0]
     toks = toks.at[:, t].set(new)
@@ -175,7 +200,7 @@ def sample_loop(step: Callable[[jax.Array, Any], tuple], cache: Any, first_token
     if mixed:
       # NOTE: each model's distribution without pad too, so the KL and the
       # component log-probs compare like with like.
-      comps = mask_pad(out.components, config.pad_id)  # [M, B, V]
+      comps = mask_pad(out.components, config.pad)  # [M, B, V]
     if with_components:
       comp_logp = jax.nn.log_softmax(comps, axis=-1)
       clp = jnp.take_along_axis(comp_logp, jnp.broadcast_to(new[None, :, None], (n_comp, b, 1)),
@@ -185,7 +210,7 @@ def sample_loop(step: Callable[[jax.Array, Any], tuple], cache: Any, first_token
       logp_ref = jax.nn.log_softmax(comps[reference_index], axis=-1)
       kls = kls.at[:, t].set(jnp.where(live, _kl(logq, logp_ref), 0.0))
     lengths = lengths + live.astype(jnp.int32)
-    done = done | (new == config.eos_id)
+    done = done | (new == config.eos)
     return t + 1, new, cache, done, lengths, toks, lps, comp_lps, kls
 
   def cond(state):
@@ -194,7 +219,7 @@ def sample_loop(step: Callable[[jax.Array, Any], tuple], cache: Any, first_token
 
   init = (jnp.zeros((), jnp.int32), first_token.astype(jnp.int32), cache,
           jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
-          jnp.full((b, t_max), config.pad_id, jnp.int32),
+          jnp.full((b, t_max), config.pad, jnp.int32),
           jnp.zeros((b, t_max), jnp.float32),
           jnp.zeros((n_comp if with_components else 0, b, t_max), jnp.float32),
           jnp.zeros((b, t_max) if reference_index is not None else (b, 0), jnp.float32))
@@ -216,8 +241,10 @@ def generate(lm, params, inputs, rng, config: SamplingConfig, *, num_samples: in
   """Samples `num_samples` continuations per prompt from one model (call inside jit).
 
   The prompt is prefilled once and its cache repeated, so rows
-  [b * num_samples, (b + 1) * num_samples) continue prompt b.
+  [b * num_samples, (b + 1) * num_samples) continue prompt b. The ids are
+  the model's (`with_tokens`).
   """
+  config = with_tokens(config, lm.config.tokens)
   cache, first = lm.prefill(params, inputs, config.max_new_tokens)
   cache = repeat_cache(cache, num_samples)
   first = jnp.repeat(first, num_samples, axis=0)

@@ -56,8 +56,9 @@ import jax
 import jax.numpy as jnp
 
 from realign_jax.decoding import controlled, sampler
-from realign_jax.decoding.dera import Component
+from realign_jax.decoding.dera import Component, shared_tokens
 from realign_jax.errors import UserError
+from realign_jax.models.config import SpecialTokens
 
 TokenReward = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 REF, BASELINE = 0, 1
@@ -144,7 +145,7 @@ def validate_tq(ref: Component, baseline: Component, cfg: TQConfig,
       raise UserError("indirect Transfer Q* needs the baseline's reward r_BL (baseline_reward)")
 
 
-def assemble(prefix, t, cand, cont):
+def assemble(prefix, t, cand, cont, tokens: SpecialTokens = SpecialTokens()):
   """Responses [s, z, continuation] with s = prefix[:, :t] (t traced).
 
   Args:
@@ -152,18 +153,19 @@ def assemble(prefix, t, cand, cont):
     t: scalar, the prefix length.
     cand: [N] the candidate token.
     cont: [N, H] continuation tokens, pad after EOS (ignored if cand is EOS).
+    tokens: the models' special ids (default T5's).
 
   Returns:
     (responses [N, T + 1 + H], lengths [N]).
   """
   n, tmax = prefix.shape
   h = cont.shape[1]
-  cont = jnp.where((cand == sampler.EOS_ID)[:, None], sampler.PAD_ID, cont)
+  cont = jnp.where((cand == tokens.eos_id)[:, None], tokens.pad_id, cont)
   pos = jnp.arange(tmax + 1 + h)[None]
   from_prefix = jnp.take_along_axis(prefix, jnp.minimum(pos, tmax - 1).repeat(n, 0), axis=1)
   from_cont = jnp.take_along_axis(cont, jnp.clip(pos - t - 1, 0, h - 1).repeat(n, 0), axis=1)
   resp = jnp.where(pos < t, from_prefix, jnp.where(pos == t, cand[:, None], from_cont))
-  cont_len = jnp.sum(cont != sampler.PAD_ID, axis=1)
+  cont_len = jnp.sum(cont != tokens.pad_id, axis=1)
   return resp.astype(jnp.int32), (t + 1 + cont_len).astype(jnp.int32)
 
 
@@ -197,7 +199,9 @@ def _rollout_recompute(baseline: Component, inputs, prefix, t, cand, rng, row_id
   """Every rollout token from a full forward pass over [prompt, response so far]."""
   n, tmax = prefix.shape
   width = tmax + 1 + cfg.max_new_tokens
-  buf = jnp.where(jnp.arange(width)[None] < t, jnp.pad(prefix, ((0, 0), (0, width - tmax))), 0)
+  pad = baseline.lm.config.tokens.pad_id
+  buf = jnp.where(jnp.arange(width)[None] < t,
+                  jnp.pad(prefix, ((0, 0), (0, width - tmax)), constant_values=pad), pad)
 
   def step(tok, c):
     buf = jax.lax.dynamic_update_slice(c["buf"], tok[:, None].astype(jnp.int32), (0, c["pos"]))
@@ -227,7 +231,8 @@ def q_values(baseline: Component, bcache, inputs, prefix, t, first, candidates, 
   cand = jnp.repeat(candidates.reshape(-1), m)  # [(b, i, j)]
   ids = ((row_ids[:, None, None] * k + jnp.arange(k)[None, :, None]) * m
          + jnp.arange(m)[None, None, :]).reshape(-1)
-  rcfg = dataclasses.replace(cfg.rollout, max_new_tokens=cfg.horizon)
+  rcfg = sampler.with_tokens(dataclasses.replace(cfg.rollout, max_new_tokens=cfg.horizon),
+                             baseline.lm.config.tokens)
   rep = lambda x: jnp.repeat(x, k * m, axis=0)
   if cfg.rollouts == "fork":
     out = sampler.sample_loop(lambda tk, c: baseline.lm.step(baseline.params, tk, c),
@@ -237,7 +242,7 @@ def q_values(baseline: Component, bcache, inputs, prefix, t, first, candidates, 
                           rcfg, capacity)
   else:
     out = _rollout_recompute(baseline, rep(inputs), rep(prefix), t, cand, rng, ids, rcfg)
-  resp, lengths = assemble(rep(prefix), t, cand, out.tokens)
+  resp, lengths = assemble(rep(prefix), t, cand, out.tokens, baseline.lm.config.tokens)
   x = rep(inputs)
   r_t = reward(x, resp, lengths).astype(jnp.float32).reshape(b * k, m)
   r_b = (baseline_reward(x, resp, lengths).astype(jnp.float32).reshape(b * k, m)
@@ -269,7 +274,8 @@ def tq_step(ref: Component, baseline: Component, inputs, cfg: TQConfig, reward: 
     prefix = _append(cache["prefix"], t, tokens)
     logits, rc = ref.lm.step(ref.params, tok[REF], rc)
     logits = logits.astype(jnp.float32)
-    logp = jax.nn.log_softmax(sampler.mask_pad(logits), axis=-1)  # NOTE: as sampled: no pad
+    logp = jax.nn.log_softmax(sampler.mask_pad(logits, ref.lm.config.tokens.pad_id),
+                              axis=-1)  # NOTE: as sampled: no pad
     _, bc = baseline.lm.step(baseline.params, tok[BASELINE], bc)  # the baseline now holds s
     top_lp, top_idx = jax.lax.top_k(logp, cfg.top_k)  # [B, k]
     q, _ = q_values(baseline, bc, inputs, prefix, t, cache["first"][BASELINE], top_idx,
@@ -292,6 +298,7 @@ def transfer_q(ref: Component, baseline: Component, inputs, rng,
   per-token KL to p. Returns (SampleOutput, nonfinite [B]): rows where some
   reward was not finite (their Q was replaced by 0; the caller raises).
   """
+  config = sampler.with_tokens(config, shared_tokens([ref, baseline]))
   t = config.max_new_tokens
   b = inputs.shape[0] * num_samples
   if row_ids is None:
@@ -299,7 +306,7 @@ def transfer_q(ref: Component, baseline: Component, inputs, rng,
   capacity = t + cfg.horizon
   cache = controlled.repeat(controlled.prefill([ref, baseline], inputs, [t, capacity]),
                             num_samples)
-  cache.update(prefix=jnp.zeros((b, t), jnp.int32), nonfinite=jnp.zeros((b,), bool))
+  cache.update(prefix=jnp.full((b, t), config.pad, jnp.int32), nonfinite=jnp.zeros((b,), bool))
   x = jnp.repeat(inputs, num_samples, axis=0)
   step = tq_step(ref, baseline, x, cfg, reward, rng=jax.random.fold_in(rng, 0x7a),
                  row_ids=row_ids, baseline_reward=baseline_reward, capacity=capacity,
@@ -322,7 +329,8 @@ def args_step(ref: Component, inputs, reward: TokenReward, *, top_k: int, weight
     prefix = _append(cache["prefix"], t, tokens)
     logits, rc = ref.lm.step(ref.params, tok[REF], cache["models"][REF])
     logits = logits.astype(jnp.float32)
-    logp = jax.nn.log_softmax(sampler.mask_pad(logits), axis=-1)  # NOTE: as sampled: no pad
+    logp = jax.nn.log_softmax(sampler.mask_pad(logits, ref.lm.config.tokens.pad_id),
+                              axis=-1)  # NOTE: as sampled: no pad
     top_lp, top_idx = jax.lax.top_k(logp, top_k)
     b = top_idx.shape[0]
     cand = top_idx.reshape(-1)
@@ -341,10 +349,11 @@ def args_decode(ref: Component, inputs, rng, config: sampler.SamplingConfig,
                 reward: TokenReward, *, top_k: int = 10, weight: float = 1.0,
                 num_samples: int = 1, row_ids=None):
   """ARGS decoding (call inside jit). Returns (SampleOutput, nonfinite [B])."""
+  config = sampler.with_tokens(config, ref.lm.config.tokens)
   t = config.max_new_tokens
   b = inputs.shape[0] * num_samples
   cache = controlled.repeat(controlled.prefill([ref], inputs, [t]), num_samples)
-  cache.update(prefix=jnp.zeros((b, t), jnp.int32), nonfinite=jnp.zeros((b,), bool))
+  cache.update(prefix=jnp.full((b, t), config.pad, jnp.int32), nonfinite=jnp.zeros((b,), bool))
   step = args_step(ref, jnp.repeat(inputs, num_samples, axis=0), reward, top_k=top_k,
                    weight=weight)
   out, final = sampler.sample_loop(step, cache, jnp.zeros((b,), jnp.int32), rng, config,
@@ -359,14 +368,17 @@ def validate_args(ref: Component, top_k: int, weight: float) -> None:
     raise UserError(f"the ARGS reward weight w must be finite, got {weight}")
 
 
-def check_reward_finite(reward: TokenReward, inputs, what: str = "reward") -> None:
+def check_reward_finite(reward: TokenReward, inputs, what: str = "reward",
+                        tokens: SpecialTokens = SpecialTokens()) -> None:
   """Probes a reward on the prompts with an EOS-only and a one-token response.
 
   Raises one UserError line when a score is not finite, before any decoding.
+  `tokens`: the models' special ids (the one token is the first ordinary id).
   """
   n = inputs.shape[0]
-  resp = jnp.stack([jnp.full((n,), sampler.EOS_ID, jnp.int32),
-                    jnp.full((n,), 2, jnp.int32)], axis=1)
+  ordinary = min(set(range(4)) - {tokens.pad_id, tokens.eos_id, tokens.bos_id})
+  resp = jnp.stack([jnp.full((n,), tokens.eos_id, jnp.int32),
+                    jnp.full((n,), ordinary, jnp.int32)], axis=1)
   lengths = jnp.ones((n,), jnp.int32)
   for r, ln in ((resp[:, :1], lengths), (resp[:, 1:], lengths)):
     s = jnp.asarray(reward(jnp.asarray(inputs), r, ln))

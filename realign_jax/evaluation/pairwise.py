@@ -83,9 +83,10 @@ def make_pair_logprob_fn(lms: Sequence):
     # NOTE: the same weighted sum of raw logits as decoding's mixed_step, without
     # pad as the sampler, so the scored distribution is exactly the one DeRa samples from.
     mixed = sum(w[m][:, None, None] * logits[m] for m in range(len(lms)))
-    logp = jax.nn.log_softmax(sampler.mask_pad(mixed), axis=-1)
+    pad = lms[0].config.tokens.pad_id
+    logp = jax.nn.log_softmax(sampler.mask_pad(mixed, pad), axis=-1)
     tok = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, T]
-    mask = targets != 0
+    mask = targets != pad
     return jnp.sum(jnp.where(mask, tok, 0.0), -1), jnp.sum(mask, -1)
 
   def fn(params_list, weights, inputs, chosen, rejected):
@@ -123,9 +124,11 @@ def pairwise_accuracy_on_rows(fn, params_list, weights, vocab, rows: Sequence[di
     logging.warning("%s: %d of %d pairs have a response longer than target_length - 1 = %d "
                     "tokens; scored on their truncation", where, truncated, len(rows),
                     target_length - 1)
-  inputs = pipeline.fit(vocab_lib.encode_many(vocab, [r["prompt"] for r in rows]), input_length)
-  chosen = pipeline.fit(chosen_ids, target_length)
-  rejected = pipeline.fit(rejected_ids, target_length)
+  tokens = vocab_lib.special_tokens(vocab)
+  inputs = pipeline.fit_prompts(vocab_lib.encode_many(vocab, [r["prompt"] for r in rows]),
+                                input_length, tokens)
+  chosen = pipeline.fit(chosen_ids, target_length, tokens)
+  rejected = pipeline.fit(rejected_ids, target_length, tokens)
   outs = [[], [], [], []]
   n = len(rows)
   for start in range(0, n, batch_size):

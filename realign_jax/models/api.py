@@ -9,7 +9,9 @@ Everything downstream (trainer, losses, sampler, DeRa, heads) sees only this:
   out, cache = lm.step(params, token, cache)       # one position
 
 Batches are family-agnostic: `inputs` [B, Li] (prompt ids, right-padded with
-0 and ending in EOS) and `targets` [B, Lt] (response ids, right-padded).
+the pad id; see `data.pipeline` for how a prompt starts and ends) and
+`targets` [B, Lt] (response ids, right-padded). The special ids are the
+config's (`config.tokens`, a `SpecialTokens`).
 `forward` returns per-target-position outputs: logits[:, t] is the
 distribution of targets[:, t] given the prompt and targets[:, :t].
 
@@ -91,9 +93,10 @@ class LanguageModel:
       return self.module.apply({"params": params}, inputs, shift_right(targets),
                                deterministic=det, rngs=rngs)
     li = inputs.shape[1]
-    left, _ = layers.to_left_padding(inputs)
+    pad = self.config.tokens.pad_id
+    left, _ = layers.to_left_padding(inputs, pad)
     tokens = jnp.concatenate([left, targets[:, :-1]], axis=1)
-    mask = tokens != 0
+    mask = tokens != pad
     pos = layers.positions_from_mask(mask)
     key_pos = jnp.where(mask, pos, -1)
     out, _ = self.module.apply({"params": params}, tokens, pos, key_pos, deterministic=det,
@@ -110,8 +113,8 @@ class LanguageModel:
                                 method=T5.prefill)
       return cache, jnp.zeros((b,), jnp.int32)
     cfg = self.config
-    left, _ = layers.to_left_padding(inputs)
-    mask = left != 0
+    left, _ = layers.to_left_padding(inputs, cfg.tokens.pad_id)
+    mask = left != cfg.tokens.pad_id
     pos = layers.positions_from_mask(mask)
     n_pre = li - 1
     slots = n_pre + max_new_tokens

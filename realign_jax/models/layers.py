@@ -234,13 +234,13 @@ def rope(x, positions, theta: float):
   return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def to_left_padding(tokens):
-  """Moves right-padded rows [B, L] to left-padded rows (pad 0 first).
+def to_left_padding(tokens, pad_id: int = 0):
+  """Moves right-padded rows [B, L] to left-padded rows (pad first).
 
   Returns the left-padded tokens and the per-row lengths [B].
   """
   length = tokens.shape[1]
-  lengths = jnp.sum(tokens != 0, axis=1).astype(jnp.int32)
+  lengths = jnp.sum(tokens != pad_id, axis=1).astype(jnp.int32)
   # Row i: out[j] = tokens[(j + lengths[i]) % L] puts the real tokens last.
   idx = (jnp.arange(length)[None, :] + lengths[:, None]) % length
   out = jnp.take_along_axis(tokens, idx, axis=1)

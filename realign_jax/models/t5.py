@@ -227,8 +227,8 @@ class T5(nn.Module):
 
   # ---- encoder ------------------------------------------------------------
   def encode(self, inputs, deterministic: bool = True):
-    """[B, Li] ids (0 = pad) -> [B, Li, E] encoded."""
-    mask = inputs > 0
+    """[B, Li] ids (config.tokens.pad_id = pad) -> [B, Li, E] encoded."""
+    mask = inputs != self.config.tokens.pad_id
     x = self.drop(self.token_embedder(inputs), deterministic=deterministic)
     pos = jnp.arange(inputs.shape[1])
     bias = self.encoder_relpos(pos, pos)
@@ -266,7 +266,7 @@ class T5(nn.Module):
       dict with "logits" [B, Lt, V] and/or "values" [B, Lt], float32.
     """
     encoded = self.encode(inputs, deterministic)
-    cross_mask = (inputs > 0)[:, None, None, :]
+    cross_mask = (inputs != self.config.tokens.pad_id)[:, None, None, :]
     t = decoder_inputs.shape[1]
     pos = jnp.arange(t)
     bias = self.decoder_relpos(pos, pos)
@@ -293,7 +293,7 @@ class T5(nn.Module):
     b = inputs.shape[0]
     dt = layers.opt_dtype(cfg.dtype)
     shape = (b, cfg.num_heads, max_decode_len, cfg.head_dim)
-    cross_mask = inputs > 0
+    cross_mask = inputs != cfg.tokens.pad_id
     if cfg.scan_layers:
       n = cfg.num_decoder_layers
       stacked = (b, n) + shape[1:]

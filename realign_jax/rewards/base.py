@@ -7,9 +7,11 @@ judges) and token arrays inside jit (`score_tokens`, used by RL rollouts).
 functions of the tokens (length in tokens) or of frozen params (a learned
 reward model) override it with a traceable implementation.
 
-Token conventions: `inputs` [B, Li] prompt ids right-padded with 0;
-`responses` [B, T] sampled ids, padded with 0 after EOS; `lengths` [B] the
-number of generated tokens, EOS included when it was generated.
+Token conventions: `inputs` [B, Li] prompt ids right-padded with pad;
+`responses` [B, T] sampled ids, padded with pad after EOS; `lengths` [B] the
+number of generated tokens, EOS included when it was generated. The ids are
+the vocabulary's (`special_tokens()`: those of `vocab_path`, T5's pad 0 /
+eos 1 for the built-in vocabulary).
 """
 
 import abc
@@ -21,8 +23,9 @@ import numpy as np
 
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.errors import UserError
+from realign_jax.models.config import SpecialTokens
 
-EOS_ID = 1
+EOS_ID = vocab_lib.EOS_ID  # NOTE: T5's; a reward reads its vocabulary's (`special_tokens`)
 
 
 class Reward(abc.ABC):
@@ -38,6 +41,10 @@ class Reward(abc.ABC):
   def params(self) -> Any:
     """Frozen params passed to `score_tokens` (placed on the mesh); default none."""
     return None
+
+  def special_tokens(self) -> SpecialTokens:
+    """The special ids of the responses it scores: those of its vocabulary."""
+    return vocab_lib.special_tokens_of(self.vocab_path)
 
   @abc.abstractmethod
   def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
@@ -70,19 +77,22 @@ def response_token_count(responses, lengths, eos_id: int = EOS_ID):
   return jnp.sum(live & (responses != eos_id), axis=-1).astype(jnp.int32)
 
 
-def strip_ids(ids, length: Optional[int] = None, eos_id: int = EOS_ID) -> list:
-  """The ids before the first EOS (and within `length`), pads dropped."""
+def strip_ids(ids, length: Optional[int] = None, eos_id: int = EOS_ID,
+              pad_id: int = vocab_lib.PAD_ID) -> list:
+  """The ids before the first EOS (and within `length`), pads dropped (default: T5's ids)."""
   ids = [int(i) for i in ids[:length]] if length is not None else [int(i) for i in ids]
   if eos_id in ids:
     ids = ids[:ids.index(eos_id)]
-  return [i for i in ids if i != 0]
+  return [i for i in ids if i != pad_id]
 
 
 def decode_tokens(vocab, tokens, lengths=None) -> list:
   """[B, T] ids -> B strings (up to the first EOS)."""
   tokens = np.asarray(tokens)
   lengths = None if lengths is None else np.asarray(lengths)
-  return [vocab_lib.decode(vocab, strip_ids(row, None if lengths is None else int(lengths[i])))
+  special = vocab_lib.special_tokens(vocab)
+  return [vocab_lib.decode(vocab, strip_ids(row, None if lengths is None else int(lengths[i]),
+                                            special.eos_id, special.pad_id))
           for i, row in enumerate(tokens)]
 
 

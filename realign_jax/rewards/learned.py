@@ -28,16 +28,17 @@ from realign_jax.rewards import base
 from realign_jax.training.reward_model import sequence_rewards, sharded_abstract
 
 
-def eos_terminated(responses, lengths, eos_id: int = base.EOS_ID):
+def eos_terminated(responses, lengths, eos_id: int = base.EOS_ID,
+                   pad_id: int = vocab_lib.PAD_ID):
   """Sampled responses as reward-model targets: [B, T], [B] -> [B, T + 1].
 
   Keeps the first `lengths[b]` tokens, appends EOS where none was generated
-  (a response cut at the length limit), pads with 0.
+  (a response cut at the length limit), pads with pad (default T5's ids).
   """
   b, t = responses.shape
   pos = jnp.arange(t + 1)[None, :]
-  padded = jnp.pad(responses, ((0, 0), (0, 1)))
-  kept = jnp.where(pos < lengths[:, None], padded, 0)
+  padded = jnp.pad(responses, ((0, 0), (0, 1)), constant_values=pad_id)
+  kept = jnp.where(pos < lengths[:, None], padded, pad_id)
   has_eos = jnp.any(kept == eos_id, axis=1)
   add = (pos == lengths[:, None]) & ~has_eos[:, None]
   return jnp.where(add, eos_id, kept).astype(jnp.int32)
@@ -45,7 +46,9 @@ def eos_terminated(responses, lengths, eos_id: int = base.EOS_ID):
 
 def score_token_arrays(lm: LanguageModel, params, inputs, responses, lengths):
   """r(x, y) of sampled responses; traceable: [B, Li], [B, T], [B] -> [B] float32."""
-  return sequence_rewards(lm, params, inputs, eos_terminated(responses, lengths))
+  t = lm.config.tokens
+  return sequence_rewards(lm, params, inputs, eos_terminated(responses, lengths, t.eos_id,
+                                                             t.pad_id))
 
 
 @dataclasses.dataclass
@@ -74,6 +77,9 @@ class LearnedReward(base.Reward):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       self._params = ckpt_lib.load_params(self.model_dir, sharded_abstract(self.lm, mesh, rules))
 
+  def special_tokens(self):
+    return self.lm.config.tokens
+
   def params(self):
     if self._params is None:
       self.setup(partitioning.create_mesh(), partitioning.logical_axis_rules())
@@ -93,12 +99,13 @@ class LearnedReward(base.Reward):
     if not prompts:
       return np.zeros((0,), np.float32)
     vocab = vocab_lib.load_vocabulary(self.vocab_path)
-    if vocab.vocab_size > self.lm.vocab_size:
-      raise UserError(f"vocabulary {self.vocab_path or 'built-in'} has {vocab.vocab_size} ids, "
-                      f"more than the reward model's vocab_size {self.lm.vocab_size}")
+    tokens = vocab_lib.check_model_tokens(vocab, self.lm.config,
+                                          f"the reward model {self.model_dir}")
     params = self.params()
-    inputs = pipeline.fit(vocab_lib.encode_many(vocab, list(prompts)), self.input_length)
-    targets = pipeline.fit(vocab_lib.encode_many(vocab, list(responses)), self.target_length)
+    inputs = pipeline.fit_prompts(vocab_lib.encode_many(vocab, list(prompts)), self.input_length,
+                                  tokens)
+    targets = pipeline.fit(vocab_lib.encode_many(vocab, list(responses)), self.target_length,
+                           tokens)
     n, bs = len(prompts), self.batch_size
     out = []
     # NOTE: fixed-size batches (the last one padded) keep one compiled shape.

@@ -68,12 +68,14 @@ class LengthReward(base.Reward):
   def score_ids(self, prompts, responses, response_ids) -> np.ndarray:
     if self.unit == "words":
       return self.score(prompts, responses)
-    lengths = np.asarray([len(base.strip_ids(ids)) for ids in response_ids], np.int64)
+    t = self.special_tokens()
+    lengths = np.asarray([len(base.strip_ids(ids, eos_id=t.eos_id, pad_id=t.pad_id))
+                          for ids in response_ids], np.int64)
     return length_reward(lengths, self.min_length, self.max_length)
 
   def score_tokens(self, params, inputs, responses, lengths):
     if self.unit == "words":
       return base.host_score_tokens(self, inputs, responses, lengths)
     del params, inputs
-    n = base.response_token_count(responses, lengths)
+    n = base.response_token_count(responses, lengths, self.special_tokens().eos_id)
     return length_reward(n, self.min_length, self.max_length)

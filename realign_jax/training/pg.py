@@ -60,8 +60,8 @@ class PG(rl.RLAlgorithm):
     del rng, aux, frozen
     mask = batch["mask"]
     out = self.anchored.policy_outputs(params, batch["inputs"], batch["tokens"])
-    seq_logp = jnp.sum(policy_lib.logprobs_from_logits(out["logits"], batch["tokens"]) * mask,
-                       axis=-1)
+    seq_logp = jnp.sum(policy_lib.logprobs_from_logits(out["logits"], batch["tokens"],
+                                                       self.anchored.pad_id) * mask, axis=-1)
     if self.normalise_by_length:
       seq_logp = seq_logp / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
     loss = reinforce_loss(seq_logp, batch["advantages"])

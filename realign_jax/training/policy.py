@@ -11,7 +11,9 @@ Both usually start from one SFT run directory (INIT_CHECKPOINT):
 from the checkpoint starts fresh) and into the reference's.
 
 Shapes: `inputs` [B, Li] prompts, `targets` [B, T] responses (right-padded
-with 0; a response need not end in EOS when it was cut at the length limit).
+with the model's pad id, `config.tokens.pad_id`; a response need not end in
+EOS when it was cut at the length limit). Only pad is special here: an EOS id
+inside a response is an ordinary token, scored like any other.
 """
 
 import dataclasses
@@ -37,16 +39,18 @@ _NON_ARCH_FIELDS = ("dropout_rate", "dtype")
 
 
 # ---- log-probs ----------------------------------------------------------------
-def logprobs_from_logits(logits, targets):
+def logprobs_from_logits(logits, targets, pad_id: int = sampler.PAD_ID):
   """log p(targets[t]) per position: [B, T, V], [B, T] -> [B, T] float32 (0 at pad targets).
+
+  `pad_id`: the model's (`config.tokens.pad_id`; default T5's 0).
 
   NOTE: p is over the vocabulary without pad, the distribution THE sampler
   draws from (`sampler.mask_pad`), so a sampled response's teacher-forced
   log-probs are exactly the ones the sampler recorded (PPO's first ratio is 1).
   """
-  logp = jax.nn.log_softmax(sampler.mask_pad(logits), axis=-1)
+  logp = jax.nn.log_softmax(sampler.mask_pad(logits, pad_id), axis=-1)
   lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  return jnp.where(targets == sampler.PAD_ID, 0.0, lp)
+  return jnp.where(targets == pad_id, 0.0, lp)
 
 
 def length_mask(lengths, t: int):
@@ -54,9 +58,9 @@ def length_mask(lengths, t: int):
   return (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.float32)
 
 
-def target_mask(targets):
+def target_mask(targets, pad_id: int = sampler.PAD_ID):
   """[B, T] -> [B, T] float32, 1 on real (non-pad) target tokens."""
-  return (targets != 0).astype(jnp.float32)
+  return (targets != pad_id).astype(jnp.float32)
 
 
 def token_logprobs(lm: LanguageModel, params, inputs, targets, *, mask=None,
@@ -66,8 +70,9 @@ def token_logprobs(lm: LanguageModel, params, inputs, targets, *, mask=None,
   `mask` [B, T] defaults to the non-pad targets.
   """
   out = lm.forward(params, inputs, targets, dropout_rng=dropout_rng)
-  mask = target_mask(targets) if mask is None else mask
-  return logprobs_from_logits(out["logits"], targets) * mask
+  pad = lm.config.tokens.pad_id
+  mask = target_mask(targets, pad) if mask is None else mask
+  return logprobs_from_logits(out["logits"], targets, pad) * mask
 
 
 def sequence_logprob(lm: LanguageModel, params, inputs, targets, *, mask=None,
@@ -77,13 +82,13 @@ def sequence_logprob(lm: LanguageModel, params, inputs, targets, *, mask=None,
                                 dropout_rng=dropout_rng), axis=-1)
 
 
-def full_kl_and_entropy(logits, ref_logits):
+def full_kl_and_entropy(logits, ref_logits, pad_id: int = sampler.PAD_ID):
   """Exact per-position KL(p || p_ref) and entropy H(p) over the vocabulary without pad.
 
   [B, T, V], [B, T, V] -> ([B, T], [B, T]) float32.
   """
-  logp = jax.nn.log_softmax(sampler.mask_pad(logits), axis=-1)
-  logr = jax.nn.log_softmax(sampler.mask_pad(ref_logits), axis=-1)
+  logp = jax.nn.log_softmax(sampler.mask_pad(logits, pad_id), axis=-1)
+  logr = jax.nn.log_softmax(sampler.mask_pad(ref_logits, pad_id), axis=-1)
   p = jnp.exp(logp)
   # NOTE: p log p is 0 where p is 0 (pad, or an underflow). The logs are zeroed
   # there BEFORE the product: where(p > 0, p * logp, 0) would be right but its
@@ -105,6 +110,11 @@ class AnchoredPolicy:
   def reference_lm(self) -> LanguageModel:
     return LanguageModel(self.lm.config, "lm")
 
+  @property
+  def pad_id(self) -> int:
+    """The pair's pad id (one config: the same for both)."""
+    return self.lm.config.tokens.pad_id
+
   def policy_outputs(self, params, inputs, targets, *, dropout_rng=None) -> dict:
     """The policy's teacher-forced outputs ("logits" [B, T, V], maybe "values" [B, T])."""
     return self.lm.forward(params, inputs, targets, dropout_rng=dropout_rng)
@@ -117,9 +127,11 @@ class AnchoredPolicy:
 
   def logprobs(self, params, ref_params, inputs, targets, *, mask=None):
     """(policy, reference) per-token log-probs, each [B, T] (0 where mask is 0)."""
-    mask = target_mask(targets) if mask is None else mask
-    pol = logprobs_from_logits(self.policy_outputs(params, inputs, targets)["logits"], targets)
-    ref = logprobs_from_logits(self.reference_logits(ref_params, inputs, targets), targets)
+    pad = self.pad_id
+    mask = target_mask(targets, pad) if mask is None else mask
+    pol = logprobs_from_logits(self.policy_outputs(params, inputs, targets)["logits"], targets,
+                               pad)
+    ref = logprobs_from_logits(self.reference_logits(ref_params, inputs, targets), targets, pad)
     return pol * mask, ref * mask
 
 

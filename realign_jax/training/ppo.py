@@ -91,7 +91,8 @@ class PPO(rl.RLAlgorithm):
     del rng, aux, frozen  # NOTE: no dropout (see the module docstring)
     mask = batch["mask"]
     out = self.anchored.policy_outputs(params, batch["inputs"], batch["tokens"])
-    logp = policy_lib.logprobs_from_logits(out["logits"], batch["tokens"]) * mask
+    logp = policy_lib.logprobs_from_logits(out["logits"], batch["tokens"],
+                                           self.anchored.pad_id) * mask
     pg_loss, vf_loss, metrics = ppo_losses(
         logp, batch["old_logp"], batch["advantages"], out["values"] * mask,
         batch["old_values"], batch["returns"], mask, clip_eps=self.clip_eps,

@@ -70,7 +70,7 @@ def sequence_rewards(lm: LanguageModel, params, inputs, responses, *, dropout_rn
     [B] float32.
   """
   out = lm.forward(params, inputs, responses, dropout_rng=dropout_rng)
-  return last_position_values(out["values"], responses != 0)
+  return last_position_values(out["values"], responses != lm.config.tokens.pad_id)
 
 
 def pair_rewards(lm: LanguageModel, params, batch, *, dropout_rng=None):
@@ -163,9 +163,7 @@ class PreferenceAlgorithm(Algorithm):
   @functools.cached_property
   def vocab(self):
     vocab = vocab_lib.load_vocabulary(self.vocab_path)
-    if vocab.vocab_size > self.model.vocab_size:
-      raise UserError(f"vocabulary {self.vocab_path or 'built-in'} has {vocab.vocab_size} ids "
-                      f"but the model's vocab_size is {self.model.vocab_size}")
+    vocab_lib.check_model_tokens(vocab, self.model.config, "the model")
     return vocab
 
   def setup(self, mesh, rules):
@@ -240,14 +238,16 @@ class PreferenceAlgorithm(Algorithm):
       size = min(self.eval_batch_size, n - start)
       batch = {}
       for k, v in arrays.items():
-        part = np.zeros((self.eval_batch_size,) + v.shape[1:], v.dtype)
+        part = np.full((self.eval_batch_size,) + v.shape[1:], self.model.config.tokens.pad_id,
+                       v.dtype)
         part[:size] = v[start:start + size]
         batch[k] = part
       batch["weights"] = (np.arange(self.eval_batch_size) < size).astype(np.float32)
       yield batch
 
   def num_tokens(self, batch) -> int:
-    return int(sum(np.sum(np.asarray(batch[k]) != 0) for k in ("inputs", "chosen", "rejected")))
+    pad = self.model.config.tokens.pad_id
+    return int(sum(np.sum(np.asarray(batch[k]) != pad) for k in ("inputs", "chosen", "rejected")))
 
 
 # ---- the reward model -------------------------------------------------------------

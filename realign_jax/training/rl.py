@@ -228,9 +228,10 @@ class RLAlgorithm(Algorithm):
     mask = policy_lib.length_mask(lengths, tokens.shape[1])
     pol = self.anchored.policy_outputs(params, inputs, tokens)
     ref_logits = self.anchored.reference_logits(frozen["reference"], inputs, tokens)
-    logp = policy_lib.logprobs_from_logits(pol["logits"], tokens) * mask
-    ref_logp = policy_lib.logprobs_from_logits(ref_logits, tokens) * mask
-    kl, entropy = policy_lib.full_kl_and_entropy(pol["logits"], ref_logits)
+    pad = self.anchored.pad_id
+    logp = policy_lib.logprobs_from_logits(pol["logits"], tokens, pad) * mask
+    ref_logp = policy_lib.logprobs_from_logits(ref_logits, tokens, pad) * mask
+    kl, entropy = policy_lib.full_kl_and_entropy(pol["logits"], ref_logits, pad)
     scores = self.reward.score_tokens(frozen["reward"], inputs, tokens, lengths)
     roll = {"tokens": tokens, "lengths": lengths, "mask": mask, "logp": logp,
             "ref_logp": ref_logp, "kl": kl * mask, "entropy": entropy * mask,
@@ -301,10 +302,12 @@ class RLAlgorithm(Algorithm):
                "length": float(np.mean(out["length"])),
                "regularised": float(np.mean(out["reward"] - beta * out["kl"])), "beta": beta}
     samples = []
+    t = self.model.config.tokens
     for i in range(min(self.num_eval_samples, len(inputs))):
       samples.append({
-          "prompt": vocab_lib.decode(self.vocab, rewards_base.strip_ids(inputs[i]))[:300],
+          "prompt": vocab_lib.decode(self.vocab, [x for x in inputs[i].tolist()
+                                                  if x != t.pad_id])[:300],
           "sample": vocab_lib.decode(self.vocab, rewards_base.strip_ids(
-              out["tokens"][i], int(out["length"][i]))),
+              out["tokens"][i], int(out["length"][i]), t.eos_id, t.pad_id)),
           "reward": float(out["reward"][i])})
     return metrics, samples

@@ -21,12 +21,13 @@ def token_logprobs(logits, targets):
   return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
-def cross_entropy(logits, targets, weights=None):
+def cross_entropy(logits, targets, weights=None, pad_id: int = sampler.PAD_ID):
   """Mean negative log-likelihood over real (non-pad) target tokens.
 
-  Returns (mean loss, number of tokens). `weights` [B] masks whole rows.
+  Returns (mean loss, number of tokens). `weights` [B] masks whole rows;
+  `pad_id` is the model's (`config.tokens.pad_id`).
   """
-  mask = (targets != 0).astype(jnp.float32)
+  mask = (targets != pad_id).astype(jnp.float32)
   if weights is not None:
     mask = mask * weights[:, None]
   nll = -token_logprobs(logits, targets) * mask
@@ -61,11 +62,9 @@ class SFT(Algorithm):
   def vocab(self):
     if self._vocab is None:
       from realign_jax.data import vocab as vocab_lib
-      self._vocab = vocab_lib.load_vocabulary(self.vocab_path)
-      if self._vocab.vocab_size > self.model.vocab_size:
-        raise UserError(
-            f"vocabulary {self.vocab_path or 'built-in'} has {self._vocab.vocab_size} ids but the "
-            f"model's vocab_size is {self.model.vocab_size}")
+      vocab = vocab_lib.load_vocabulary(self.vocab_path)
+      vocab_lib.check_model_tokens(vocab, self.model.config, "the model")
+      self._vocab = vocab
     return self._vocab
 
   def setup(self, mesh, rules):
@@ -105,7 +104,8 @@ class SFT(Algorithm):
     use_dropout = getattr(self.model.config, "dropout_rate", 0.0) > 0
     out = self.model.forward(params, batch["inputs"], batch["targets"],
                              dropout_rng=rng if use_dropout else None)
-    loss, n = cross_entropy(out["logits"], batch["targets"])
+    loss, n = cross_entropy(out["logits"], batch["targets"],
+                            pad_id=self.model.config.tokens.pad_id)
     return loss, {"target_tokens": n}
 
   # ---- eval -----------------------------------------------------------------
@@ -113,7 +113,7 @@ class SFT(Algorithm):
   def _eval_fns(self):
     def eval_loss(params, batch):
       out = self.model.forward(params, batch["inputs"], batch["targets"])
-      mask = (batch["targets"] != 0) * batch["weights"][:, None]
+      mask = (batch["targets"] != self.model.config.tokens.pad_id) * batch["weights"][:, None]
       nll = -token_logprobs(out["logits"], batch["targets"]) * mask
       return jnp.sum(nll), jnp.sum(mask)
 

@@ -87,13 +87,14 @@ def fudge_loss(values, rewards, mask):
   return jnp.mean(0.5 * jnp.sum(jnp.square(err), axis=1))
 
 
-def _probs(ref_logits):
+def _probs(ref_logits, pad_id: int = sampler.PAD_ID):
   """p without pad; 0 where a row has no finite logit (positions past the response)."""
-  p = jax.nn.softmax(sampler.mask_pad(ref_logits), axis=-1)
+  p = jax.nn.softmax(sampler.mask_pad(ref_logits, pad_id), axis=-1)
   return jnp.where(jnp.isfinite(p), p, 0.0)
 
 
-def cdq_targets(ref_logits_next, target_q_next, rewards, mask, lengths):
+def cdq_targets(ref_logits_next, target_q_next, rewards, mask, lengths,
+                pad_id: int = sampler.PAD_ID):
   """v_t for t = 0..T-1.
 
   Args:
@@ -101,7 +102,7 @@ def cdq_targets(ref_logits_next, target_q_next, rewards, mask, lengths):
     target_q_next: [B, T, V] Q_target(s_{t+1})[.].
     rewards: [B]; mask: [B, T]; lengths: [B].
   """
-  p = _probs(ref_logits_next)
+  p = _probs(ref_logits_next, pad_id)
   boot = jnp.sum(p * target_q_next.astype(jnp.float32), axis=-1)  # [B, T]
   return bellman_targets(boot, rewards, mask, lengths)
 
@@ -112,13 +113,13 @@ def bellman_targets(boot, rewards, mask, lengths):
   return jnp.where(last, rewards[:, None], boot.astype(jnp.float32)) * mask
 
 
-def dueling_q_taken(values, advantages, ref_logits, tokens):
+def dueling_q_taken(values, advantages, ref_logits, tokens, pad_id: int = sampler.PAD_ID):
   """Q(s_t, y_t) = V(s_t) + A(s_t, y_t) - E_{z ~ p(. | s_t)} A(s_t, z), and E_p A.
 
   values [B, T], advantages / ref_logits [B, T, V] (p without pad), tokens [B, T].
   """
   adv = advantages.astype(jnp.float32)
-  p = _probs(ref_logits)
+  p = _probs(ref_logits, pad_id)
   mean_adv = jnp.sum(p * adv, axis=-1)  # [B, T]
   taken = jnp.take_along_axis(adv, tokens[..., None], axis=-1)[..., 0]
   return values.astype(jnp.float32) + taken - mean_adv, mean_adv
@@ -272,7 +273,7 @@ class ValueAlgorithm(Algorithm):
                                self.batch_size)
 
   def num_tokens(self, batch) -> int:
-    return int(np.sum(np.asarray(batch["inputs"]) != 0))
+    return int(np.sum(np.asarray(batch["inputs"]) != self.model.config.tokens.pad_id))
 
   # ---- rollouts ---------------------------------------------------------------
   def _score(self, frozen, inputs, tokens, lengths):
@@ -372,7 +373,7 @@ class CDQValue(ValueAlgorithm):
       extra = {"ref_logits": jax.lax.stop_gradient(ref_logits[:, :-1].astype(jnp.float32))}
     else:
       v = cdq_targets(ref_logits[:, 1:], target["logits"][:, 1:], roll["rewards"], roll["mask"],
-                      roll["lengths"])
+                      roll["lengths"], self.model.config.tokens.pad_id)
       extra = {}
     return (dict(batch, **roll, **extra, value_targets=jax.lax.stop_gradient(v)),
             self.sample_metrics(roll))
@@ -386,11 +387,11 @@ class CDQValue(ValueAlgorithm):
     if self.output_head != DUELING_Q:
       return cdq_loss(out["logits"], batch["tokens"], batch["value_targets"], mask), metrics
     q, mean_adv = dueling_q_taken(out["values"], out["logits"], batch["ref_logits"],
-                                  batch["tokens"])
+                                  batch["tokens"], self.model.config.tokens.pad_id)
     loss = td_loss(q, batch["value_targets"], mask)
     gauge = jnp.mean(0.5 * jnp.sum(jnp.square(mean_adv * mask), axis=1))
     adv = out["logits"].astype(jnp.float32)
-    real = jnp.arange(adv.shape[-1]) != sampler.PAD_ID  # NOTE: the pad's A is never read
+    real = jnp.arange(adv.shape[-1]) != self.model.config.tokens.pad_id  # NOTE: pad's A: never read
     sq = jnp.sum(jnp.square(adv) * real, axis=-1)  # [B, T]
     l2 = jnp.mean(0.5 * jnp.sum(sq * mask, axis=1))
     metrics.update({"value/td_loss": loss, "value/mean_abs_pmean_advantage":
