@@ -159,7 +159,7 @@ def tokenwise_step(policy: Component, value: Component, *, beta: float, top_k: i
     logits = logits.astype(jnp.float32)
     # NOTE: p without pad, as the sampler samples and reports it: the top-k
     # candidates are then k real tokens.
-    logp = jax.nn.log_softmax(sampler.mask_pad(logits, policy.lm.config.tokens.pad_id),
+    logp = jax.nn.log_softmax(sampler.mask_pad(logits, sampler.tokens_of(policy.lm).pad_id),
                               axis=-1)  # [B, V]
     v_out, vc = value.lm.step_outputs(value.params, tok[VALUE], vc)
     if kind == "q":
@@ -188,7 +188,7 @@ def tokenwise_cd(policy: Component, value: Component, inputs, rng,
   # token, y_0 .. y_{T-2}) and a scalar head scores each candidate as one token
   # more: T + 1 slots. With T, dynamic_update_slice clamps the candidate's write
   # onto the last prefix token and the last step is scored wrongly.
-  config = sampler.with_tokens(config, policy.lm.config.tokens)
+  config = sampler.with_tokens(config, sampler.tokens_of(policy.lm))
   t = config.max_new_tokens
   cache = repeat(prefill([policy, value], inputs, [t, t + 1]), num_samples)
   b = inputs.shape[0] * num_samples
@@ -307,8 +307,8 @@ def blockwise_cd(policy: Component, value: Component, inputs, rng,
   as `generate(..., num_samples=K)` with that key.
   `proposal` (default: `config`) sets temperature/top-k/top-p of the blocks.
   """
-  proposal = sampler.with_tokens(proposal or config, policy.lm.config.tokens)
-  config = sampler.with_tokens(config, policy.lm.config.tokens)
+  proposal = sampler.with_tokens(proposal or config, sampler.tokens_of(policy.lm))
+  config = sampler.with_tokens(config, sampler.tokens_of(policy.lm))
   t = config.max_new_tokens
   b = inputs.shape[0] * num_samples
   if row_ids is None:

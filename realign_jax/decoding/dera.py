@@ -141,11 +141,11 @@ def mixed_step(components: Sequence[Component], weights):
 
 def shared_tokens(components: Sequence[Component]):
   """The special ids every component records (one line naming both sets when they differ)."""
-  first = components[0].lm.config.tokens
+  first = sampler.tokens_of(components[0].lm)
   for i, c in enumerate(components[1:], 1):
-    if c.lm.config.tokens != first:
+    if sampler.tokens_of(c.lm) != first:
       raise UserError(f"the models being combined record different special token ids: "
-                      f"{first.describe()} (model 0) vs {c.lm.config.tokens.describe()} "
+                      f"{first.describe()} (model 0) vs {sampler.tokens_of(c.lm).describe()} "
                       f"(model {i})")
   return first
 

@@ -72,6 +72,11 @@ class SamplingConfig:
     return PAD_ID if self.pad_id is None else self.pad_id
 
 
+def tokens_of(lm) -> SpecialTokens:
+  """A model's special ids (`lm.config.tokens`); T5's for a step-only model without a config."""
+  return getattr(getattr(lm, "config", None), "tokens", None) or SpecialTokens()
+
+
 def with_tokens(config: SamplingConfig, tokens: SpecialTokens) -> SamplingConfig:
   """`config` with the model's eos and pad ids; an explicit other id is a UserError."""
   for name in ("eos_id", "pad_id"):
@@ -244,7 +249,7 @@ def generate(lm, params, inputs, rng, config: SamplingConfig, *, num_samples: in
   [b * num_samples, (b + 1) * num_samples) continue prompt b. The ids are
   the model's (`with_tokens`).
   """
-  config = with_tokens(config, lm.config.tokens)
+  config = with_tokens(config, tokens_of(lm))
   cache, first = lm.prefill(params, inputs, config.max_new_tokens)
   cache = repeat_cache(cache, num_samples)
   first = jnp.repeat(first, num_samples, axis=0)

@@ -199,7 +199,7 @@ def _rollout_recompute(baseline: Component, inputs, prefix, t, cand, rng, row_id
   """Every rollout token from a full forward pass over [prompt, response so far]."""
   n, tmax = prefix.shape
   width = tmax + 1 + cfg.max_new_tokens
-  pad = baseline.lm.config.tokens.pad_id
+  pad = sampler.tokens_of(baseline.lm).pad_id
   buf = jnp.where(jnp.arange(width)[None] < t,
                   jnp.pad(prefix, ((0, 0), (0, width - tmax)), constant_values=pad), pad)
 
@@ -232,7 +232,7 @@ def q_values(baseline: Component, bcache, inputs, prefix, t, first, candidates, 
   ids = ((row_ids[:, None, None] * k + jnp.arange(k)[None, :, None]) * m
          + jnp.arange(m)[None, None, :]).reshape(-1)
   rcfg = sampler.with_tokens(dataclasses.replace(cfg.rollout, max_new_tokens=cfg.horizon),
-                             baseline.lm.config.tokens)
+                             sampler.tokens_of(baseline.lm))
   rep = lambda x: jnp.repeat(x, k * m, axis=0)
   if cfg.rollouts == "fork":
     out = sampler.sample_loop(lambda tk, c: baseline.lm.step(baseline.params, tk, c),
@@ -242,7 +242,7 @@ def q_values(baseline: Component, bcache, inputs, prefix, t, first, candidates, 
                           rcfg, capacity)
   else:
     out = _rollout_recompute(baseline, rep(inputs), rep(prefix), t, cand, rng, ids, rcfg)
-  resp, lengths = assemble(rep(prefix), t, cand, out.tokens, baseline.lm.config.tokens)
+  resp, lengths = assemble(rep(prefix), t, cand, out.tokens, sampler.tokens_of(baseline.lm))
   x = rep(inputs)
   r_t = reward(x, resp, lengths).astype(jnp.float32).reshape(b * k, m)
   r_b = (baseline_reward(x, resp, lengths).astype(jnp.float32).reshape(b * k, m)
@@ -274,7 +274,7 @@ def tq_step(ref: Component, baseline: Component, inputs, cfg: TQConfig, reward: 
     prefix = _append(cache["prefix"], t, tokens)
     logits, rc = ref.lm.step(ref.params, tok[REF], rc)
     logits = logits.astype(jnp.float32)
-    logp = jax.nn.log_softmax(sampler.mask_pad(logits, ref.lm.config.tokens.pad_id),
+    logp = jax.nn.log_softmax(sampler.mask_pad(logits, sampler.tokens_of(ref.lm).pad_id),
                               axis=-1)  # NOTE: as sampled: no pad
     _, bc = baseline.lm.step(baseline.params, tok[BASELINE], bc)  # the baseline now holds s
     top_lp, top_idx = jax.lax.top_k(logp, cfg.top_k)  # [B, k]
@@ -329,7 +329,7 @@ def args_step(ref: Component, inputs, reward: TokenReward, *, top_k: int, weight
     prefix = _append(cache["prefix"], t, tokens)
     logits, rc = ref.lm.step(ref.params, tok[REF], cache["models"][REF])
     logits = logits.astype(jnp.float32)
-    logp = jax.nn.log_softmax(sampler.mask_pad(logits, ref.lm.config.tokens.pad_id),
+    logp = jax.nn.log_softmax(sampler.mask_pad(logits, sampler.tokens_of(ref.lm).pad_id),
                               axis=-1)  # NOTE: as sampled: no pad
     top_lp, top_idx = jax.lax.top_k(logp, top_k)
     b = top_idx.shape[0]
@@ -349,7 +349,7 @@ def args_decode(ref: Component, inputs, rng, config: sampler.SamplingConfig,
                 reward: TokenReward, *, top_k: int = 10, weight: float = 1.0,
                 num_samples: int = 1, row_ids=None):
   """ARGS decoding (call inside jit). Returns (SampleOutput, nonfinite [B])."""
-  config = sampler.with_tokens(config, ref.lm.config.tokens)
+  config = sampler.with_tokens(config, sampler.tokens_of(ref.lm))
   t = config.max_new_tokens
   b = inputs.shape[0] * num_samples
   cache = controlled.repeat(controlled.prefill([ref], inputs, [t]), num_samples)

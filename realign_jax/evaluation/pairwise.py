@@ -83,7 +83,7 @@ def make_pair_logprob_fn(lms: Sequence):
     # NOTE: the same weighted sum of raw logits as decoding's mixed_step, without
     # pad as the sampler, so the scored distribution is exactly the one DeRa samples from.
     mixed = sum(w[m][:, None, None] * logits[m] for m in range(len(lms)))
-    pad = lms[0].config.tokens.pad_id
+    pad = sampler.tokens_of(lms[0]).pad_id
     logp = jax.nn.log_softmax(sampler.mask_pad(mixed, pad), axis=-1)
     tok = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, T]
     mask = targets != pad

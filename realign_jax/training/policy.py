@@ -70,7 +70,7 @@ def token_logprobs(lm: LanguageModel, params, inputs, targets, *, mask=None,
   `mask` [B, T] defaults to the non-pad targets.
   """
   out = lm.forward(params, inputs, targets, dropout_rng=dropout_rng)
-  pad = lm.config.tokens.pad_id
+  pad = sampler.tokens_of(lm).pad_id
   mask = target_mask(targets, pad) if mask is None else mask
   return logprobs_from_logits(out["logits"], targets, pad) * mask
 
@@ -113,7 +113,7 @@ class AnchoredPolicy:
   @property
   def pad_id(self) -> int:
     """The pair's pad id (one config: the same for both)."""
-    return self.lm.config.tokens.pad_id
+    return sampler.tokens_of(self.lm).pad_id
 
   def policy_outputs(self, params, inputs, targets, *, dropout_rng=None) -> dict:
     """The policy's teacher-forced outputs ("logits" [B, T, V], maybe "values" [B, T])."""
