@@ -1,5 +1,6 @@
 """Small shared factories for tests (tiny models, random batches, binary subprocesses)."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -110,3 +111,13 @@ def compilation_cache_env(directory) -> dict:
   return {"JAX_COMPILATION_CACHE_DIR": str(directory),
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
           "JAX_COMPILATION_CACHE_MAX_SIZE": str(_CACHE_MAX_BYTES)}
+
+
+def subprocess_xla_flags(devices: int = 1) -> str:
+  """XLA_FLAGS for a subprocess of the tests: this process's flags (see
+  conftest.py) with `devices` simulated CPU devices instead of its 8."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  if devices > 1:
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  return " ".join(flags)

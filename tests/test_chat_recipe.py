@@ -17,6 +17,7 @@ import pytest
 
 from realign_jax import decode as decode_bin
 from realign_jax.decoding import sampler
+from tests.helpers import subprocess_xla_flags
 from tests.test_convert import WORDS, write_tokenizer
 from tests.test_hf_import import LLAMA_CONFIG, hf_state, write_hf
 
@@ -77,7 +78,7 @@ def test_chat_dera_recipe_through_the_binary(chat_dirs, tmp_path):
          f"--gin.PROMPT_FILE='{chat_dirs['prompts']}'", f"--gin.OUTPUT_FILE='{out}'",
          f"--gin.LAMBDAS={LAMBDAS}", "--gin.decode.input_length=16", "--gin.decode.batch_size=2",
          "--gin.decode.progress=False", f"--gin.SamplingConfig.max_new_tokens={T}"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=subprocess_xla_flags())
   proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(x) for x in out.read_text().splitlines()]

@@ -19,7 +19,7 @@ from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import replace
-from tests.helpers import TINY_BUILTIN
+from tests.helpers import TINY_BUILTIN, subprocess_xla_flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = replace(TINY_BUILTIN["t5"], dropout_rate=0.0)
@@ -121,7 +121,7 @@ def test_top_p_out_of_range_is_one_line_error_and_nonzero_exit(dirs, tmp_path):
          "--gin_file=configs/decode/dera_builtin_tiny.gin",
          f"--gin.REF_CHECKPOINT='{dirs['ref']}'", f"--gin.ALIGNED_CHECKPOINT='{dirs['aligned']}'",
          f"--gin.OUTPUT_FILE='{out}'", "--gin.SamplingConfig.top_p=1.5"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=subprocess_xla_flags())
   proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]

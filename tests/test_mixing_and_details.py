@@ -37,6 +37,7 @@ from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import replace
 from realign_jax.rewards import base as rewards_base
 from realign_jax.rewards.length import LengthReward
+from tests.helpers import subprocess_xla_flags
 from tests.test_decode_methods import CFG, PROMPTS, _init_fn, _random_head, _run_dir
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,7 +205,7 @@ def test_weight_count_mismatch_through_the_binary_exits_2(dirs, tmp_path):
          f"--gin.REF_CHECKPOINT='{dirs['ref']}'",
          f"--gin.ALIGNED_CHECKPOINTS=['{dirs['a']}', '{dirs['b']}']",
          "--gin.LAMBDA_VECTORS=[[1.0, 0.0], [1.0]]", f"--gin.OUTPUT_FILE='{out}'"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=subprocess_xla_flags())
   proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]

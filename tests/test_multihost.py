@@ -23,7 +23,8 @@ import pytest
 
 from realign_jax.errors import UserError
 from realign_jax.parallel import multihost
-from tests.helpers import BinaryRun, compilation_cache_env, load_run_params
+from tests.helpers import (BinaryRun, compilation_cache_env, load_run_params,
+                           subprocess_xla_flags)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_GIN = "configs/sft/builtin_tiny.gin"
@@ -50,7 +51,7 @@ def _env(devices: int, cache, slurm: dict = None) -> dict:
          if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES",
                               "JAX_PROCESS_ID", "TPU_", "MEGASCALE_"))}
   env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             XLA_FLAGS=subprocess_xla_flags(devices),
              **compilation_cache_env(cache),
              PYTHONPATH=os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH"))
                                         if p))

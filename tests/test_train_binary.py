@@ -30,7 +30,8 @@ from realign_jax.models import sizes
 from realign_jax.models.api import LanguageModel, count_params
 from realign_jax.models.config import DecoderConfig, T5Config
 from realign_jax.training import trainer as trainer_lib
-from tests.helpers import BinaryRun, compilation_cache_env, load_run_params
+from tests.helpers import (BinaryRun, compilation_cache_env, load_run_params,
+                           subprocess_xla_flags)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_GIN = os.path.join(REPO_ROOT, "configs", "sft", "builtin_tiny.gin")
@@ -77,8 +78,7 @@ class _Launcher:
                **compilation_cache_env(self.cache),
                PYTHONPATH=os.pathsep.join(
                    p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p))
-    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices}"
-                        if devices > 1 else "")
+    env["XLA_FLAGS"] = subprocess_xla_flags(devices)
     return env
 
   def start(self, args, *, devices: int = 1, cwd=None, background=False) -> BinaryRun:
