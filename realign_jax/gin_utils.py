@@ -18,22 +18,11 @@ from typing import Callable, Optional, Sequence
 
 import gin
 
+from realign_jax import paths
 from realign_jax.errors import UserError
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-def _config_root() -> str:
-  """The directory holding configs/ and gin/: the checkout, else the installed package."""
-  checkout = os.path.dirname(PACKAGE_DIR)
-  if os.path.isdir(os.path.join(checkout, "gin", "models")):
-    return checkout
-  if os.path.isdir(os.path.join(PACKAGE_DIR, "gin", "models")):
-    return PACKAGE_DIR
-  return checkout
-
-
-REPO_ROOT = _config_root()
+# NOTE: the config root is found on the bottom floor (models/sizes.py reads it too).
+PACKAGE_DIR, REPO_ROOT = paths.PACKAGE_DIR, paths.REPO_ROOT
 _search_paths: list = []  # --gin_search_paths of this process, searched first
 _REGISTERED = False
 

@@ -22,7 +22,7 @@ import pytest
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.data import pipeline
 from realign_jax.data import preferences
-from realign_jax.data import synthetic_preferences as synth
+from realign_jax import synthetic_preferences as synth
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError

@@ -49,7 +49,7 @@ import numpy as np
 from realign_jax import gin_utils
 from realign_jax.data import pipeline
 from realign_jax.data import preferences as prefs_lib
-from realign_jax.data import synthetic_preferences as synth
+from realign_jax import synthetic_preferences as synth
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
 from realign_jax.evaluation import judges, pairwise, text_metrics

@@ -4,11 +4,11 @@ import os
 
 import gin
 
-from realign_jax import gin_utils
+from realign_jax import paths
 from realign_jax.errors import UserError
 from realign_jax.models.config import ModelConfig
 
-SIZES_DIR = os.path.join(gin_utils.REPO_ROOT, "gin", "models")
+SIZES_DIR = os.path.join(paths.REPO_ROOT, "gin", "models")
 
 
 def available() -> list:

@@ -23,9 +23,27 @@ from realign_jax.data import pipeline
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
+from realign_jax.models.heads import last_position_values
 from realign_jax.parallel import partitioning
 from realign_jax.rewards import base
-from realign_jax.training.reward_model import sequence_rewards, sharded_abstract
+from realign_jax.parallel.abstract import sharded_abstract
+
+
+def sequence_rewards(lm: LanguageModel, params, inputs, responses, *, dropout_rng=None):
+  """r(x, y) per row: the scalar head at the last real response position.
+
+  Args:
+    lm: a model with output_head "scalar" (or "lm+scalar").
+    params: its params.
+    inputs: [B, Li] prompts (right-padded, ending in EOS).
+    responses: [B, Lt] responses (right-padded, ending in EOS).
+    dropout_rng: dropout on iff given.
+
+  Returns:
+    [B] float32.
+  """
+  out = lm.forward(params, inputs, responses, dropout_rng=dropout_rng)
+  return last_position_values(out["values"], responses != lm.config.tokens.pad_id)
 
 
 def eos_terminated(responses, lengths, eos_id: int = base.EOS_ID,

@@ -28,8 +28,8 @@ from realign_jax.data import preferences
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
-from realign_jax.models.heads import last_position_values
-from realign_jax.parallel import partitioning
+from realign_jax.parallel.abstract import sharded_abstract  # noqa: F401  (re-exported)
+from realign_jax.rewards.learned import sequence_rewards  # noqa: F401  (re-exported)
 from realign_jax.training import policy as policy_lib
 from realign_jax.training.trainer import Algorithm
 
@@ -56,23 +56,6 @@ def preference_metrics(r_chosen, r_rejected, weights=None, prefix=""):
           f"{prefix}reward_rejected": mean(r_rejected)}
 
 
-def sequence_rewards(lm: LanguageModel, params, inputs, responses, *, dropout_rng=None):
-  """r(x, y) per row: the scalar head at the last real response position.
-
-  Args:
-    lm: a model with output_head "scalar" (or "lm+scalar").
-    params: its params.
-    inputs: [B, Li] prompts (right-padded, ending in EOS).
-    responses: [B, Lt] responses (right-padded, ending in EOS).
-    dropout_rng: dropout on iff given.
-
-  Returns:
-    [B] float32.
-  """
-  out = lm.forward(params, inputs, responses, dropout_rng=dropout_rng)
-  return last_position_values(out["values"], responses != lm.config.tokens.pad_id)
-
-
 def pair_rewards(lm: LanguageModel, params, batch, *, dropout_rng=None):
   """(r_chosen [B], r_rejected [B]) from one forward pass over the 2B responses."""
   b = batch["inputs"].shape[0]
@@ -83,14 +66,6 @@ def pair_rewards(lm: LanguageModel, params, batch, *, dropout_rng=None):
 
 
 # ---- INIT_CHECKPOINT ------------------------------------------------------------
-def sharded_abstract(lm: LanguageModel, mesh, rules):
-  """The model's params as ShapeDtypeStructs carrying their mesh shardings."""
-  abstract, axes = lm.abstract_init()
-  shardings = partitioning.logical_to_mesh_sharding(axes, mesh, rules)
-  return jax.tree_util.tree_map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
-
-
 @functools.lru_cache(maxsize=8)
 def _sharded_init_fn(lm: LanguageModel, mesh, rules):
   shardings = jax.tree_util.tree_map(lambda s: s.sharding, sharded_abstract(lm, mesh, rules))

@@ -1,0 +1,214 @@
+r"""Synthetic preference pairs: two samples per prompt from a policy, labelled by a gold reward.
+
+For toy studies where no human labels exist: each prompt is prefilled once,
+two responses are drawn with the one sampler (`sampler.generate`,
+num_samples=2), both are scored by a gold reward `(prompts, responses) ->
+scores`, and the higher-scoring one becomes `chosen`. Pairs whose scores tie,
+whose texts are identical, or with an empty response are skipped and counted.
+The output is a preference JSONL (`preferences.py` schema), written
+atomically.
+
+Row i of the output depends only on (seed, prompt index), not on the batch
+size: a prompt's two samples use row seeds 2 * index and 2 * index + 1.
+
+A binary (prompts from a task's splits, the policy from a run directory), so it
+sits on the binaries' floor beside decode.py, whose loading it shares
+(`realign_jax.data.synthetic_preferences` forwards here for old callers):
+
+  python -m realign_jax.synthetic_preferences \
+      --gin_file=configs/data/synthetic_preferences_tiny.gin \
+      --gin.POLICY_CHECKPOINT="'SFT_DIR'" --gin.OUTPUT_DIR="'P'"
+"""
+
+from realign_jax import startup
+
+startup.precheck(__name__)  # NOTE: before the heavy imports (see startup.py)
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+import numpy as np
+
+from realign_jax.data import pipeline
+from realign_jax.data import preferences
+from realign_jax.data import vocab as vocab_lib
+from realign_jax.decoding import sampler
+from realign_jax.errors import UserError
+
+RewardFn = Callable[[Sequence[str], Sequence[str]], Any]  # (prompts, responses) -> [N] scores
+
+
+@dataclasses.dataclass
+class BuildStats:
+  prompts: int = 0
+  pairs: int = 0
+  ties: int = 0  # equal gold scores, different texts
+  identical: int = 0  # both samples decode to the same text
+  empty: int = 0  # a sample decodes to empty text (EOS first)
+
+  @property
+  def skipped(self) -> int:
+    return self.ties + self.identical + self.empty
+
+
+def encode_prompts(vocab, prompts: Sequence[str], input_length: int) -> np.ndarray:
+  """[N, input_length] prompt ids (`pipeline.fit_prompts`); over-long prompts are cut (warned)."""
+  ids = vocab_lib.encode_many(vocab, list(prompts))
+  too_long = sum(len(x) > input_length - 1 for x in ids)
+  if too_long:
+    logging.warning("%d of %d prompts are longer than input_length - 1 = %d tokens and were "
+                    "truncated", too_long, len(ids), input_length - 1)
+  return pipeline.fit_prompts(ids, input_length, vocab_lib.special_tokens(vocab))
+
+
+@functools.lru_cache(maxsize=8)
+def _pair_sampler(lm, config: sampler.SamplingConfig):
+  def run(params, inputs, rng, row_ids):
+    return sampler.generate(lm, params, inputs, rng, config, num_samples=2, row_ids=row_ids)
+  return jax.jit(run)
+
+
+def label_pairs(prompts: Sequence[str], first: Sequence[str], second: Sequence[str],
+                gold_reward: RewardFn, stats: BuildStats) -> list:
+  """Preference rows from two responses per prompt; skips (and counts) unusable pairs."""
+  n = len(prompts)
+  scores = np.asarray(gold_reward([p for p in prompts for _ in range(2)],
+                                  [r for pair in zip(first, second) for r in pair]),
+                      np.float64).reshape(-1)
+  if scores.shape[0] != 2 * n:
+    raise UserError(f"gold reward returned {scores.shape[0]} scores for {2 * n} responses")
+  bad = np.flatnonzero(~np.isfinite(scores))
+  if bad.size:
+    raise UserError(f"gold reward returned {scores[bad[0]]} for response {bad[0] % 2} of prompt "
+                    f"{bad[0] // 2} ({prompts[bad[0] // 2][:60]!r})")
+  scores = scores.reshape(n, 2)
+  rows = []
+  for p, a, b, (sa, sb) in zip(prompts, first, second, scores):
+    stats.prompts += 1
+    if not a.strip() or not b.strip():
+      stats.empty += 1
+    elif a == b:
+      stats.identical += 1
+    elif sa == sb:
+      stats.ties += 1
+    else:
+      chosen, rejected = (a, b) if sa > sb else (b, a)
+      rows.append({"prompt": p, "chosen": chosen, "rejected": rejected})
+      stats.pairs += 1
+  return rows
+
+
+def build_synthetic_preferences(
+    *, lm, params, prompts: Sequence[str], gold_reward: RewardFn, output_file: str,
+    sampling: sampler.SamplingConfig = sampler.SamplingConfig(), input_length: int = 96,
+    batch_size: int = 32, seed: int = 0, vocab_path: Optional[str] = None) -> BuildStats:
+  """Samples two responses per prompt from (lm, params), labels them, writes a JSONL.
+
+  Args:
+    lm: the policy's `LanguageModel`.
+    params: its params.
+    prompts: prompt texts.
+    gold_reward: `(prompts, responses) -> scores` on texts, higher is better.
+    output_file: the preference JSONL to write (atomically, when complete).
+    sampling: the sampler settings (temperature 1, no truncation by default).
+    input_length: prompt length in tokens (longer prompts are cut).
+    batch_size: prompts per sampler call (the last batch is padded).
+    seed: sampling seed.
+    vocab_path: sentencepiece model (None: the built-in one).
+
+  Returns:
+    Counts of prompts, written pairs and skipped ones (ties, identical, empty).
+  """
+  if not prompts:
+    raise UserError("no prompts to build synthetic preferences from")
+  if batch_size < 1:
+    raise UserError(f"batch_size must be >= 1, got {batch_size}")
+  vocab = vocab_lib.load_vocabulary(vocab_path)
+  vocab_lib.check_model_tokens(vocab, lm.config, "the policy")
+  inputs = encode_prompts(vocab, prompts, input_length)
+  run = _pair_sampler(lm, sampling)
+  rng = jax.random.PRNGKey(seed)
+  stats, rows = BuildStats(), []
+  for start in range(0, len(prompts), batch_size):
+    idx = np.arange(start, min(start + batch_size, len(prompts)))
+    full = np.concatenate([idx, np.full(batch_size - len(idx), idx[0])])
+    row_ids = np.stack([2 * full, 2 * full + 1], axis=1).reshape(-1).astype(np.int32)
+    out = run(params, jnp.asarray(inputs[full]), rng, jnp.asarray(row_ids))
+    tokens = np.asarray(jax.device_get(out.tokens)).reshape(batch_size, 2, -1)[:len(idx)]
+    texts = [[vocab_lib.decode(vocab, t) for t in pair] for pair in tokens]
+    rows += label_pairs([prompts[i] for i in idx], [t[0] for t in texts], [t[1] for t in texts],
+                        gold_reward, stats)
+  if not rows:
+    raise UserError(f"no usable pairs from {stats.prompts} prompts ({stats.ties} ties, "
+                    f"{stats.identical} identical, {stats.empty} empty); nothing written to "
+                    f"{output_file}")
+  if jax.process_index() == 0:
+    preferences.write_preference_jsonl(output_file, rows)
+  log = logging.warning if stats.skipped else logging.info
+  log("%s: %d pairs from %d prompts; skipped %d ties, %d identical, %d empty", output_file,
+      stats.pairs, stats.prompts, stats.ties, stats.identical, stats.empty)
+  return stats
+
+
+# ---- the builder binary ---------------------------------------------------------
+def build_preference_dir(
+    *, policy_checkpoint: str, output_dir: str, gold_reward: Any,
+    task: str = "builtin_summarize", data_dir: Optional[str] = None,
+    num_prompts: Optional[dict] = None,
+    sampling: sampler.SamplingConfig = sampler.SamplingConfig(), input_length: int = 96,
+    batch_size: int = 32, seed: int = 0, vocab_path: Optional[str] = None) -> dict:
+  """Writes OUTPUT_DIR/{train,validation,test}.jsonl for the `preferences` task.
+
+  Prompts are the `inputs` of `task`'s splits (the first num_prompts[split]);
+  responses come from the policy run directory `policy_checkpoint`;
+  `gold_reward` is a `rewards.base.Reward` or a plain
+  `(prompts, responses) -> scores` callable.
+  """
+  import flax.linen as nn
+  from realign_jax.decode import host_mesh, load_component
+  from realign_jax.parallel import partitioning
+  from realign_jax.rewards import base
+
+  num_prompts = dict(num_prompts or {"train": 512, "validation": 128, "test": 128})
+  unknown = sorted(set(num_prompts) - {"train", "validation", "test"})
+  if unknown:
+    raise UserError(f"num_prompts has unknown splits {unknown}; use train, validation, test")
+  if isinstance(gold_reward, base.Reward):
+    reward = gold_reward
+    gold_reward = lambda p, r: base.score_texts(reward, p, r)
+  elif not callable(gold_reward):
+    raise UserError(f"gold_reward must be a Reward or a callable, got {type(gold_reward).__name__}")
+  # NOTE: on several hosts each decodes every prompt on its own devices (see
+  # decode.host_mesh) and process 0 alone writes the files.
+  mesh, rules = host_mesh(), partitioning.logical_axis_rules()
+  stats = {}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    policy = load_component(policy_checkpoint, mesh, rules)
+    for split, n in num_prompts.items():
+      prompts = [e["inputs"] for e in pipeline.text_examples(task, split, data_dir=data_dir,
+                                                             limit=n)]
+      stats[split] = build_synthetic_preferences(
+          lm=policy.lm, params=policy.params, prompts=prompts, gold_reward=gold_reward,
+          output_file=f"{output_dir}/{split}.jsonl", sampling=sampling,
+          input_length=input_length, batch_size=batch_size, seed=seed, vocab_path=vocab_path)
+  return stats
+
+
+def main(argv: list) -> int:
+  from realign_jax import gin_utils
+  stats = gin_utils.call(gin_utils.configure_binary(
+      argv, "build_preference_dir", build_preference_dir,
+      extra=[(sampler.SamplingConfig, "SamplingConfig")]))
+  for split, s in stats.items():
+    print(f"{split}: {s.pairs} pairs from {s.prompts} prompts (skipped {s.ties} ties, "
+          f"{s.identical} identical, {s.empty} empty)")
+  return 0
+
+
+if __name__ == "__main__":
+  from realign_jax import gin_utils as _gin_utils
+  _gin_utils.run_main(main)
