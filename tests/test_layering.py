@@ -23,7 +23,7 @@ FLOORS = [
     # NOTE: the studies and the sweep machinery are binaries too (ARCHITECTURE.md: binaries
     # sit on the top floor: train, decode, evaluate, convert, sweep, the synthetic-preference
     # builder, the studies); gin_utils is their gin plumbing (it registers every package).
-    ("binaries", ["decode", "train", "evaluate", "sweep", "convert", "synthetic_preferences",
+    ("binaries", ["decode", "decode_methods", "train", "evaluate", "sweep", "convert", "synthetic_preferences",
                   "experiments", "sweeps", "gin_utils"]),
 ]
 

@@ -151,11 +151,13 @@ def test_multi_model_mixing_is_the_logit_formula(dirs, tmp_path, capsys):
   # one weight 0: single-model DeRa with the same row seeds, token for token
   single = _decode(dirs, tmp_path / "single.jsonl", aligned_checkpoint=dirs["a"], lambdas=[0.7],
                    num_samples=2)
+  # NOTE: two programs (three models vs two): float32 rounding may differ in the last
+  # place (log-probs near -9 differ by 2e-6 at XLA's optimisation level 0).
   for s, r in zip(single, by[(0.7, 0.0)]):
     assert s["tokens"] == r["tokens"] and s["lam"] == 0.7
-    np.testing.assert_allclose(r["logprobs"], s["logprobs"], atol=1e-6)
-    np.testing.assert_allclose(r["aligned_model_logprobs"][0], s["aligned_logprobs"], atol=1e-6)
-    np.testing.assert_allclose(r["kl"], s["kl"], atol=1e-6)
+    np.testing.assert_allclose(r["logprobs"], s["logprobs"], atol=1e-5)
+    np.testing.assert_allclose(r["aligned_model_logprobs"][0], s["aligned_logprobs"], atol=1e-5)
+    np.testing.assert_allclose(r["kl"], s["kl"], atol=1e-5)
   # weights summing to 0: exactly the reference
   alone = _decode(dirs, tmp_path / "ref.jsonl", num_samples=2)
   for s, r in zip(alone, by[(0.0, 0.0)]):

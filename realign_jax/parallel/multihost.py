@@ -281,3 +281,13 @@ def host_rows(batches, mesh, global_batch: int):
   rows = process_rows(mesh, global_batch)
   for batch in batches:
     yield {k: v[rows] for k, v in batch.items()}
+
+
+def gather(tree):
+  """Every process's `tree` (host arrays, the same shapes on every process), stacked [P, ...].
+
+  A collective: every process calls it, in the same order (the decode binary
+  gathers each round of its per-process batches with it).
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree)
