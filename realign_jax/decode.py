@@ -297,7 +297,7 @@ def decode_batches(method: methods_lib.DecodeMethod, runners: Sequence, inputs, 
   procs, me = jax.process_count(), jax.process_index()
   compiled = [None] * len(runners)
   rows, extra = [], {}
-  compile_s, decode_s, total_tokens = 0.0, 0.0, 0
+  compile_s, decode_s, total_tokens, here = 0.0, 0.0, 0, 0
   bar = tqdm(total=num, desc=f"decode {method.name}", unit="prompt", mininterval=1.0,
              disable=not progress or me != 0)
   for first in range(0, len(starts), procs):
@@ -325,6 +325,7 @@ def decode_batches(method: methods_lib.DecodeMethod, runners: Sequence, inputs, 
       t0 = time.perf_counter()
       outs.append(jax.device_get(compiled[i](*args)))
       seconds += time.perf_counter() - t0
+    here += len(idx) if b < len(starts) else 0
     decode_s += seconds
     batches = [methods_lib.Batch(idx, outs, seconds)]
     if procs > 1:
@@ -342,7 +343,7 @@ def decode_batches(method: methods_lib.DecodeMethod, runners: Sequence, inputs, 
   if procs > 1:
     decode_s = float(np.max(multihost.gather(np.float32(decode_s))))
   timing = {"compile_s": compile_s, "decode_s": decode_s, "tokens": total_tokens,
-            "tokens_per_s": total_tokens / max(decode_s, 1e-9)}
+            "tokens_per_s": total_tokens / max(decode_s, 1e-9), "prompts_here": here}
   if "block_rounds" in extra:
     timing["block_rounds"] = extra["block_rounds"]
     timing["block_latency_s"] = decode_s / max(extra["block_rounds"], 1)
@@ -435,6 +436,9 @@ def main(argv: list) -> int:
       argv, "decode", decode, extra=[(sampler.SamplingConfig, "SamplingConfig"),
                                      *((c, c.__name__) for c in methods_lib.CONFIGURABLES)]))
   gin_utils.write_operative_config_beside(summary["output_file"])
+  if jax.process_count() > 1:
+    print(f"process {jax.process_index()} of {jax.process_count()} decoded "
+          f"{summary['prompts_here']} of {summary['prompts']} prompts")
   if "lambdas" in summary:
     print(f"wrote {summary['rows']} rows ({summary['prompts']} prompts x lambdas "
           f"{summary['lambdas']}) to {summary['output_file']}; mean KL to the reference "

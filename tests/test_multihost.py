@@ -195,16 +195,23 @@ def test_coordinator_that_never_answers_is_one_line(tmp_path):
 
 
 def test_dera_sweep_on_two_processes_matches_one(tiny_sft_dir, tmp_path):
-  """Both processes decode every prompt on their own devices; process 0 writes the file."""
+  """The processes split the prompt batches; process 0 writes every row, as one process would.
+
+  8 prompts in batches of 3: batches 0 and 2 (5 prompts) on process 0, batch 1
+  (3 prompts) on process 1, which sits the second round out.
+  """
   cache = tmp_path / "jax_cache"
 
   def args(out):
     return ["-m", "realign_jax.decode", "--gin_file=configs/decode/dera_builtin_tiny.gin",
             f"--gin.REF_CHECKPOINT='{tiny_sft_dir}'", f"--gin.ALIGNED_CHECKPOINT='{tiny_sft_dir}'",
             f"--gin.OUTPUT_FILE='{out}'", "--gin.LAMBDAS=[0.0, 1.0]", "--gin.decode.max_prompts=8",
-            "--gin.decode.batch_size=8", "--gin.SamplingConfig.max_new_tokens=8"]
+            "--gin.decode.batch_size=3", "--gin.SamplingConfig.max_new_tokens=8"]
 
-  one = BinaryRun(args(tmp_path / "one.jsonl"), env=_env(4, cache), cwd=REPO_ROOT,
+  # NOTE: each process decodes on its own 2 devices; the one-process run on 2 devices
+  # too runs the very same program, so the rows match to the last bit (on 4 devices
+  # a batch of 3 is laid out otherwise and log-probs move in the last float32 place).
+  one = BinaryRun(args(tmp_path / "one.jsonl"), env=_env(2, cache), cwd=REPO_ROOT,
                   log_prefix=str(tmp_path / "one"), nice=True)
   job = _free_slurm_job_id()
   two = [BinaryRun(args(tmp_path / "two.jsonl"), env=_env(2, cache, _slurm(job, rank)),
@@ -218,6 +225,8 @@ def test_dera_sweep_on_two_processes_matches_one(tiny_sft_dir, tmp_path):
     rows_two = [json.loads(line) for line in f]
   assert len(rows_one) == 8 * 2
   assert rows_two == rows_one
+  for rank, here in ((0, 5), (1, 3)):
+    assert f"process {rank} of 2 decoded {here} of 8 prompts" in two[rank].stdout, two[rank].describe()
   # NOTE: the operative config beside the output, written by the binary (process 0)
   config = (tmp_path / "two.jsonl.config.gin").read_text()
   assert "LAMBDAS = [0.0, 1.0]" in config.splitlines() and "decode.lambdas = %LAMBDAS" in config
