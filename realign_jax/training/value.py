@@ -273,7 +273,7 @@ class ValueAlgorithm(Algorithm):
                                self.batch_size)
 
   def num_tokens(self, batch) -> int:
-    return int(np.sum(np.asarray(batch["inputs"]) != self.model.config.tokens.pad_id))
+    return int(np.sum(np.asarray(batch["inputs"]) != sampler.tokens_of(self.model).pad_id))
 
   # ---- rollouts ---------------------------------------------------------------
   def _score(self, frozen, inputs, tokens, lengths):
@@ -373,7 +373,7 @@ class CDQValue(ValueAlgorithm):
       extra = {"ref_logits": jax.lax.stop_gradient(ref_logits[:, :-1].astype(jnp.float32))}
     else:
       v = cdq_targets(ref_logits[:, 1:], target["logits"][:, 1:], roll["rewards"], roll["mask"],
-                      roll["lengths"], self.model.config.tokens.pad_id)
+                      roll["lengths"], sampler.tokens_of(self.model).pad_id)
       extra = {}
     return (dict(batch, **roll, **extra, value_targets=jax.lax.stop_gradient(v)),
             self.sample_metrics(roll))
@@ -387,11 +387,12 @@ class CDQValue(ValueAlgorithm):
     if self.output_head != DUELING_Q:
       return cdq_loss(out["logits"], batch["tokens"], batch["value_targets"], mask), metrics
     q, mean_adv = dueling_q_taken(out["values"], out["logits"], batch["ref_logits"],
-                                  batch["tokens"], self.model.config.tokens.pad_id)
+                                  batch["tokens"], sampler.tokens_of(self.model).pad_id)
     loss = td_loss(q, batch["value_targets"], mask)
     gauge = jnp.mean(0.5 * jnp.sum(jnp.square(mean_adv * mask), axis=1))
     adv = out["logits"].astype(jnp.float32)
-    real = jnp.arange(adv.shape[-1]) != self.model.config.tokens.pad_id  # NOTE: pad's A: never read
+    # NOTE: the pad's A is never read
+    real = jnp.arange(adv.shape[-1]) != sampler.tokens_of(self.model).pad_id
     sq = jnp.sum(jnp.square(adv) * real, axis=-1)  # [B, T]
     l2 = jnp.mean(0.5 * jnp.sum(sq * mask, axis=1))
     metrics.update({"value/td_loss": loss, "value/mean_abs_pmean_advantage":
