@@ -294,7 +294,7 @@ def decode_batches(method: methods_lib.DecodeMethod, runners: Sequence, inputs, 
   rng = jax.random.PRNGKey(seed)
   num = inputs.shape[0]
   starts = list(range(0, num, batch_size))
-  procs, me = jax.process_count(), jax.process_index()
+  procs, me = multihost.process_slot()
   compiled = [None] * len(runners)
   rows, extra = [], {}
   compile_s, decode_s, total_tokens, here = 0.0, 0.0, 0, 0
@@ -355,7 +355,7 @@ def _gather_round(outs, seconds, first, starts, batch_size, num) -> list:
   from realign_jax.parallel import multihost
   gathered = multihost.gather({"outs": outs, "seconds": np.float32(seconds)})
   batches = []
-  for q in range(jax.process_count()):
+  for q in range(multihost.process_slot()[0]):
     b = first + q
     if b >= len(starts):
       break

@@ -33,6 +33,7 @@ import pytest
 from realign_jax import decode as decode_bin
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.data import vocab as vocab_lib
+from realign_jax.decode_methods import ARGS, TokenwiseCD
 from realign_jax.decoding import sampler
 from realign_jax.decoding.transfer_q import TQConfig
 from realign_jax.errors import UserError
@@ -367,3 +368,46 @@ def test_cd_block_config_through_main_reports_blocks_bound_and_latency(dirs, tmp
   mean_lat = (lat[0] * max(r["blocks"] for r in rows[:2]) + lat[2] * rows[2]["blocks"]) / rounds
   shown = float(re.search(r"per-block latency ([0-9.]+) ms", printed).group(1))
   assert abs(shown - mean_lat * 1e3) <= 0.051
+
+
+# ---- the one batch loop on several processes ----------------------------------------------
+def test_two_processes_split_the_batches_and_write_one_process_rows(dirs, tmp_path, monkeypatch):
+  """ARGS on 3 prompts in batches of 2 as processes 1 then 0 of 2, the gather simulated.
+
+  Process 1 decodes batch 1 (prompt 2) alone; its round outputs are handed to
+  process 0 (batch 0, prompts 0 and 1) as the gather would, and process 0
+  writes exactly the rows of a one-process run.
+  """
+  from realign_jax.parallel import multihost
+  kw = dict(reward=LEN, args_top_k=2)
+  _, one = _decode(dirs, tmp_path / "one.jsonl", "args", **kw)
+  sent = []
+
+  def gather_on_1(tree):  # process 1: records what it sends, gets its own back twice
+    sent.append(tree)
+    return jax.tree_util.tree_map(lambda a: np.stack([a, a]), tree)
+
+  monkeypatch.setattr(multihost, "process_slot", lambda: (2, 1))
+  monkeypatch.setattr(multihost, "gather", gather_on_1)
+  # NOTE: the processes get the method as an object (gin: decode.method = @ARGS()), the
+  # one-process run by name with flat settings: the same rows.
+  on_1 = decode_bin.decode(ref_checkpoint=dirs["ref"], output_file=str(tmp_path / "p1.jsonl"),
+                           method=ARGS(reward=LEN, top_k=2), prompt_file=dirs["prompts"],
+                           input_length=32, batch_size=2, sampling=SAMPLING, progress=False)
+  assert on_1["prompts_here"] == 1
+  from_1 = iter(sent)
+  monkeypatch.setattr(multihost, "process_slot", lambda: (2, 0))
+  monkeypatch.setattr(multihost, "gather", lambda tree: jax.tree_util.tree_map(
+      lambda a, b: np.stack([a, b]), tree, next(from_1)))
+  summary, two = _decode(dirs, tmp_path / "two.jsonl", ARGS(reward=LEN, top_k=2))
+  assert summary["prompts_here"] == 2 and next(from_1, None) is None
+  assert [r["prompt_index"] for r in two] == [0, 1, 2]
+  assert two == one
+
+
+def test_a_method_object_refuses_the_flat_settings(dirs, tmp_path):
+  with pytest.raises(UserError, match="decode.cd_beta is a setting of the flat form .* TokenwiseCD"):
+    _decode(dirs, tmp_path / "out.jsonl", TokenwiseCD(value_checkpoint=dirs["q_zero"]), cd_beta=2.0)
+  with pytest.raises(UserError, match="cd_beta must be"):
+    _decode(dirs, tmp_path / "out.jsonl", TokenwiseCD(value_checkpoint=dirs["q_zero"], beta=0.0))
+  assert not os.path.exists(tmp_path / "out.jsonl")

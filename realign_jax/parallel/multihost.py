@@ -291,3 +291,9 @@ def gather(tree):
   """
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return multihost_utils.process_allgather(tree)
+
+
+def process_slot() -> tuple:
+  """(number of processes, this process's index): how a loop splits its work over hosts."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_count(), jax.process_index()
