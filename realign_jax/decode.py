@@ -12,7 +12,8 @@ r"""Decoding binary: DeRa, controlled decoding, Transfer Q* and ARGS from run di
                  'scalar' scores the top-k candidates, 'lm' is a Q-head over the vocabulary);
   'cd_block'     (BlockwiseCD) blockwise CD: K candidate blocks of M tokens, the best by V kept;
   'tq_direct'    (TransferQ) Transfer Q* with a baseline aligned to the target reward;
-  'tq_indirect'  (TransferQ(indirect=True)) Transfer Q* with a baseline aligned to another reward r_BL
+  'tq_indirect'  (TransferQ(indirect=True)) Transfer Q* with a baseline aligned to another
+                 reward r_BL
                  (both: `TQConfig.alpha_convention` = 'paper', the default, samples
                  p exp(Q / alpha), alpha the KL weight; 'authors' scores
                  log p + alpha Q as the authors' code);

@@ -406,7 +406,8 @@ def test_two_processes_split_the_batches_and_write_one_process_rows(dirs, tmp_pa
 
 
 def test_a_method_object_refuses_the_flat_settings(dirs, tmp_path):
-  with pytest.raises(UserError, match="decode.cd_beta is a setting of the flat form .* TokenwiseCD"):
+  with pytest.raises(UserError, match="decode.cd_beta is a setting of the flat form .* "
+                                      "TokenwiseCD"):
     _decode(dirs, tmp_path / "out.jsonl", TokenwiseCD(value_checkpoint=dirs["q_zero"]), cd_beta=2.0)
   with pytest.raises(UserError, match="cd_beta must be"):
     _decode(dirs, tmp_path / "out.jsonl", TokenwiseCD(value_checkpoint=dirs["q_zero"], beta=0.0))

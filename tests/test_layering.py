@@ -17,14 +17,15 @@ FLOORS = [
     ("errors, config", ["errors", "config_check", "paths", "startup", ""]),
     ("models", ["models"]),
     ("data", ["data"]),
-    ("decoding, rewards, parallel, checkpoints", ["decoding", "rewards", "parallel", "checkpoints"]),
+    ("decoding, rewards, parallel, checkpoints",
+     ["decoding", "rewards", "parallel", "checkpoints"]),
     ("training", ["training"]),
     ("evaluation", ["evaluation"]),
     # NOTE: the studies and the sweep machinery are binaries too (ARCHITECTURE.md: binaries
     # sit on the top floor: train, decode, evaluate, convert, sweep, the synthetic-preference
     # builder, the studies); gin_utils is their gin plumbing (it registers every package).
-    ("binaries", ["decode", "decode_methods", "train", "evaluate", "sweep", "convert", "synthetic_preferences",
-                  "experiments", "sweeps", "gin_utils"]),
+    ("binaries", ["decode", "decode_methods", "train", "evaluate", "sweep", "convert",
+                  "synthetic_preferences", "experiments", "sweeps", "gin_utils"]),
 ]
 
 # (importer, imported) pairs allowed to reach up, each with why; the test also fails when one

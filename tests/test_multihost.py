@@ -28,7 +28,7 @@ from tests.helpers import (BinaryRun, compilation_cache_env, load_run_params,
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_GIN = "configs/sft/builtin_tiny.gin"
-STEPS = 10
+STEPS = 30
 TIMEOUT_S = 240
 
 
@@ -68,7 +68,12 @@ def _train_args(model_dir) -> list:
   return ["-m", "realign_jax.train", f"--gin_file={SFT_GIN}",
           f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={STEPS}",
           "--gin.TrainerConfig.log_every=1", "--gin.TrainerConfig.eval_every=0",
-          "--gin.TrainerConfig.checkpoint_every=1000", "--gin.TrainerConfig.async_checkpoint=False"]
+          "--gin.TrainerConfig.checkpoint_every=1000", "--gin.TrainerConfig.async_checkpoint=False",
+          # NOTE: a smaller model than the config's (the compiles and steps of 5 processes
+          # on 2 cores); the global batch still splits into 2 processes x 2 devices.
+          "--gin.T5Config.d_model=32", "--gin.T5Config.num_heads=2", "--gin.T5Config.head_dim=16",
+          "--gin.T5Config.d_ff=64", "--gin.SFT.batch_size=8", "--gin.SFT.input_length=32",
+          "--gin.SFT.target_length=8"]
 
 
 def _start_two(tmp, name, model_dir, cache) -> list:
@@ -226,7 +231,8 @@ def test_dera_sweep_on_two_processes_matches_one(tiny_sft_dir, tmp_path):
   assert len(rows_one) == 8 * 2
   assert rows_two == rows_one
   for rank, here in ((0, 5), (1, 3)):
-    assert f"process {rank} of 2 decoded {here} of 8 prompts" in two[rank].stdout, two[rank].describe()
+    assert (f"process {rank} of 2 decoded {here} of 8 prompts" in two[rank].stdout
+            ), two[rank].describe()
   # NOTE: the operative config beside the output, written by the binary (process 0)
   config = (tmp_path / "two.jsonl.config.gin").read_text()
   assert "LAMBDAS = [0.0, 1.0]" in config.splitlines() and "decode.lambdas = %LAMBDAS" in config
