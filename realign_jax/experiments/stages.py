@@ -217,17 +217,39 @@ def train_settings(algorithm, steps: int, optimizer: OptimizerSpec, trainer_conf
           "trainer": dataclasses.replace(trainer_config, progress=True)}
 
 
+def optimizer_updates(algorithm, steps: int) -> int:
+  """Optimizer updates in `steps` train steps: PPO makes epochs x minibatches per step.
+
+  NOTE: a schedule counts optimizer updates, not train steps; built over
+  `steps` alone, PPO's cosine or linear decay reached 0 a quarter of the way
+  in (2 x 2 updates a step) and the rest of the run changed nothing.
+  """
+  return int(steps) * int(getattr(algorithm, "num_epochs", 1)) * int(
+      getattr(algorithm, "num_minibatches", 1))
+
+
 def train_stage(run_dir: str, algorithm, steps: int, optimizer: OptimizerSpec,
                 trainer_config) -> dict:
-  """Trains `algorithm` in `run_dir` through the train binary's function (resumes there)."""
+  """Trains `algorithm` in `run_dir` through the train binary's function (resumes there).
+
+  With `trainer_config.stop_window` the run may stop before `steps` (the cap)
+  once converged. Returns {"step", "last_train", "converged", "evals"}: the
+  step reached, whether the stopping rule ended the run, and every eval row
+  (the training curve on held-out prompts).
+  """
   from realign_jax import train as train_bin
   result = train_bin.train(model_dir=run_dir, train_steps=steps, algorithm=algorithm,
-                           optimizer=optimizer.build(steps), trainer_config=trainer_config)
-  if result["step"] != steps:
+                           optimizer=optimizer.build(optimizer_updates(algorithm, steps)),
+                           trainer_config=trainer_config)
+  stopped = bool(result.get("converged"))
+  if result["step"] != steps and not stopped:
     raise UserError(f"training in {run_dir} stopped at step {result['step']} of {steps}")
   last = {k: float(v) for k, v in (result.get("train") or {}).items()
           if isinstance(v, (int, float)) or getattr(v, "ndim", None) == 0}
-  return {"step": int(result["step"]), "last_train": last}
+  evals = [{k: v for k, v in row.items() if isinstance(v, (int, float)) and not
+            isinstance(v, bool)} for row in result.get("evals") or []]
+  return {"step": int(result["step"]), "last_train": last, "converged": stopped,
+          "evals": evals}
 
 
 def enable_compilation_cache(directory: str) -> None:

@@ -71,6 +71,21 @@ class MetricsWriter:
           self._tb.add_scalar(f"{split}/{k}", v, step)
     return row
 
+  def read_rows(self, split: str) -> list:
+    """The rows of `split` written so far (in file order); [] when writing is disabled."""
+    if not self.enabled or not os.path.exists(self.path):
+      return []
+    out = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except ValueError:
+          continue
+        if row.get("split") == split:
+          out.append(row)
+    return out
+
   def write_samples(self, step: int, samples: list) -> None:
     if not self.enabled:
       return

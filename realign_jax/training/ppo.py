@@ -10,6 +10,16 @@ Per step (through the one trainer loop):
     vf_coef times the clipped value loss
     0.5 E[max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)].
 
+The KL penalty (`kl_estimator`):
+  "sampled": the per-token reward -beta (log pi(y_t) - log pi_ref(y_t)) of the
+    sampled token (an unbiased estimate, one token of a whole vocabulary);
+  "exact": the full-vocabulary KL_t = KL(pi(.|s_t) || pi_ref(.|s_t)) at every
+    visited position, its gradient taken analytically in the loss (beta
+    masked_mean KL_t, scaled like the whitened surrogate) and KL_{t+1} charged
+    as a reward to action t (`rl.future_kl_rewards`). Both are unbiased for
+    the gradient of beta KL(pi || pi_ref) over sequences; the exact one has far
+    less variance.
+
 The value head shares the policy's trunk (output_head "lm+scalar"); when
 starting from an SFT checkpoint it starts fresh (zeros). Dropout is off for
 rollouts, old log-probs and the loss alike, so on the first minibatch the new
@@ -21,6 +31,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from realign_jax.errors import UserError
 from realign_jax.training import policy as policy_lib
 from realign_jax.training import rl
 
@@ -53,6 +64,9 @@ def ppo_losses(logp, old_logp, advantages, values, old_values, returns, mask, *,
   return pg_loss, vf_loss, metrics
 
 
+KL_ESTIMATORS = ("sampled", "exact")
+
+
 @dataclasses.dataclass
 class PPO(rl.RLAlgorithm):
   """PPO with a value head on the policy and a frozen reference."""
@@ -66,25 +80,45 @@ class PPO(rl.RLAlgorithm):
   whiten_advantages: bool = True
   num_epochs: int = 4
   num_minibatches: int = 4
+  kl_estimator: str = "sampled"  # or "exact" (see the module docstring)
   output_head: str = "lm+scalar"
   name = "ppo"
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.kl_estimator not in KL_ESTIMATORS:
+      raise UserError(f"PPO.kl_estimator must be one of {KL_ESTIMATORS}, got "
+                      f"{self.kl_estimator!r}")
 
   def prepare(self, params, batch, rng, aux=None, frozen=None):
     beta = aux["beta"]
     inputs = batch["inputs"]
-    roll = self.rollout(params, frozen, inputs, rng)
+    exact = self.kl_estimator == "exact"
+    roll = self.rollout(params, frozen, inputs, rng, keep_ref_logits=exact)
     mask = roll["mask"]
-    rewards = rl.kl_penalised_rewards(roll["scores"], roll["logp"], roll["ref_logp"], mask,
-                                      roll["lengths"], beta)
+    if exact:
+      rewards = rl.future_kl_rewards(roll["scores"], roll["kl"], mask, roll["lengths"], beta)
+    else:
+      rewards = rl.kl_penalised_rewards(roll["scores"], roll["logp"], roll["ref_logp"], mask,
+                                        roll["lengths"], beta)
     adv, returns = rl.gae(rewards, roll["values"], mask, self.gamma, self.lam)
     metrics = self.rollout_metrics(roll, beta)
     metrics["value/mean"] = rl.masked_mean(roll["values"], mask)
     metrics["value/returns_mean"] = rl.masked_mean(returns, mask)
+    scale = jnp.ones((), jnp.float32)
     if self.whiten_advantages:
+      # NOTE: whitening divides the surrogate by the advantages' std; the
+      # analytic KL term of the exact estimator is divided by the same, so the
+      # two parts of the objective's gradient keep their ratio.
+      var = rl.masked_mean(jnp.square(adv - rl.masked_mean(adv, mask)), mask)
+      scale = jax.lax.rsqrt(var + 1e-8)
       adv = rl.masked_whiten(adv, mask)
     prepared = {"inputs": inputs, "tokens": roll["tokens"], "mask": mask,
                 "old_logp": roll["logp"], "old_values": roll["values"],
                 "advantages": adv, "returns": returns}
+    if exact:
+      prepared["ref_logits"] = roll["ref_logits"]
+      prepared["kl_coef"] = jnp.full(inputs.shape[:1], beta * scale, jnp.float32)
     return prepared, metrics
 
   def loss(self, params, batch, rng, aux=None, frozen=None):
@@ -98,6 +132,13 @@ class PPO(rl.RLAlgorithm):
         batch["old_values"], batch["returns"], mask, clip_eps=self.clip_eps,
         value_clip=self.value_clip)
     loss = pg_loss + self.vf_coef * vf_loss
+    if "kl_coef" in batch:
+      # the exact estimator's analytic term: beta sum_t KL_t(s_t), states held fixed
+      kl_t, _ = policy_lib.full_kl_and_entropy(out["logits"], batch["ref_logits"],
+                                               self.anchored.pad_id)
+      kl_loss = rl.masked_mean(kl_t * batch["kl_coef"][:, None], mask)
+      loss = loss + kl_loss
+      metrics["loss/kl"] = kl_loss
     if self.entropy_coef:
       _, ent = policy_lib.full_kl_and_entropy(out["logits"], out["logits"])
       entropy = rl.masked_mean(ent, mask)

@@ -91,6 +91,23 @@ def kl_penalised_rewards(scores, logp, ref_logp, mask, lengths, beta):
   return (-beta * (logp - ref_logp) + scores[:, None] * last) * mask
 
 
+def future_kl_rewards(scores, kl, mask, lengths, beta):
+  """Per-token rewards of the exact-KL estimator: -beta KL_{t+1}, plus the task score at the last token.
+
+  kl [B, T] is the exact full-vocabulary KL(pi(.|s_t) || pi_ref(.|s_t)) at each
+  response position. The sequence KL is E_pi sum_t KL_t(s_t); its gradient is
+  E sum_t grad KL_t(s_t) (states held fixed: the loss's analytic term) plus the
+  score-function term in which KL_t(s_t), a function of y_{<t}, is a reward of
+  the action y_{t-1} that led to s_t. So action t is charged the next state's
+  KL, never its own (the loss differentiates that one).
+  [B], [B, T], [B, T], [B], scalar -> [B, T].
+  """
+  t = kl.shape[1]
+  last = jax.nn.one_hot(jnp.maximum(lengths, 1) - 1, t, dtype=jnp.float32)
+  next_kl = jnp.pad((kl * mask)[:, 1:], ((0, 0), (0, 1)))
+  return (-beta * next_kl + scores[:, None] * last) * mask
+
+
 # ---- adaptive KL controller -----------------------------------------------------
 def adaptive_beta(beta, kl, kl_target: float, horizon: float, n_steps: float):
   """Ziegler et al. (2019): beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) n / horizon)."""
@@ -215,13 +232,14 @@ class RLAlgorithm(Algorithm):
                                self.batch_size)
 
   # ---- rollouts ---------------------------------------------------------------
-  def rollout(self, params, frozen, inputs, rng):
+  def rollout(self, params, frozen, inputs, rng, keep_ref_logits: bool = False):
     """Samples one response per prompt and scores it (traceable).
 
     Returns a dict: tokens [B, T], lengths [B], mask [B, T], logp / ref_logp
     [B, T] (sampled tokens under the policy / reference), kl / entropy [B, T]
-    (exact, over the full vocabulary, per position), scores [B], and the
-    policy's "values" [B, T] when it has a value head.
+    (exact, over the full vocabulary, per position), scores [B], the
+    policy's "values" [B, T] when it has a value head, and the reference's
+    "ref_logits" [B, T, V] with `keep_ref_logits`.
     """
     out = sampler.generate(self.model, params, inputs, rng, self.sampling)
     tokens, lengths = out.tokens, out.lengths
@@ -238,6 +256,8 @@ class RLAlgorithm(Algorithm):
             "scores": scores.astype(jnp.float32)}
     if "values" in pol:
       roll["values"] = pol["values"] * mask
+    if keep_ref_logits:
+      roll["ref_logits"] = ref_logits
     return jax.lax.stop_gradient(roll)
 
   def rollout_metrics(self, roll, beta) -> dict:
@@ -297,10 +317,11 @@ class RLAlgorithm(Algorithm):
     # KL control the initial self.beta is stale after the first update.
     beta = float(aux["beta"]) if aux is not None and "beta" in aux else float(self.beta)
     se = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+    j = out["reward"] - beta * out["kl"]
     metrics = {"reward": float(np.mean(out["reward"])), "kl": float(np.mean(out["kl"])),
                "reward_se": se(out["reward"]), "kl_se": se(out["kl"]),
                "length": float(np.mean(out["length"])),
-               "regularised": float(np.mean(out["reward"] - beta * out["kl"])), "beta": beta}
+               "regularised": float(np.mean(j)), "regularised_se": se(j), "beta": beta}
     samples = []
     t = self.model.config.tokens
     for i in range(min(self.num_eval_samples, len(inputs))):

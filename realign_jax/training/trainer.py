@@ -130,6 +130,15 @@ class Algorithm(abc.ABC):
 
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
+  """The loop's settings.
+
+  Convergence (`stop_window` > 0, with `eval_every` > 0): after every eval,
+  the run stops (saving that step) once none of the last `stop_window` evals
+  has improved `stop_metric` by more than its standard error
+  (`stop_metric + "_se"`, from the same eval) over the best value before them;
+  `train_steps` is then the cap. See `converged`.
+  """
+
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   eval_every: int = 100
@@ -137,6 +146,26 @@ class TrainerConfig:
   seed: int = 0
   async_checkpoint: bool = True
   progress: bool = True
+  stop_window: int = 0
+  stop_metric: str = "regularised"
+
+
+def converged(evals: list, window: int, metric: str = "regularised") -> bool:
+  """The stopping rule of `TrainerConfig.stop_window` on the eval rows so far.
+
+  evals: eval metric dicts in step order (the first at step 0 when the run
+  evaluated its start). True when there are more than `window` of them and
+  max(last `window` values) <= best earlier value + that earlier eval's
+  standard error (NaN or missing standard error: 0).
+  """
+  vals = [(float(e[metric]), float(e.get(metric + "_se", 0.0))) for e in evals
+          if metric in e]
+  if window < 1 or len(vals) <= window:
+    return False
+  before, recent = vals[:-window], vals[-window:]
+  best, best_se = max(before, key=lambda v: v[0])
+  best_se = best_se if math.isfinite(best_se) else 0.0
+  return max(v for v, _ in recent) <= best + best_se
 
 
 class _SigtermFlag:
@@ -196,11 +225,16 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
           learning_rate_fn=None) -> dict:
   """Runs `train_steps` steps in total, resuming from MODEL_DIR's latest checkpoint.
 
-  Returns the last logged train metrics and eval metrics.
+  Returns the last logged train metrics and eval metrics, the step reached,
+  "evals" (every eval row of the run, resumed ones included) and "converged"
+  (whether `config.stop_window`'s rule stopped it; False when it is off).
   """
   config_check.check_value("TRAIN_STEPS (train_steps)", train_steps, int)
   if train_steps < 0:
     raise UserError(f"TRAIN_STEPS must be >= 0, got {train_steps}")
+  if config.stop_window < 0 or (config.stop_window and not config.eval_every):
+    raise UserError(f"TrainerConfig.stop_window must be >= 0 and needs eval_every > 0, got "
+                    f"stop_window={config.stop_window}, eval_every={config.eval_every}")
   config_check.check_config(algorithm)
   config_check.check_config(config)
   mesh = mesh or partitioning.create_mesh()
@@ -319,6 +353,11 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
     step_fn = None
     last_saved = start if start else None
     step = start
+    # NOTE: a resumed run's earlier evals come from its metrics file (the writer
+    # has dropped the rows after the resumed step), so the stopping rule sees them.
+    evals = writer.read_rows("eval") if start else []
+    stopped = bool(config.stop_window and start and
+                   converged(evals, config.stop_window, config.stop_metric))
     try:
       # NOTE: inside the try, so a failing first eval still closes the bar,
       # the checkpointer and the writer.
@@ -326,9 +365,10 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
         ev, _ = algorithm.evaluate(state["params"], 0, aux=state["aux"])  # the starting point
         if ev:
           last_eval = writer.write(0, ev, "eval")
+          evals.append(last_eval)
       tokens, t0 = 0, time.perf_counter()
       with _SigtermFlag() as sigterm:
-        while step < train_steps:
+        while step < train_steps and not stopped:
           host_batch = next(batches)
           if bar is None and config.progress and primary:
             # NOTE: drawn once the data has produced a batch, so an error in
@@ -380,8 +420,17 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
             ev, samples = algorithm.evaluate(state["params"], step, aux=state["aux"])
             if ev:
               last_eval = writer.write(step, ev, "eval")
+              evals.append(last_eval)
             if samples:
               writer.write_samples(step, samples)
+            if config.stop_window and converged(evals, config.stop_window, config.stop_metric):
+              if last_saved != step:
+                ckpt.save(step, state)
+                last_saved = step
+              stopped = True
+              logging.info("converged at step %d (%s: no gain beyond its standard error over %d "
+                           "evals)", step, config.stop_metric, config.stop_window)
+              break
           # NOTE: every process asks at every step, so all agree on the step to
           # save at wherever the signal arrived (one small all-gather a step).
           if multihost.any_process(sigterm.set):
@@ -395,4 +444,5 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
       ckpt.close()
       writer.close()
   algorithm.final_state = state  # for callers that continue in-process (studies)
-  return {"train": last_train, "eval": last_eval, "step": step}
+  return {"train": last_train, "eval": last_eval, "step": step, "evals": evals,
+          "converged": stopped}
