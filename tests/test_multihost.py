@@ -28,7 +28,7 @@ from tests.helpers import (BinaryRun, compilation_cache_env, load_run_params,
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_GIN = "configs/sft/builtin_tiny.gin"
-STEPS = 30
+STEPS = 12
 TIMEOUT_S = 240
 
 
@@ -116,7 +116,7 @@ def runs(tmp_path_factory):
   metrics = two / "metrics.jsonl"
   deadline = time.monotonic() + TIMEOUT_S
   while time.monotonic() < deadline and all(r.running() for r in first):
-    if metrics.exists() and metrics.read_text().count("\n") >= 2:
+    if metrics.exists() and metrics.read_text().count("\n") >= 1:
       first[1].proc.send_signal(signal.SIGTERM)  # one host only
       break
     time.sleep(0.05)
