@@ -51,9 +51,9 @@ each prompt with the chat template of the tokenizer's tokenizer_config.json
 recipe (docs/chat_recipe.md).
 """
 
-from realign_jax import startup
+from realign_jax import cli
 
-startup.precheck(__name__)  # NOTE: before the heavy imports (see startup.py)
+cli.precheck(__name__)  # NOTE: before the heavy imports (see cli.py)
 
 import dataclasses
 import inspect

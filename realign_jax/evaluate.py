@@ -12,9 +12,9 @@ gold reward by default, or an LLM judge). The summary file appears only when
 complete.
 """
 
-from realign_jax import startup
+from realign_jax import cli
 
-startup.precheck(__name__)  # NOTE: before the heavy imports (see startup.py)
+cli.precheck(__name__)  # NOTE: before the heavy imports (see cli.py)
 
 import json
 import logging

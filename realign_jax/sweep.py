@@ -35,9 +35,10 @@ if __name__ == "__main__":
   _flags = {a for a in sys.argv[1:] if a in _FLAGS}
   sys.argv[1:] = [a for a in sys.argv[1:] if a not in _FLAGS]
 
+from realign_jax import cli  # noqa: E402
 from realign_jax import startup  # noqa: E402
 
-startup.precheck(__name__)  # NOTE: before the heavy imports (see startup.py)
+cli.precheck(__name__)  # NOTE: before the heavy imports (see cli.py)
 if __name__ == "__main__":
   sys.argv[1:] += sorted(_flags)  # NOTE: precheck knows gin arguments only
 

@@ -20,9 +20,9 @@ sits on the binaries' floor beside decode.py, whose loading it shares
       --gin.POLICY_CHECKPOINT="'SFT_DIR'" --gin.OUTPUT_DIR="'P'"
 """
 
-from realign_jax import startup
+from realign_jax import cli
 
-startup.precheck(__name__)  # NOTE: before the heavy imports (see startup.py)
+cli.precheck(__name__)  # NOTE: before the heavy imports (see cli.py)
 
 import dataclasses
 import functools

@@ -15,9 +15,9 @@ files and shows progress. A SIGTERM on any host makes every host save at the
 same step.
 """
 
-from realign_jax import startup
+from realign_jax import cli
 
-startup.precheck(__name__)  # NOTE: before the heavy imports (see startup.py)
+cli.precheck(__name__)  # NOTE: before the heavy imports (see cli.py)
 
 import os
 from typing import Optional

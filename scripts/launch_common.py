@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 BINARIES = ("realign_jax.train", "realign_jax.decode", "realign_jax.evaluate",
-            "realign_jax.data.synthetic_preferences", "realign_jax.experiments.frontier",
+            "realign_jax.synthetic_preferences", "realign_jax.experiments.frontier",
             "realign_jax.experiments.length_reward", "realign_jax.experiments.tldr_style")
 
 

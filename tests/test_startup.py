@@ -24,7 +24,7 @@ BINARIES = [
     ("realign_jax.train", "configs/sft/builtin_tiny.gin"),
     ("realign_jax.decode", "configs/decode/dera_builtin_tiny.gin"),
     ("realign_jax.evaluate", "configs/evaluate/default.gin"),
-    ("realign_jax.data.synthetic_preferences", "configs/data/synthetic_preferences_tiny.gin"),
+    ("realign_jax.synthetic_preferences", "configs/data/synthetic_preferences_tiny.gin"),
     ("realign_jax.experiments.length_reward", "configs/experiments/length_reward_tiny.gin"),
     ("realign_jax.experiments.tldr_style", "configs/experiments/tldr_style_tiny.gin"),
     ("realign_jax.experiments.frontier", "configs/experiments/frontier_tiny.gin"),

@@ -41,9 +41,9 @@ KL to p, per entry (`kl_kind`):
 Rewards are the task reward scored on the sampled tokens exactly as in training.
 """
 
-from realign_jax import startup
+from realign_jax import cli
 
-startup.precheck(__name__)  # NOTE: before the heavy imports (see startup.py)
+cli.precheck(__name__)  # NOTE: before the heavy imports (see cli.py)
 
 import dataclasses
 import math

@@ -25,9 +25,9 @@ length in tokens WITHOUT EOS, as the length reward (eq. 10) counts it and
 as the frontier study's entries do.
 """
 
-from realign_jax import startup
+from realign_jax import cli
 
-startup.precheck(__name__)  # NOTE: before the heavy imports (see startup.py)
+cli.precheck(__name__)  # NOTE: before the heavy imports (see cli.py)
 
 import dataclasses
 import math

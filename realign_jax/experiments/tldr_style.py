@@ -32,9 +32,9 @@ the same row seeds, temperature 1, `max_new_tokens` tokens at most; KL is the
 exact sequence KL to pi_ref.
 """
 
-from realign_jax import startup
+from realign_jax import cli
 
-startup.precheck(__name__)  # NOTE: before the heavy imports (see startup.py)
+cli.precheck(__name__)  # NOTE: before the heavy imports (see cli.py)
 
 import dataclasses
 import math
