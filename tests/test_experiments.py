@@ -322,7 +322,8 @@ SMOKE = [
     "length_reward.num_eval_prompts = 6", "length_reward.num_samples = 2",
     "length_reward.eval_batch_size = 4", "length_reward.max_sft_in_range = 1.0",
     "length_reward.compilation_cache = False", "length_reward.progress = False",
-    "TrainerConfig.progress = False",
+    "TrainerConfig.progress = False", "PPO.max_eval_examples = 4",
+    "ppo/TrainerConfig.eval_every = 1", "ppo/TrainerConfig.stop_window = 1",
 ]
 
 
@@ -349,6 +350,14 @@ def test_length_reward_end_to_end_then_resumes(tmp_path, clean_gin, capsys):
   assert res["stages_run_now"] == ["sft", "eval_sft", "ppo_beta0.1", "dera_sweep",
                                    "eval_ppo_beta0.1"]
   assert res["retrained_beta"] == [None, 0.1]
+  # the PPO run's curve of J on held-out prompts (evals at steps 0 and 1, the cap)
+  assert res["retrained_steps"] == [None, 1]
+  assert res["retrained_stopped_by_rule"][0] is None
+  assert isinstance(res["retrained_stopped_by_rule"][1], bool)
+  curve = res["retrained_curves"][1]
+  assert curve["step"] == [0, 1] and len(curve["J"]) == len(curve["J_se"]) == 2
+  assert res["settings"]["ppo_convergence"]["stop_window"] == 1
+  assert "ppo_training_curves.png" in res["figures"].values()
   for name in res["figures"].values():
     assert (tmp_path / name).stat().st_size > 0
   assert "reward_vs_kl.png" in res["figures"].values()

@@ -7,7 +7,10 @@ Stages, each in its own subdirectory of MODEL_DIR, cached (a rerun resumes):
   sft                   SFT on the task (the reference pi_ref)
   eval_sft              samples of pi_ref: how often they fall in the rewarded
                         window [L_min, L_max] (must be < max_sft_in_range)
-  ppo_beta{B}           PPO with the length reward at the base beta B
+  ppo_beta{B}           PPO with the length reward at the base beta B, trained to
+                        convergence: J on held-out prompts every `eval_every`
+                        steps, stopped by `ppo_trainer_config.stop_window`'s
+                        rule (trainer.converged), `ppo_steps` the cap
   dera_sweep            DeRa (logit mixing of pi_ref and that PPO model) at
                         every lambda of the grid, ONE batched call
   ppo_beta{B/lam}       PPO retrained at beta / lam for each lam > 0 (lam = 1
@@ -33,7 +36,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -84,13 +87,19 @@ def length_reward(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_ste
                   sft_optimizer: stages_lib.OptimizerSpec,
                   ppo_optimizer: stages_lib.OptimizerSpec,
                   trainer_config: trainer_lib.TrainerConfig = trainer_lib.TrainerConfig(),
+                  ppo_trainer_config: Optional[trainer_lib.TrainerConfig] = None,
                   beta: float = 0.1,
                   lambdas: Sequence[float] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
                   num_eval_prompts: int = 128, num_samples: int = 2, eval_batch_size: int = 32,
                   eval_split: str = "validation", eval_seed: int = 0,
                   max_sft_in_range: float = 0.3, retrain_at_base_beta: bool = False,
                   compilation_cache: bool = True, progress: bool = True) -> dict:
-  """Runs (or resumes) the study in `model_dir`; returns the results dict."""
+  """Runs (or resumes) the study in `model_dir`; returns the results dict.
+
+  `ppo_trainer_config` (default `trainer_config`) trains the PPO runs: with
+  `eval_every` and `stop_window` each runs to convergence, `ppo_steps` steps
+  at most, its curve of J on `ppo.max_eval_examples` held-out prompts kept.
+  """
   t_start = time.perf_counter()
   # ---- validate everything before any compute -----------------------------------
   if not model_dir:
@@ -112,6 +121,10 @@ def length_reward(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_ste
   if window[1] >= ppo.max_new_tokens:
     raise UserError(f"the rewarded window [{window[0]}, {window[1]}] must end below "
                     f"PPO.max_new_tokens = {ppo.max_new_tokens} (EOS included)")
+  ppo_tc = ppo_trainer_config or trainer_config
+  if ppo_tc.stop_window and not (ppo_tc.eval_every and ppo.max_eval_examples):
+    raise UserError("the PPO runs' stopping rule (stop_window) needs eval_every > 0 and "
+                    "PPO.max_eval_examples > 0 (the held-out prompts it evaluates J on)")
   if compilation_cache:
     stages_lib.enable_compilation_cache(os.path.join(model_dir, "jax_cache"))
 
@@ -162,14 +175,16 @@ def length_reward(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_ste
   def ppo_at(b):
     return dataclasses.replace(ppo, beta=float(b), init_checkpoint=runner.stage_dir("sft"))
 
+  training = {}  # stage name -> its train_stage result (steps, converged, evals)
+
   def train_ppo(name, b):
     alg = ppo_at(b)
     settings = {"sft": sft_set, "ppo": stages_lib.train_settings(alg, ppo_steps, ppo_optimizer,
-                                                                 trainer_config)}
+                                                                 ppo_tc)}
     # NOTE: the init checkpoint's path is the stage layout, not a setting.
     settings["ppo"]["algorithm"] = dataclasses.replace(alg, init_checkpoint="<sft stage>")
-    runner.run(name, settings, lambda d: stages_lib.train_stage(
-        d, alg, ppo_steps, ppo_optimizer, trainer_config))
+    training[name] = runner.run(name, settings, lambda d: stages_lib.train_stage(
+        d, alg, ppo_steps, ppo_optimizer, ppo_tc))
     return settings
 
   base_set = train_ppo(beta_name(beta), beta)
@@ -213,7 +228,11 @@ def length_reward(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_ste
       stage_seconds=dict(runner.timings), stage_cpu_seconds=dict(runner.cpu_timings),
       invocation_seconds=wall, ran=list(runner.ran),
       max_new_tokens=ppo.max_new_tokens, sft_rows=sft_rows,
-      settings={"sft_steps": sft_steps, "ppo_steps": ppo_steps, "num_eval_prompts":
+      training={lam: training[retrain_names[lam]] for lam in retrain},
+      settings={"sft_steps": sft_steps, "ppo_steps": ppo_steps, "ppo_convergence": {
+                    "eval_every": ppo_tc.eval_every, "stop_window": ppo_tc.stop_window,
+                    "metric": ppo_tc.stop_metric, "eval_prompts": ppo.max_eval_examples,
+                    "max_steps": ppo_steps}, "num_eval_prompts":
                 num_eval_prompts, "num_samples": num_samples, "eval_split": eval_split,
                 "task": ppo.task, "model": rep_model(sft), "retrained_names": {
                     f"{lam:g}": retrain_names[lam] for lam in retrain}})
@@ -279,12 +298,37 @@ def optimum_columns(lambdas, beta: float, sft_rows, dera_rows, retrained_rows) -
   return out
 
 
+def training_columns(lambdas, training: dict) -> dict:
+  """Per lambda: PPO steps taken, whether the stopping rule ended the run, the curve of J.
+
+  None at lambda = 0 (no training) and where a stage left no result.
+  """
+  steps, stopped, curves = [], [], []
+  for lam in lambdas:
+    t = training.get(lam)
+    if lam == 0 or not t:
+      steps.append(None), stopped.append(None), curves.append(None)
+      continue
+    ev = [e for e in t.get("evals", []) if "regularised" in e]
+    steps.append(int(t["step"]))
+    stopped.append(bool(t.get("converged", False)))
+    curves.append({"step": [int(e["step"]) for e in ev],
+                   "J": [float(e["regularised"]) for e in ev],
+                   "J_se": [e.get("regularised_se") for e in ev],
+                   "reward": [float(e["reward"]) for e in ev],
+                   "kl": [float(e["kl"]) for e in ev]})
+  return {"retrained_steps": steps, "retrained_stopped_by_rule": stopped,
+          "retrained_curves": curves}
+
+
 def build_results(*, lambdas, beta, window, dera_rows, retrained_rows, sft_in_range,
                   max_sft_in_range, stage_seconds, invocation_seconds, ran, max_new_tokens,
-                  settings, stage_cpu_seconds=None, sft_rows=None) -> dict:
+                  settings, stage_cpu_seconds=None, sft_rows=None, training=None) -> dict:
   """Every number of results.json and report.md, from the decode rows.
 
   `sft_rows` (the SFT model's samples) default to the retrained rows at lambda = 0.
+  `training` (optional): lambda -> the PPO stage's result (`stages.train_stage`:
+  steps, converged, evals), for the training curves.
   """
   lambdas = rep.check_lambdas(lambdas)
   if sft_rows is None:
@@ -309,6 +353,8 @@ def build_results(*, lambdas, beta, window, dera_rows, retrained_rows, sft_in_ra
     out[f"{prefix}_in_range"] = [float(np.mean([r["reward"] == 0.0 for r in (
         _by_lam(dera_rows, lam) if prefix == "dera" else retrained_rows[lam])])) for lam in lambdas]
   out.update(optimum_columns(lambdas, beta, sft_rows, dera_rows, retrained_rows))
+  if training:
+    out.update(training_columns(lambdas, training))
   out["pearson"] = rep.pearson(out["dera_reward"], out["retrained_reward"])
   out["pearson_kl"] = rep.pearson(out["dera_kl"], out["retrained_kl"])
   out["reward_disagreement_lambdas"] = rep.disagreements(
@@ -378,6 +424,14 @@ def write_figures(model_dir, results, dera_rows, retrained_rows) -> dict:
                                       results["retrained_reward_se"], notes)},
       title=f"Length reward against KL (SFT success rate p0 = {100 * results['p0']:.1f}%)",
       ylabel="mean length reward")
+  curves = results.get("retrained_curves") or []
+  if any(curves):
+    figs["training"] = rep.plot_training_curves(
+        os.path.join(model_dir, "ppo_training_curves.png"),
+        {f"beta' = {results['kl_weight'][i]:g} (lambda = {lambdas[i]:g})":
+         (c["step"], c["J"], c["J_se"], results["optimum_J"][i])
+         for i, c in enumerate(curves) if c},
+        title="PPO: J = E[r] - beta' KL on held-out prompts (dashed: J*)")
   window = tuple(results["window"])
   t_max = results["max_new_tokens"]
   figs["dera_hist"] = rep.plot_histograms(
@@ -460,6 +514,47 @@ def optimum_section(res: dict) -> list:
   return lines
 
 
+def training_section(res: dict) -> list:
+  """The report's PPO training curves: the stopping rule, steps and J per run."""
+  curves = res.get("retrained_curves")
+  if not curves or not any(curves):
+    return []
+  f = rep.fmt
+  conv = res["settings"].get("ppo_convergence") or {}
+  lines = ["## PPO training to convergence", ""]
+  if conv.get("stop_window"):
+    lines.append(
+        f"Rule: every {conv['eval_every']} steps J = E[r] - beta' KL is evaluated on "
+        f"{conv['eval_prompts']} held-out prompts (the first of the `{res['settings']['eval_split']}` "
+        f"split, one sample each, a fixed seed; exact KL); a run stops when none of the last "
+        f"{conv['stop_window']} evaluations improves on the best earlier one by more than that "
+        f"one's standard error, and after {conv['max_steps']} steps at most (then it did not "
+        f"converge by the rule).")
+  else:
+    lines.append(f"No stopping rule: every run trains {res['settings']['ppo_steps']} steps.")
+  lines.append("")
+  rows = []
+  for i, c in enumerate(curves):
+    if not c:
+      continue
+    best = int(np.argmax(c["J"]))
+    rows.append([f"{res['lambdas'][i]:g}", f"{res['kl_weight'][i]:g}",
+                 str(res["retrained_steps"][i]),
+                 "yes" if res["retrained_stopped_by_rule"][i] else "**no** (cap)",
+                 f"{f(c['J'][-1])} ± {f(c['J_se'][-1])}",
+                 f"{f(c['J'][best])} (step {c['step'][best]})", f(res["optimum_J"][i]),
+                 f"{f(res['retrained_J'][i])} ± {f(res['retrained_J_se'][i])}",
+                 "yes" if res["retrained_converged"][i] else "**no**"])
+  lines += [rep.markdown_table(
+      ["lambda", "beta'", "steps", "stopped by the rule", "last training-eval J",
+       "best training-eval J", "J*", "study J (final model)", "within tolerance of J*"],
+      rows), "",
+      "Training-eval J: the curve's points (one sample per prompt); study J: the final "
+      "model's samples of the tables above.", "",
+      "![J over PPO training, per beta', J* dashed](ppo_training_curves.png)", ""]
+  return lines
+
+
 def render_report(res: dict) -> str:
   f = rep.fmt
   lam = res["lambdas"]
@@ -467,7 +562,9 @@ def render_report(res: dict) -> str:
   s = res["settings"]
   lines += [
       f"Model: `{s['model']}`; task `{s['task']}`; SFT {s['sft_steps']} steps, every PPO run "
-      f"{s['ppo_steps']} steps. Evaluation: the first {s['num_eval_prompts']} prompts of the "
+      + (f"to convergence (at most {s['ppo_steps']} steps; see below)"
+         if (s.get("ppo_convergence") or {}).get("stop_window") else f"{s['ppo_steps']} steps")
+      + ". Evaluation: the first {s['num_eval_prompts']} prompts of the "
       f"`{s['eval_split']}` split, {s['num_samples']} samples each at temperature 1 "
       f"({res['num_rows_per_lambda']} responses per lambda and model), at most "
       f"{res['max_new_tokens']} tokens.", "",
@@ -515,6 +612,7 @@ def render_report(res: dict) -> str:
                  f"{'SFT' if k == '0' else 'base PPO'} model's token for token in "
                  f"{100 * v:.0f}% of rows (same row seeds; expected 100%).")
   lines += ["", *optimum_section(res)]
+  lines += ["", *training_section(res)]
   lines += ["", "## Is the base beta over- or under-regularised?", ""]
   dv, rv = res["dera_verdict"], res["retrained_verdict"]
   lines.append(f"- From DeRa's reward curve: **{dv['verdict']}**: {dv['reason']}.")

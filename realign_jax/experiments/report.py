@@ -255,6 +255,23 @@ def plot_reward_kl(path: str, curve: dict, points: dict, *, title: str,
   return _finish(plt, fig, ax, path, ylabel=ylabel, title=title)
 
 
+def plot_training_curves(path: str, curves: dict, *, title: str,
+                         ylabel: str = "J on held-out prompts") -> str:
+  """One line with error bars per run over training steps, its target as a dashed line.
+
+  curves = {label: (steps, values, standard errors, target or None)}.
+  """
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(6.0, 4.2))
+  for label, (steps, vals, ses, target) in curves.items():
+    line = ax.errorbar(steps, vals, yerr=_yerr(ses), marker=".", capsize=2, linewidth=1.2,
+                       label=label)
+    if target is not None:
+      ax.axhline(target, color=line[0].get_color(), linestyle="--", linewidth=1.0, alpha=0.8)
+  ax.set_xlabel("PPO step")
+  return _finish(plt, fig, ax, path, ylabel=ylabel, title=title)
+
+
 def plot_histograms(path: str, lengths_by_lam: dict, *, window: Optional[tuple], title: str,
                     max_length: int) -> str:
   """Step histograms of response lengths, one per lambda, the rewarded window shaded."""
