@@ -12,8 +12,7 @@ Row i of the output depends only on (seed, prompt index), not on the batch
 size: a prompt's two samples use row seeds 2 * index and 2 * index + 1.
 
 A binary (prompts from a task's splits, the policy from a run directory), so it
-sits on the binaries' floor beside decode.py, whose loading it shares
-(`realign_jax.data.synthetic_preferences` forwards here for old callers):
+sits on the binaries' floor beside decode.py, whose loading it shares:
 
   python -m realign_jax.synthetic_preferences \
       --gin_file=configs/data/synthetic_preferences_tiny.gin \

@@ -315,7 +315,7 @@ def _register_binaries():
   from realign_jax import decode as decode_bin
   from realign_jax import evaluate as evaluate_bin
   from realign_jax import train as train_bin
-  from realign_jax.data import synthetic_preferences
+  from realign_jax import synthetic_preferences
   from realign_jax.decoding import sampler
   gin_utils.register()
   for name, obj in (("train", train_bin.train), ("decode", decode_bin.decode),
