@@ -235,6 +235,11 @@ def test_results_against_the_exact_optimum(tmp_path):
   text = lr.render_report(res)
   assert "p0 = **12.5%**" in text and "**2 of 3 retrained models are not at the optimum" in text
   assert "lambda = 0.5 (beta' = 0.2): the retrained model is 0.093 below J*" in text
+  # J's shortfall traced to KL beyond the least KL of the model's own reward:
+  # reward 0 needs log 8 nats, the model at lambda 0.5 spends 2.5
+  assert res["retrained_least_kl_for_reward"][1] == pytest.approx(np.log(8.0))
+  assert res["retrained_excess_kl"][1] == pytest.approx(2.5 - np.log(8.0))
+  assert "spends 2.500 nats for mean reward 0.000, which needs 2.079 at least" in text
   figs = lr.write_figures(str(tmp_path), res, dera, retr)
   assert set(figs) >= {"reward", "kl", "objective", "reward_kl", "length_grid"}
   for path in figs.values():
@@ -244,6 +249,16 @@ def test_results_against_the_exact_optimum(tmp_path):
   bad = {**retr, 0.0: [dict(r, reward=0.5) for r in retr[0.0]]}
   with pytest.raises(UserError, match="only -1 and 0"):
     lr.optimum_columns(lambdas, 0.1, bad[0.0], dera, bad)
+
+
+def test_least_kl_for_a_reward_is_the_optimum_curve():
+  # pi*_beta spends exactly the least KL of its own mean reward, at every beta
+  for beta in (0.4, 0.1, 0.025):
+    o = opt.binary_optimum(0.125, beta)
+    assert lr.optimum_kl_for_reward(0.125, o["reward"]) == pytest.approx(o["kl"], rel=1e-9)
+  assert lr.optimum_kl_for_reward(0.125, 0.0) == pytest.approx(np.log(8.0))
+  assert lr.optimum_kl_for_reward(0.125, -0.9) == 0.0  # below pi_ref's reward: free
+  assert lr.optimum_kl_for_reward(0.0, -0.5) == float("inf")
 
 
 def test_disagreement_is_reported(tmp_path):

@@ -267,6 +267,25 @@ def objective_rows(rows, kl_weight: float) -> tuple:
   return rep.mean_se(vals, [r["prompt_index"] for r in rows])
 
 
+def optimum_kl_for_reward(p0: float, reward: float) -> float:
+  """The least KL to pi_ref of any policy with mean length reward `reward` (in [-1, 0]).
+
+  A reward in {-1, 0} with mean r means success rate q = 1 + r; the cheapest
+  way to get it keeps pi_ref inside each outcome and tilts only the outcome's
+  odds, so the least KL is the binary KL(q || p0) (0 when q <= p0; +inf when
+  q > 0 and p0 = 0). The optimum pi*_beta' lies on this curve.
+  """
+  q = min(max(1.0 + reward, 0.0), 1.0)
+  if q <= p0:
+    return 0.0
+  if p0 <= 0.0:
+    return math.inf
+  kl = q * math.log(q / p0)
+  if q < 1.0:
+    kl += (1.0 - q) * math.log((1.0 - q) / (1.0 - p0))
+  return kl
+
+
 def optimum_columns(lambdas, beta: float, sft_rows, dera_rows, retrained_rows) -> dict:
   """The exact KL-regularised optimum at beta / lambda next to DeRa and the retrained models.
 
@@ -293,6 +312,15 @@ def optimum_columns(lambdas, beta: float, sft_rows, dera_rows, retrained_rows) -
     out[f"{prefix}_J_gap"] = [js_ - j for js_, (j, _) in zip(out["optimum_J"], js)]
   tol = [max(CONVERGED_TOL, rep.Z * se) if math.isfinite(se) else CONVERGED_TOL
          for se in out["retrained_J_se"]]
+  # NOTE: where a model's J falls short: the KL it spends beyond the least KL of
+  # its own mean reward (spent on changes the reward does not ask for).
+  for prefix, get in (("dera", lambda lam: _by_lam(dera_rows, lam)),
+                      ("retrained", lambda lam: retrained_rows[lam])):
+    least = [optimum_kl_for_reward(p0, float(np.mean([r["reward"] for r in get(lam)])))
+             for lam in lambdas]
+    out[f"{prefix}_least_kl_for_reward"] = least
+    out[f"{prefix}_excess_kl"] = [float(np.mean([r["kl"] for r in get(lam)])) - k
+                                  for lam, k in zip(lambdas, least)]
   out["retrained_converged_tolerance"] = tol
   out["retrained_converged"] = [bool(g <= t) for g, t in zip(out["retrained_J_gap"], tol)]
   return out
@@ -465,6 +493,15 @@ def _gap_words(gap: float, se: float) -> str:
   return f"{f(-gap)} above J* (sampling noise: no policy beats J*; standard error {f(se)})"
 
 
+def _excess_words(res: dict, i: int) -> str:
+  f = rep.fmt
+  ex = res["retrained_excess_kl"][i]
+  return (f" The retrained model spends {f(res['retrained_kl'][i])} nats for mean reward "
+          f"{f(res['retrained_reward'][i])}, which needs {f(res['retrained_least_kl_for_reward'][i])} "
+          f"at least: {f(ex)} nats (costing {f(res['kl_weight'][i] * ex)} of J) go to changes "
+          f"the reward does not ask for.")
+
+
 def optimum_section(res: dict) -> list:
   """The report's comparison of every model with the exact optimum at beta / lambda."""
   f = rep.fmt
@@ -501,7 +538,8 @@ def optimum_section(res: dict) -> list:
         f"{_gap_words(res['retrained_J_gap'][i], res['retrained_J_se'][i])}, "
         f"{'within' if res['retrained_converged'][i] else 'outside'} the tolerance "
         f"{f(res['retrained_converged_tolerance'][i])}; DeRa is "
-        f"{_gap_words(res['dera_J_gap'][i], res['dera_J_se'][i])}.")
+        f"{_gap_words(res['dera_J_gap'][i], res['dera_J_se'][i])}."
+        + (_excess_words(res, i) if "retrained_excess_kl" in res else ""))
   trained = [i for i, w in enumerate(res["kl_weight"]) if w is not None]
   bad = [lam[i] for i in trained if not res["retrained_converged"][i]]
   if bad:
