@@ -83,12 +83,12 @@ class BinaryRun:
 
 
 def load_run_params(model_dir):
-  """A run directory's latest params as numpy arrays, read onto one device."""
+  """A run directory's latest params (with its output head) as numpy arrays, on one device."""
   import jax  # pylint: disable=g-import-not-at-top
   from realign_jax.checkpoints import manager as ckpt_lib  # pylint: disable=g-import-not-at-top
   from realign_jax.models.api import LanguageModel  # pylint: disable=g-import-not-at-top
-  config, _ = ckpt_lib.read_model_json(str(model_dir))
-  abstract, _ = LanguageModel(config).abstract_init()
+  config, head = ckpt_lib.read_model_json(str(model_dir))
+  abstract, _ = LanguageModel(config, head).abstract_init()
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)

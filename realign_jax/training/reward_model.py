@@ -28,6 +28,7 @@ from realign_jax.data import preferences
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
+from realign_jax.parallel import multihost
 from realign_jax.parallel.abstract import sharded_abstract  # noqa: F401  (re-exported)
 from realign_jax.rewards.learned import sequence_rewards  # noqa: F401  (re-exported)
 from realign_jax.training import policy as policy_lib
@@ -169,12 +170,19 @@ class PreferenceAlgorithm(Algorithm):
     return pipeline.text_examples(self.task, split, data_dir=self.data_dir)
 
   def split_arrays(self, split: str) -> dict:
-    """This host's share of a split: {"inputs", "chosen", "rejected"} int32 arrays."""
+    """A whole split: {"inputs", "chosen", "rejected"} int32 arrays, the same on every host.
+
+    NOTE: every host holds every pair (preference sets are small next to the
+    model). A training batch is drawn from them as on one process and each
+    host feeds its own rows of it (`batches`), so a run's batches, and its
+    parameters, do not depend on the number of hosts; evaluation feeds the
+    same whole batches on every host, which is what a jitted function over
+    the global mesh expects of host data.
+    """
     if split not in self._arrays:
       rows = self._rows(split)
       if split != "train" and self.max_eval_examples:
         rows = rows[:self.max_eval_examples]
-      rows = rows[jax.process_index()::jax.process_count()]
       if not rows:
         if split == "train":
           raise UserError(f"no training preference pairs ({self.train_file or self.task})")
@@ -197,12 +205,14 @@ class PreferenceAlgorithm(Algorithm):
     return self.split_arrays("train")
 
   def batches(self, start_step: int) -> Iterator[dict]:
+    """The global batch of each step (as on one process), cut to this host's rows."""
     arrays = self.train_arrays()
     n = len(arrays["inputs"])
-    local = self.batch_size // jax.process_count()
+    rows = multihost.process_rows(self._mesh, self.batch_size)
     step = start_step
     while True:
-      idx = pipeline.batch_indices(step, batch_size=local, num_examples=n, seed=self.data_seed)
+      idx = pipeline.batch_indices(step, batch_size=self.batch_size, num_examples=n,
+                                   seed=self.data_seed)[rows]
       yield {k: v[idx] for k, v in arrays.items()}
       step += 1
 
