@@ -70,7 +70,7 @@ class _Launcher:
     self._runs = []
     self._n = 0
 
-  def env(self, devices: int = 1) -> dict:
+  def env(self, devices: int = 1, optimize: bool = False) -> dict:
     env = dict(os.environ)
     # NOTE: no TF_CPP_MIN_LOG_LEVEL: the binaries must be quiet on their own.
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
@@ -78,13 +78,15 @@ class _Launcher:
                **compilation_cache_env(self.cache),
                PYTHONPATH=os.pathsep.join(
                    p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p))
-    env["XLA_FLAGS"] = subprocess_xla_flags(devices)
+    env["XLA_FLAGS"] = subprocess_xla_flags(devices, optimize)
     return env
 
-  def start(self, args, *, devices: int = 1, cwd=None, background=False) -> BinaryRun:
-    """Starts a run; `background` ones get a lower CPU priority."""
+  def start(self, args, *, devices: int = 1, cwd=None, background=False,
+            optimize=False) -> BinaryRun:
+    """Starts a run; `background` ones get a lower CPU priority (`optimize`: see
+    tests.helpers.subprocess_xla_flags)."""
     self._n += 1
-    run = _Run(args, env=self.env(devices), cwd=str(cwd or REPO_ROOT),
+    run = _Run(args, env=self.env(devices, optimize), cwd=str(cwd or REPO_ROOT),
                log_prefix=str(self.root / f"run{self._n}"), nice=background)
     self._runs.append(run)
     return run
@@ -166,7 +168,7 @@ def launched(tmp_path_factory):
   runs = {}
   runs["sft"] = launcher.start(
       [f"--gin_file={SFT_GIN}", _model_dir_arg(root / "sft"), f"--gin.TRAIN_STEPS={SFT_STEPS}",
-       "--gin.TrainerConfig.progress=False"], background=True)
+       "--gin.TrainerConfig.progress=False"], background=True, optimize=True)
   runs["reference"] = launcher.start(FAST + [_model_dir_arg(root / "reference")])
   cases = _bad_input_cases(root)
   for name, (args, model_dir, _) in cases.items():
