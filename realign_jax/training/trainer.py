@@ -356,8 +356,12 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
     # NOTE: a resumed run's earlier evals come from its metrics file (the writer
     # has dropped the rows after the resumed step), so the stopping rule sees them.
     evals = writer.read_rows("eval") if start else []
-    stopped = bool(config.stop_window and start and
-                   converged(evals, config.stop_window, config.stop_metric))
+    # NOTE: decided with every process: only process 0 need see the metrics
+    # file (hosts without a shared disk), and a host that left the loop alone
+    # would leave the others waiting in a collective.
+    stopped = multihost.any_process(bool(
+        config.stop_window and start and converged(evals, config.stop_window,
+                                                   config.stop_metric)))
     try:
       # NOTE: inside the try, so a failing first eval still closes the bar,
       # the checkpointer and the writer.
@@ -423,7 +427,8 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
               evals.append(last_eval)
             if samples:
               writer.write_samples(step, samples)
-            if config.stop_window and converged(evals, config.stop_window, config.stop_metric):
+            if config.stop_window and multihost.any_process(
+                converged(evals, config.stop_window, config.stop_metric)):
               if last_saved != step:
                 ckpt.save(step, state)
                 last_saved = step
