@@ -20,10 +20,10 @@ template says where it goes; `pipeline.fit_prompts(add_bos=False)`).
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Sequence
 
+from realign_jax.data import jsonl
 from realign_jax.errors import UserError
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -57,13 +57,7 @@ def load_template(vocab_path: str | None) -> tuple[str, str, dict]:
   if not os.path.isfile(config_path):
     raise UserError(f"no {TOKENIZER_CONFIG} beside the tokenizer {vocab_path}: {config_path} "
                     "(the chat template lives there)")
-  try:
-    with open(config_path, encoding="utf-8") as f:
-      doc = json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"cannot read {config_path}: {str(e).splitlines()[0]}") from None
-  if not isinstance(doc, dict):
-    raise UserError(f"{config_path} does not hold a JSON object")
+  doc = jsonl.read_json_object(config_path)
   variables = {name: _content(doc.get(name)) or "" for name in
                ("bos_token", "eos_token", "unk_token", "pad_token")}
   template = doc.get("chat_template")

@@ -11,6 +11,18 @@ from typing import Any, Iterator, Sequence
 from realign_jax.errors import UserError
 
 
+def read_json_object(path: str | os.PathLike[str]) -> dict:
+  """A JSON file holding one object (a tokenizer's config files); a UserError naming the file."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      doc = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+  if not isinstance(doc, dict):
+    raise UserError(f"{path} does not hold a JSON object")
+  return doc
+
+
 def iter_json_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
   """Yields (1-based line number, parsed JSON) of the non-blank lines."""
   try:

@@ -32,6 +32,7 @@ import sentencepiece as spm
 if typing.TYPE_CHECKING:
   import seqio
 
+from realign_jax.data import jsonl
 from realign_jax.errors import UserError
 from realign_jax.models.config import SpecialTokens
 
@@ -78,8 +79,6 @@ def hf_special_ids(tokenizer_json: str) -> dict[str, int | None]:
     UserError: neither file is there, one is not JSON, or a named token is
       not in the tokenizer.
   """
-  import json
-
   directory = os.path.dirname(tokenizer_json)
   tok = _load_hf_tokenizer(tokenizer_json)
   names: dict[str, str] = {}
@@ -89,13 +88,7 @@ def hf_special_ids(tokenizer_json: str) -> dict[str, int | None]:
     if not os.path.isfile(fpath):
       continue
     found.append(fpath)
-    try:
-      with open(fpath, encoding="utf-8") as f:
-        doc = json.load(f)
-    except (OSError, ValueError) as e:
-      raise UserError(f"cannot read {fpath}: {e}") from None
-    if not isinstance(doc, dict):
-      raise UserError(f"{fpath} does not hold a JSON object")
+    doc = jsonl.read_json_object(fpath)
     for role in ("bos", "eos", "pad"):
       content = _token_content(doc.get(f"{role}_token"))
       if content is not None:
