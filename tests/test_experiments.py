@@ -120,6 +120,38 @@ def test_pearson_by_hand():
   assert rep.pearson([1, 1, 1], [1, 2, 3]) is None and rep.pearson([1], [2]) is None
 
 
+def test_pearson_interval_is_fishers_z():
+  # Fisher: atanh(r) +- z_{0.975} / sqrt(K - 3), mapped back through tanh.
+  x = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+  y = [0.1, 0.8, 2.5, 2.9, 4.4, 4.6]
+  r = rep.pearson(x, y)
+  half = 1.959963984540054 / math.sqrt(len(x) - 3)
+  lo, hi = rep.pearson_ci(x, y)
+  assert lo == pytest.approx(math.tanh(math.atanh(r) - half), abs=1e-9)
+  assert hi == pytest.approx(math.tanh(math.atanh(r) + half), abs=1e-9)
+  assert lo < r < hi
+  assert rep.pearson_ci(x[:3], y[:3]) is None  # K - 3 = 0: no interval
+  assert rep.pearson_ci([1, 1, 1, 1], [1, 2, 3, 4]) is None
+
+
+def test_disagreements_hold_the_family_wise_level():
+  # Four lambdas, each 2.2 standard errors of the difference apart (p = 0.0278 each): one
+  # comparison alone would be called (p < ALPHA = 0.0455), but Holm's first threshold is
+  # ALPHA / 4 = 0.0114, so none is.
+  se = 1.0 / math.sqrt(2.0)  # sqrt(se^2 + se^2) = 1
+  lams = [0.5, 2.0, 4.0, 8.0]
+  assert rep.disagreements(lams, [2.2] * 4, [se] * 4, [0.0] * 4, [se] * 4) == []
+  assert rep.disagreements([2.0], [2.2], [se], [0.0], [se]) == [2.0]
+  # A clear one (p = 1e-6 < ALPHA / 4) is called; then 2.2 sd meets ALPHA / 3? no (0.0152).
+  assert rep.disagreements(lams, [5.0, 2.2, 2.2, 2.2], [se] * 4, [0.0] * 4, [se] * 4) == [0.5]
+  # Holm steps down: p = (1e-6, 1e-6, 1e-6, 0.0278) against ALPHA / (4, 3, 2, 1).
+  assert rep.disagreements(lams, [5.0, 5.0, 5.0, 2.2], [se] * 4, [0.0] * 4,
+                           [se] * 4) == lams
+  # lambda = 0 and 1 are one model on both sides: not comparisons, so they cost nothing.
+  assert rep.disagreements([0.0, 1.0, 2.0], [0.3, 0.5, 2.2], [se] * 3, [0.3, 0.5, 0.0],
+                           [se] * 3) == [2.0]
+
+
 @pytest.mark.parametrize("grid,match", [([0.0, 1.0, 1.0], "duplicates"),
                                         ([0.0, math.inf], "non-finite"),
                                         ([0.0, math.nan], "non-finite"),

@@ -357,3 +357,41 @@ def test_study_and_decode_outputs_are_read_per_lambda(tmp_path):
     assert flat[f"kl[lam={lam}]"] == pytest.approx(np.mean([r["kl"] for r in sel]))
     assert flat[f"length[lam={lam}]"] == pytest.approx(np.mean([r["length"] for r in sel]))
   assert not any(k.startswith(("seed", "lam[")) for k in flat)
+
+
+def test_verdicts_across_seeds_and_the_markdown_table(tmp_path):
+  # Three seeds of a study: per-lambda columns, a scalar, and a verdict that holds in two
+  # runs of one setting only.
+  from realign_jax.sweeps import plan as plan_lib
+  spec = plan_lib.Sweep(binary="realign_jax.experiments.length_reward",
+                        gin_files=["configs/experiments/length_reward_tiny.gin"],
+                        root=str(tmp_path / "root"), run_dir_binding="MODEL_DIR",
+                        seeds=[0, 1, 2], seed_binding="SEED", list_axis="lambdas",
+                        agree=["dera_verdict/verdict", "retrained_verdict/verdict"],
+                        report_metrics=["dera_reward", "pearson"])
+  runs = plan_lib.expand(spec, cwd=str(tmp_path))
+  rewards = [[-1.0, -0.5], [-1.0, -0.3], [-1.0, -0.4]]
+  verdicts = ["over-regularised", "over-regularised", "about right"]
+  for run, rew, v in zip(runs, rewards, verdicts):
+    os.makedirs(run.run_dir)
+    res = {"lambdas": [0.0, 1.0], "dera_reward": rew, "pearson": 0.5 + rew[1],
+           "dera_verdict": {"verdict": "over-regularised"}, "retrained_verdict": {"verdict": v}}
+    (tmp_path / run.run_dir / "results.json").write_text(json.dumps(res))
+    (tmp_path / run.run_dir / runner.STATUS_FILE).write_text(json.dumps({"status": "done"}))
+  doc = aggregate_lib.aggregate(spec, runs)
+  (setting,) = doc["settings"]
+  agree = setting["agreement"]
+  assert agree["dera_verdict/verdict"] == {"values": ["over-regularised"] * 3, "holds": True,
+                                           "value": "over-regularised"}
+  assert agree["retrained_verdict/verdict"]["holds"] is False
+  assert agree["retrained_verdict/verdict"]["value"] is None
+  md = open(doc["paths"]["md"]).read()
+  # -0.4 +- sd 0.1 / sqrt(3) over the three seeds at lambda = 1
+  assert "| 1.0 | -0.400 ± 0.058 (3) |" in md
+  assert "| 0.0 | -1.000 ± 0.000 (3) |" in md
+  assert "- pearson: 0.100 ± 0.058 (3)" in md
+  assert "dera_verdict/verdict: **over-regularised** in every run" in md
+  assert "retrained_verdict/verdict: differs across runs" in md
+  bad = plan_lib.Sweep(**{**spec.__dict__, "report_metrics": ["dera_rewrd"]})
+  with pytest.raises(UserError, match="dera_rewrd"):
+    aggregate_lib.aggregate(bad, runs)

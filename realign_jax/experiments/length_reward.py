@@ -384,6 +384,7 @@ def build_results(*, lambdas, beta, window, dera_rows, retrained_rows, sft_in_ra
   if training:
     out.update(training_columns(lambdas, training))
   out["pearson"] = rep.pearson(out["dera_reward"], out["retrained_reward"])
+  out["pearson_ci"] = rep.pearson_ci(out["dera_reward"], out["retrained_reward"])
   out["pearson_kl"] = rep.pearson(out["dera_kl"], out["retrained_kl"])
   out["reward_disagreement_lambdas"] = rep.disagreements(
       lambdas, out["dera_reward"], out["dera_reward_se"], out["retrained_reward"],
@@ -633,15 +634,15 @@ def render_report(res: dict) -> str:
   lines += ["## Does DeRa track retraining?", "",
             f"- Pearson correlation of the mean rewards of DeRa and the retrained models across "
             f"the {len(lam)} lambdas: **{f(p)}**" + (" (undefined: a constant curve)"
-                                                        if p is None else "") + "; of their KLs: "
-            f"{f(res['pearson_kl'])}."]
+                                                        if p is None else "")
+            + rep.ci_text(res.get("pearson_ci")) + "; of their KLs: " f"{f(res['pearson_kl'])}."]
   dis = res["reward_disagreement_lambdas"]
+  family = rep.FAMILY_TEXT + "; lambda = 0 and 1 are one model on both sides"
   if dis:
-    lines.append(f"- **DeRa and retraining disagree** (mean rewards more than 2 standard errors "
-                 f"apart) at lambda = {', '.join(f'{x:g}' for x in dis)}.")
+    lines.append(f"- **DeRa and retraining disagree** on the mean reward ({family}) at lambda = "
+                 f"{', '.join(f'{x:g}' for x in dis)}.")
   else:
-    lines.append("- At no lambda do the mean rewards of DeRa and retraining differ by more than "
-                 "2 standard errors.")
+    lines.append(f"- At no lambda do the mean rewards of DeRa and retraining differ ({family}).")
   if p is not None and p < 0.9:
     lines.append("- The correlation is below 0.9: on this run DeRa is a weak proxy for "
                  "retraining.")

@@ -20,6 +20,10 @@ from realign_jax.evaluation.records import check_lambda_grid
 
 # NOTE: two standard errors of a difference: the threshold for "differs" everywhere.
 Z = 2.0
+# NOTE: the two-sided level of Z for one comparison (0.0455); a family of
+# comparisons (several lambdas) is held to it as a whole (`disagreements`).
+ALPHA = math.erfc(Z / math.sqrt(2.0))
+FAMILY_TEXT = f"family-wise level {ALPHA:.3f} over the lambdas compared, Holm's correction"
 
 
 def check_lambdas(lambdas: Sequence[float], what: str = "lambda grid") -> list:
@@ -45,6 +49,33 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
   return float(np.clip(np.sum(dx * dy) / den, -1.0, 1.0))
 
 
+def pearson_ci(x: Sequence[float], y: Sequence[float], level: float = 0.95) -> Optional[list]:
+  """[low, high]: the `level` confidence interval of Pearson's r (Fisher's z, scipy.stats).
+
+  None when r is undefined or there are fewer than 4 points (Fisher's interval
+  has K - 3 degrees of freedom). NOTE: the K points are lambdas, not samples:
+  the interval treats them as independent pairs, which the curves' shared
+  endpoints (lambda = 0 and 1 are one model on both sides) make optimistic.
+  """
+  r = pearson(x, y)
+  if r is None or len(x) < 4:
+    return None
+  if abs(r) == 1.0:
+    return [r, r]
+  from scipy import stats as sps  # NOTE: lazily: scipy's import is slow
+  ci = sps.pearsonr(np.asarray(x, np.float64), np.asarray(y, np.float64)).confidence_interval(
+      confidence_level=level)
+  return [float(ci.low), float(ci.high)]
+
+
+def ci_text(ci) -> str:
+  """' (95% confidence interval [a, b], ...)' for `pearson_ci`'s interval."""
+  if not ci:
+    return " (no confidence interval: fewer than 4 lambdas)"
+  return (f" (95% confidence interval [{ci[0]:.3f}, {ci[1]:.3f}], Fisher's z over the lambdas "
+          f"as independent pairs)")
+
+
 def mean_se(values, groups=None) -> tuple:
   """(mean, standard error) with per-prompt clustering when groups are given.
 
@@ -66,17 +97,30 @@ def summarize_rows(rows: Sequence[dict], fields=("reward", "kl", "log_ratio", "l
 
 
 def disagreements(lambdas, a, a_se, b, b_se) -> list:
-  """Lambdas where two curves differ by more than Z standard errors of the difference.
+  """Lambdas where two curves differ, at family-wise level ALPHA over the lambdas compared.
 
-  A lambda with an undefined (NaN or None) standard error is never listed.
+  Each lambda's two-sided p-value is that of |a - b| / sqrt(a_se^2 + b_se^2)
+  under the normal; Holm's step-down procedure (Holm 1979) then keeps the
+  chance of calling any agreeing lambda a disagreement below ALPHA (the level
+  of Z standard errors for one comparison). Compared are the lambdas whose
+  standard errors are defined (NaN or None: never listed) and where the two
+  curves are not one model (the same mean and standard error on both sides, as
+  at lambda = 0 and 1 of the length-reward study, is no comparison).
   """
-  out = []
+  from scipy import stats as sps  # NOTE: lazily: scipy's import is slow
+  tests = []
   for lam, x, sx, y, sy in zip(lambdas, a, a_se, b, b_se):
-    if not (_defined(sx) and _defined(sy)):
+    if not (_defined(sx) and _defined(sy)) or (x == y and sx == sy):
       continue
-    if abs(x - y) > Z * math.sqrt(sx * sx + sy * sy) + 1e-12:
-      out.append(lam)
-  return out
+    sd = math.sqrt(sx * sx + sy * sy)
+    p = 0.0 if sd == 0.0 else float(2.0 * sps.norm.sf(abs(x - y) / sd))
+    tests.append((p, lam))
+  out, m = [], len(tests)
+  for k, (p, lam) in enumerate(sorted(tests)):
+    if p > ALPHA / (m - k):
+      break
+    out.append(lam)
+  return sorted(out)
 
 
 def _defined(se) -> bool:

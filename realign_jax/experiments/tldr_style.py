@@ -465,6 +465,7 @@ def family_results(lambdas, beta, sft_rows, fam, pw, refs, judge_seed) -> dict:
            ("pairwise_accuracy", "dera_pairwise_accuracy", "retrained_pairwise_accuracy"),
            ("kl", "dera_kl", "retrained_kl"))
   out["pearson"] = {name: rep.pearson(out[a], out[b]) for name, a, b in pairs}
+  out["pearson_ci"] = {name: rep.pearson_ci(out[a], out[b]) for name, a, b in pairs}
   out["disagreement_lambdas"] = {
       name: rep.disagreements(lambdas, out[a], out[a + "_se"], out[b], out[b + "_se"])
       for name, a, b in pairs if name != "kl"}
@@ -610,17 +611,18 @@ def _family_section(res: dict, family: str) -> list:
        "learned reward DeRa / retr.", "pair. acc. DeRa / retr."], rows), ""]
   p = f["pearson"]
   lines.append(f"- Pearson correlation between DeRa and the retrained models across the "
-               f"{len(lam)} lambdas: win rate against SFT **{rep.fmt(p['winrate_vs_sft'])}**; "
+               f"{len(lam)} lambdas: win rate against SFT **{rep.fmt(p['winrate_vs_sft'])}**"
+               f"{rep.ci_text(f.get('pearson_ci', {}).get('winrate_vs_sft'))}; "
                f"against the base model {rep.fmt(p['winrate_vs_base'])}; mean gold reward "
                f"{rep.fmt(p['gold'])}; pairwise accuracy {rep.fmt(p['pairwise_accuracy'])}; "
                f"KL {rep.fmt(p['kl'])} (n/a: undefined, a constant curve or one lambda).")
   for name, dis in f["disagreement_lambdas"].items():
     if dis:
-      lines.append(f"- **DeRa and retraining disagree** on {name.replace('_', ' ')} (more than "
-                   f"2 standard errors apart) at lambda = {', '.join(f'{x:g}' for x in dis)}.")
+      lines.append(f"- **DeRa and retraining disagree** on {name.replace('_', ' ')} "
+                   f"({rep.FAMILY_TEXT}) at lambda = {', '.join(f'{x:g}' for x in dis)}.")
   if not any(f["disagreement_lambdas"].values()):
-    lines.append("- At no lambda do DeRa and retraining differ by more than 2 standard errors "
-                 "on any of these measures.")
+    lines.append(f"- At no lambda do DeRa and retraining differ on any of these measures "
+                 f"({rep.FAMILY_TEXT}).")
   if p["winrate_vs_sft"] is not None and p["winrate_vs_sft"] < 0.9:
     lines.append("- The win-rate correlation is below 0.9: on this run DeRa is a weak proxy "
                  "for retraining.")

@@ -10,7 +10,9 @@ mean, standard error (sample standard deviation / sqrt(n); n = 1 has none:
 null) and n, over the runs that finished and reported a finite value.
 aggregate.json also records the sweep's binary, gin files and fixed bindings,
 the runs left out (not finished, or no metrics file) and each counted run's
-wall time in seconds (its sweep_status.json).
+wall time in seconds (its sweep_status.json). For each `sweep.agree` text
+field (a verdict), it records every run's value and whether one value holds
+across all of them; aggregate.md tabulates `sweep.report_metrics`.
 """
 
 from __future__ import annotations
@@ -62,6 +64,26 @@ def flatten_json(obj: Any, list_axis: Optional[str] = None) -> dict:
         walk(x, f"{key}[{label}]")
   walk(obj, "")
   return out
+
+
+def text_field(path: str, name: str) -> Optional[str]:
+  """The text at `name` ('a/b': nested keys) of a results.json; None where absent."""
+  if not path.endswith(".json"):
+    return None
+  with open(path) as f:
+    v = json.load(f)
+  for k in name.split("/"):
+    if not isinstance(v, dict) or k not in v:
+      return None
+    v = v[k]
+  return v if isinstance(v, str) else None
+
+
+def agreement(values: Sequence[Optional[str]]) -> dict:
+  """{'values': per run, 'holds': one value in every run, 'value': it, else None}."""
+  seen = set(values)
+  holds = len(seen) == 1 and None not in seen
+  return {"values": list(values), "holds": holds, "value": values[0] if holds else None}
 
 
 def final_train_metrics(path: str) -> dict:
@@ -158,6 +180,8 @@ def aggregate(spec: plan_lib.Sweep, runs: Sequence[plan_lib.Run]) -> dict:
       continue
     group["runs"].append(run.name)
     seconds[run.name] = runner.read_status(run.run_dir).get("seconds")
+    for name in spec.agree:
+      group.setdefault("texts", {}).setdefault(name, []).append(text_field(path, name))
     for metric, v in read_metrics(path, spec.list_axis, run.run_dir).items():
       if math.isfinite(v):
         group["values"].setdefault(metric, []).append(v)
@@ -170,7 +194,9 @@ def aggregate(spec: plan_lib.Sweep, runs: Sequence[plan_lib.Run]) -> dict:
     for m in metric_names:
       mean, se, n = mean_se(g["values"].get(m, []))
       stats[m] = {"mean": _json_number(mean), "se": _json_number(se), "n": n}
-    settings.append({"bindings": g["bindings"], "runs": g["runs"], "metrics": stats})
+    settings.append({"bindings": g["bindings"], "runs": g["runs"], "metrics": stats,
+                     "agreement": {name: agreement(g.get("texts", {}).get(name, []))
+                                   for name in spec.agree}})
   doc = {"binary": spec.binary, "gin_files": list(spec.gin_files), "fixed": dict(spec.fixed),
          "seed_binding": spec.seed_binding, "seeds": list(spec.seeds),
          "swept": swept, "settings": settings, "missing_runs": missing,
@@ -181,6 +207,9 @@ def aggregate(spec: plan_lib.Sweep, runs: Sequence[plan_lib.Run]) -> dict:
   paths = {"json": os.path.join(root, "aggregate.json"), "csv": os.path.join(root, "aggregate.csv")}
   atomic_write_text(paths["json"], json.dumps(doc, indent=2) + "\n")
   atomic_write_text(paths["csv"], _csv(swept, settings, metric_names))
+  if spec.report_metrics:
+    paths["md"] = os.path.join(root, "aggregate.md")
+    atomic_write_text(paths["md"], markdown(spec, settings, metric_names))
   if spec.plot_metric:
     paths["plot"] = plot(spec, settings, metric_names, root)
   doc["paths"] = paths
@@ -198,6 +227,57 @@ def _csv(swept, settings, metric_names) -> str:
                   "" if st["mean"] is None else repr(st["mean"]),
                   "" if st["se"] is None else repr(st["se"]), st["n"]])
   return buf.getvalue()
+
+
+def _cell(st: Optional[dict]) -> str:
+  if not st or st["mean"] is None:
+    return "-"
+  se = "n/a" if st["se"] is None else f"{st['se']:.3f}"
+  return f"{st['mean']:.3f} ± {se} ({st['n']})"
+
+
+def markdown(spec: plan_lib.Sweep, settings: list, metric_names: list) -> str:
+  """aggregate.md: `report_metrics` as mean ± standard error (n) across seeds, per setting.
+
+  A metric that is a list along `list_axis` (name[axis=v]) is a column whose
+  rows are the axis values; a scalar is listed on its own line.
+  """
+  unknown = [m for m in spec.report_metrics
+             if m not in metric_names and not any(n.startswith(m + "[") for n in metric_names)]
+  if unknown:
+    raise UserError(f"sweep.report_metrics names {unknown}, not metrics of any run; e.g. "
+                    f"{metric_names[:8]}")
+  columns = [m for m in spec.report_metrics if m not in metric_names]
+  scalars = [m for m in spec.report_metrics if m in metric_names]
+  lines = [f"# {spec.binary}: mean ± standard error across seeds (n runs)", "",
+           f"Seeds: {list(spec.seeds)} (binding {spec.seed_binding}); standard error: the "
+           "sample standard deviation across seeds / sqrt(n).", ""]
+  for s in settings:
+    label = ", ".join(f"{k}={plan_lib.name_text(v)}" for k, v in s["bindings"].items())
+    lines += [f"## {label or 'all runs'} ({len(s['runs'])} runs: {', '.join(s['runs'])})", ""]
+    labels = []
+    for n in metric_names:
+      for m in columns:
+        if n.startswith(m + "[") and n[len(m):] not in labels:
+          labels.append(n[len(m):])
+    if columns:
+      lines.append("| " + " | ".join([spec.list_axis or "entry", *columns]) + " |")
+      lines.append("|" + "---|" * (len(columns) + 1))
+      for lab in labels:
+        head = lab.strip("[]").split("=", 1)[-1]
+        lines.append("| " + " | ".join([head, *(_cell(s["metrics"].get(m + lab))
+                                               for m in columns)]) + " |")
+      lines.append("")
+    for m in scalars:
+      lines.append(f"- {m}: {_cell(s['metrics'][m])}")
+    for name, a in s.get("agreement", {}).items():
+      if a["holds"]:
+        lines.append(f"- {name}: **{a['value']}** in every run")
+      else:
+        lines.append(f"- {name}: differs across runs ({', '.join(map(str, a['values']))}): no "
+                     "conclusion holds across seeds")
+    lines.append("")
+  return "\n".join(lines)
 
 
 def plot(spec: plan_lib.Sweep, settings: list, metric_names: list, root: str) -> str:

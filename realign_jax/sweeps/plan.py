@@ -52,6 +52,11 @@ class Sweep:
   plot_metric, plot_x: the plot: a metric against a swept binding, one line per
     value of the other swept bindings, error bars one standard error across seeds.
   plot_log_x: a logarithmic x axis.
+  agree: text fields of the runs' results.json ('dera_verdict/verdict') whose
+    value across seeds aggregate.json reports, with whether it holds in all.
+  report_metrics: metrics tabulated in aggregate.md as mean ± standard error
+    (n) across seeds; a results.json list named here is one column, its
+    entries rows labelled by `list_axis`.
   """
   binary: str
   gin_files: Sequence[str]
@@ -70,6 +75,8 @@ class Sweep:
   plot_metric: Optional[str] = None
   plot_x: Optional[str] = None
   plot_log_x: bool = False
+  agree: Sequence[str] = ()
+  report_metrics: Sequence[str] = ()
 
 
 @dataclasses.dataclass(frozen=True)
