@@ -140,6 +140,51 @@ def test_no_alignment_gain_is_said():
   assert out["pearson"]["winrate_vs_sft"] is None  # constant curves
 
 
+# ---- human preference pairs (the T5-large config's reward-model data) ---------------------
+def test_human_pairs_from_the_comparisons_release(tmp_path):
+  # Upstream format: JSON-lines batch*.json rows with info/summaries/choice/split; a CNN/DM
+  # row (no post) and a pair of identical summaries are not usable pairs.
+  def row(i, split, choice):
+    return {"info": {"id": f"t3_{i}", "post": f"Post {i}.", "title": f"Title {i}",
+                     "subreddit": "tifu"},
+            "summaries": [{"text": f" first {i}", "policy": "sup2", "note": None},
+                          {"text": f" second {i}", "policy": "ref", "note": None}],
+            "choice": choice, "worker": "w", "batch": "batch1", "split": split}
+  same = dict(row(9, "valid1", 0), summaries=[{"text": " x"}, {"text": " x"}])
+  cnndm = {"info": {"id": "c", "article": "A.", "site": "cnn"},
+           "summaries": [{"text": "a"}, {"text": "b"}], "choice": 0, "split": "valid1"}
+  rows = [row(0, "train", 1), row(1, "valid1", 0), same, cnndm, row(2, "train", 0),
+          row(3, "train", 1), row(4, "valid1", 1), row(5, "valid2", 0)]
+  data = tmp_path / "comparisons"
+  data.mkdir()
+  (data / "batch1.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  out = ts.write_human_pairs(str(tmp_path / "stage"), str(data), "validation", 2, 2)
+  assert out["train"] == {"pairs": 2, "skipped_invalid": 0, "source": "tldr_comparisons"}
+  assert out["validation"] == {"pairs": 2, "skipped_invalid": 1, "source": "tldr_comparisons"}
+  train = stages_lib.read_jsonl(str(tmp_path / "stage" / ts.TRAIN_PAIRS))
+  held = stages_lib.read_jsonl(str(tmp_path / "stage" / ts.HELDOUT_PAIRS))
+  prompt = lambda i: f"SUBREDDIT: r/tifu\nTITLE: Title {i}\nPOST: Post {i}.\nTL;DR:"
+  # `choice` names the chosen summary; the leading space after "TL;DR:" is stripped.
+  assert train == [{"prompt": prompt(0), "chosen": "second 0", "rejected": "first 0"},
+                   {"prompt": prompt(2), "chosen": "first 2", "rejected": "second 2"}]
+  assert held == [{"prompt": prompt(1), "chosen": "first 1", "rejected": "second 1"},
+                  {"prompt": prompt(4), "chosen": "second 4", "rejected": "first 4"}]
+  with pytest.raises(UserError, match="3 preference pairs asked from split validation .* only 2"):
+    ts.write_human_pairs(str(tmp_path / "stage2"), str(data), "validation", 2, 3)
+  assert not (tmp_path / "stage2").exists()
+
+
+def test_t5_large_config_trains_its_reward_model_on_human_comparisons(clean_gin):
+  from realign_jax import gin_utils
+  gin_utils.parse(["configs/experiments/tldr_style_t5_large.gin"],
+                  ["MODEL_DIR = 'm'", "INIT_CHECKPOINT = 'i'", "VOCAB_PATH = 'v'",
+                   "DATA_DIR = 'd'", "COMPARISONS_DIR = 'human'"])
+  assert gin.get_bindings("tldr_style")["comparisons_dir"] == "human"
+  gin.clear_config()
+  gin_utils.parse([TS_GIN], ["MODEL_DIR = 'm'"])  # the toy study: synthetic pairs
+  assert "comparisons_dir" not in gin.get_bindings("tldr_style")
+
+
 # ---- bad input, before any compute --------------------------------------------------------
 def _main(tmp_path, extra=()):
   args = [f"--gin_file={TS_GIN}", f"--gin.MODEL_DIR='{tmp_path}'"]

@@ -143,6 +143,31 @@ class PairSettings:
   gold: str = GOLD_NAME
 
 
+def write_human_pairs(stage_dir: str, comparisons_dir: str, heldout_split: str,
+                      num_train: int, num_heldout: int) -> dict:
+  """The preference stage on human data: the first pairs of the TL;DR comparisons' splits.
+
+  Writes TRAIN_PAIRS (train) and HELDOUT_PAIRS (`heldout_split`) in the
+  preference schema; upstream rows that are unusable (e.g. two identical
+  summaries) are skipped and counted. Fewer valid pairs than asked is a
+  UserError before anything is written.
+  """
+  plan = []
+  for split, n, fname in (("train", num_train, TRAIN_PAIRS),
+                          (heldout_split, num_heldout, HELDOUT_PAIRS)):
+    rows, skipped = prefs_lib.load_tldr_comparisons(comparisons_dir, split, skip_invalid=True)
+    if len(rows) < n:
+      raise UserError(f"{n} preference pairs asked from split {split} of the TL;DR "
+                      f"comparisons in {comparisons_dir}, which holds only {len(rows)} "
+                      f"valid ones")
+    plan.append((split, fname, rows[:n], skipped))
+  out = {}
+  for split, fname, rows, skipped in plan:
+    written = prefs_lib.write_preference_jsonl(os.path.join(stage_dir, fname), rows)
+    out[split] = {"pairs": written, "skipped_invalid": skipped, "source": "tldr_comparisons"}
+  return out
+
+
 # ---- the study ---------------------------------------------------------------------
 def tldr_style(*, model_dir: str, sft: SFT, reward_model: RewardModel, pg: Callable,
                dpo: DPO, sft_steps: int, reward_model_steps: int, pg_steps: int,
@@ -158,7 +183,7 @@ def tldr_style(*, model_dir: str, sft: SFT, reward_model: RewardModel, pg: Calla
                num_eval_prompts: int = 64, num_samples: int = 2, eval_batch_size: int = 32,
                eval_split: str = "test", eval_seed: int = 0, judge_seed: int = 0,
                with_dpo: bool = True, compilation_cache: bool = True,
-               progress: bool = True) -> dict:
+               progress: bool = True, comparisons_dir: str = None) -> dict:
   """Runs (or resumes) the study in `model_dir`; returns the results dict.
 
   Args:
@@ -170,6 +195,12 @@ def tldr_style(*, model_dir: str, sft: SFT, reward_model: RewardModel, pg: Calla
       max_new_tokens=...).
     input_length, max_new_tokens: prompt length and response limit of every
       sample the study draws (pairs, rollouts, evaluation).
+    comparisons_dir: None: synthetic pairs (two SFT samples per prompt, the gold
+      reward picks `chosen`). Else human preference data as the paper uses it:
+      the TL;DR comparisons release (`tldr_comparisons`, data/tldr.py) in this
+      directory; its train split (the first num_train_pair_prompts pairs) trains
+      the reward model and DPO, and `heldout_split` (the first
+      num_heldout_pair_prompts pairs) measures pairwise accuracy.
   """
   t_start = time.perf_counter()
   # ---- validate everything before any compute -----------------------------------
@@ -242,7 +273,16 @@ def tldr_style(*, model_dir: str, sft: SFT, reward_model: RewardModel, pg: Calla
                           heldout_split=heldout_split,
                           num_heldout_prompts=num_heldout_pair_prompts, seed=pair_seed)
 
+  if comparisons_dir:
+    pair_set = {"source": "tldr_comparisons", "train_split": "train",
+                "num_train_pairs": num_train_pair_prompts, "heldout_split": heldout_split,
+                "num_heldout_pairs": num_heldout_pair_prompts,
+                "data_dir": os.path.abspath(comparisons_dir)}
+
   def pairs_stage(d):
+    if comparisons_dir:
+      return write_human_pairs(d, comparisons_dir, heldout_split, num_train_pair_prompts,
+                               num_heldout_pair_prompts)
     params = sampling.load_lm_params(sft_dir, lm, mesh, rules)
     out = {}
     for split, n, fname in (("train", num_train_pair_prompts, TRAIN_PAIRS),
@@ -646,19 +686,25 @@ def render_report(res: dict) -> str:
   tr = res["preference_pairs"].get("train", {})
   ho = res["preference_pairs"].get(s["heldout_split"], {})
   rm = res["reward_model"]
+  human = tr.get("source") == "tldr_comparisons"
   lines += [
       f"Model: `{s['model']}`; task `{s['task']}`; SFT {s['sft_steps']} steps, reward model "
       f"{s['reward_model_steps']} steps, every PG run {s['pg_steps']} steps"
       + (f", every DPO run {s['dpo_steps']} steps" if s.get("dpo_steps") else "") + ".", "",
       f"**Gold reward** (standing for summary quality): the {res['gold_reward']} of the prompt "
       f"(word-level longest common subsequence, harmonic mean of precision and recall). It "
-      f"labels the synthetic preference pairs and judges every win rate; no trained model "
-      f"sees it directly.", "",
-      f"Preference pairs: two SFT samples per prompt, the higher gold score `chosen`: "
-      f"{tr.get('pairs')} training pairs from {tr.get('prompts')} `train` prompts "
-      f"(skipped: {tr.get('ties')} ties, {tr.get('identical')} identical, {tr.get('empty')} "
-      f"empty), {ho.get('pairs')} held-out pairs from {ho.get('prompts')} "
-      f"`{s['heldout_split']}` prompts. Bradley-Terry reward model: held-out accuracy "
+      + (f"judges every win rate; no trained model sees it directly." if human else
+         f"labels the synthetic preference pairs and judges every win rate; no trained model "
+         f"sees it directly."), "",
+      (f"Preference pairs: human comparisons of the TL;DR release (`tldr_comparisons`): "
+       f"{tr.get('pairs')} training pairs of `train` (skipped as invalid: "
+       f"{tr.get('skipped_invalid')}), {ho.get('pairs')} held-out pairs of "
+       f"`{s['heldout_split']}`. " if human else
+       f"Preference pairs: two SFT samples per prompt, the higher gold score `chosen`: "
+       f"{tr.get('pairs')} training pairs from {tr.get('prompts')} `train` prompts "
+       f"(skipped: {tr.get('ties')} ties, {tr.get('identical')} identical, {tr.get('empty')} "
+       f"empty), {ho.get('pairs')} held-out pairs from {ho.get('prompts')} "
+       f"`{s['heldout_split']}` prompts. ") + "Bradley-Terry reward model: held-out accuracy "
       f"{_pm(rm['heldout_accuracy'], rm['heldout_accuracy_se'])} on "
       f"{rm['heldout_pairs']} pairs.", "",
       f"Evaluation: the first {s['num_eval_prompts']} prompts of `{s['eval_split']}`, "
