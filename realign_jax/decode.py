@@ -58,7 +58,6 @@ cli.precheck(__name__)  # NOTE: before the heavy imports (see cli.py)
 import dataclasses
 import inspect
 import logging
-import os
 import time
 from typing import Optional, Sequence, Union
 
@@ -69,6 +68,7 @@ import numpy as np
 
 from realign_jax import decode_methods as methods_lib
 from realign_jax import gin_utils
+from realign_jax import paths
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.checkpoints import run_dir
 from realign_jax.data import pipeline
@@ -89,7 +89,7 @@ block_kl_estimate = methods_lib.block_kl_estimate
 
 def read_prompt_file(path: str) -> list:
   """JSONL with a non-empty string `prompt` per line."""
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise UserError(f"prompt file {path} not found")
   from realign_jax.data import jsonl
   prompts = []
@@ -372,7 +372,13 @@ def _check_common(num_samples: int, batch_size: int, output_file: str) -> None:
   if batch_size < 1:
     raise UserError(f"batch_size must be >= 1, got {batch_size}")
   from realign_jax import config_check
-  config_check.check_output_file(output_file)
+  if paths.is_remote(output_file):
+    # NOTE: an object store has no directories to check (an object is written
+    # under any prefix), nor a writability test short of writing.
+    if paths.isdir(output_file):
+      raise UserError(f"OUTPUT_FILE {output_file} is a directory; name a file")
+  else:
+    config_check.check_output_file(output_file)
 
 
 def load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir, max_prompts,

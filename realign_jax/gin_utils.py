@@ -205,20 +205,22 @@ def configure_binary(argv: Sequence[str], name: str, fn: Callable,
 
 
 def write_operative_config(model_dir: str, name: str = "config.gin") -> Optional[str]:
-  """Writes gin's operative config into `model_dir` (process 0 only; None elsewhere)."""
+  """Writes gin's operative config into `model_dir` (process 0 only; None elsewhere).
+
+  `model_dir` may be a gs:// URI (see `realign_jax.paths`).
+  """
   import jax
   if jax.process_index() != 0:
     return None
-  from realign_jax.checkpoints.manager import atomic_write_text
-  os.makedirs(model_dir, exist_ok=True)
+  paths.makedirs(model_dir)
   path = os.path.join(model_dir, name)
-  atomic_write_text(path, gin.operative_config_str())
+  paths.atomic_write_text(path, gin.operative_config_str())
   return path
 
 
 def write_operative_config_beside(output_file: str) -> Optional[str]:
   """The operative config next to a binary's output: OUT.config.gin beside OUT (process 0)."""
-  path = os.path.abspath(output_file)
+  path = paths.abspath(output_file)
   return write_operative_config(os.path.dirname(path), os.path.basename(path) + ".config.gin")
 
 

@@ -27,6 +27,7 @@ import jax
 import optax
 
 from realign_jax import gin_utils
+from realign_jax import paths
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.checkpoints import run_dir
 from realign_jax.errors import UserError
@@ -76,7 +77,7 @@ def train(*, model_dir: str, train_steps: int, algorithm: trainer_lib.Algorithm,
   # NOTE: process 0 speaks for the run: it holds the lock and writes the records.
   lock = run_dir.RunLock(model_dir) if jax.process_index() == 0 else None
   if lock is not None:
-    os.makedirs(model_dir, exist_ok=True)
+    paths.makedirs(model_dir)
     lock.acquire()
   try:
     refused = None
@@ -113,7 +114,7 @@ def _check_and_record(model_dir: str, algorithm, allow_config_change: bool,
   model = getattr(algorithm, "model", None)
   if model is not None:
     path = os.path.join(model_dir, ckpt_lib.MODEL_JSON)
-    if os.path.exists(path):
+    if paths.exists(path):
       previous, _ = ckpt_lib.read_model_json(model_dir)
       if previous != model.config:
         raise UserError(f"{path} describes another model than this config ({previous} vs "
@@ -133,7 +134,7 @@ def _check_and_record(model_dir: str, algorithm, allow_config_change: bool,
 
 
 def _listdir(path: str) -> list:
-  return os.listdir(path) if os.path.isdir(path) else []
+  return paths.listdir(path) if paths.isdir(path) else []
 
 
 def main(argv: list) -> int:

@@ -12,17 +12,19 @@ empty directory, an empty `_METADATA`, a truncated array file) or that holds
 non-finite values is named in a one-line `UserError`; resuming falls back to
 the newest intact step and moves the broken ones to `MODEL_DIR/broken_checkpoints`.
 A failed write (a full disk) is a one-line `UserError` naming the step's path.
+
+MODEL_DIR may be an object-store URI (`gs://bucket/run`): orbax writes there
+itself (through epath and TensorStore); the other files and moves here go
+through `realign_jax.paths`.
 """
 
 import contextlib
 import dataclasses
 import gc
-import glob
 import json
 import logging
 import os
 import re
-import shutil
 import sys
 import types
 from typing import Any, Callable, Optional
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from realign_jax import paths
 from realign_jax.errors import UserError
 from realign_jax.models import layout as layout_lib
 from realign_jax.models.config import DecoderConfig, ModelConfig, SpecialTokens, T5Config
@@ -48,20 +51,13 @@ def check_run_dir(model_dir: str) -> None:
   """Refuses a MODEL_DIR (or its checkpoint directory) that exists but is not a directory."""
   for path, what in ((model_dir, "MODEL_DIR"),
                      (os.path.join(model_dir, CHECKPOINT_SUBDIR), "the checkpoint directory")):
-    if os.path.exists(path) and not os.path.isdir(path):
+    if paths.exists(path) and not paths.isdir(path):
       raise UserError(f"{what} {path} exists and is not a directory")
 
 
 def atomic_write_text(path: str, text: str) -> None:
-  """Writes `text` to a temporary file, then renames it: `path` appears only complete."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  """Writes `text` so that `path` appears only complete (`paths.atomic_write_text`)."""
+  paths.atomic_write_text(path, text)
 
 
 def atomic_write_jsonl(path: str, rows) -> None:
@@ -73,7 +69,7 @@ def atomic_write_jsonl(path: str, rows) -> None:
 def write_model_json(model_dir: str, config: ModelConfig, output_head: str = "lm",
                      vocab: Optional[dict] = None) -> None:
   """`vocab`: the vocabulary's identity (`run_dir.vocabulary_identity`), when known."""
-  os.makedirs(model_dir, exist_ok=True)
+  paths.makedirs(model_dir)
   fields = dataclasses.asdict(config)
   # NOTE: the special token ids sit next to the config: they belong to the
   # model/tokenizer pair, not to the architecture.
@@ -91,10 +87,11 @@ def read_model_json(model_dir: str) -> tuple[ModelConfig, str]:
   if hf_import.is_hf_dir(model_dir):
     return hf_import.hf_model_config(model_dir), "lm"
   path = os.path.join(model_dir, MODEL_JSON)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise UserError(f"{path} not found: not a run directory written by realign_jax.train")
   try:
-    doc = json.load(open(path))
+    with paths.open(path) as f:
+      doc = json.load(f)
     cls = {"t5": T5Config, "decoder": DecoderConfig}[doc["family"]]
     fields = dict(doc["config"])
     # NOTE: written before layouts existed: unrolled.
@@ -178,16 +175,16 @@ def _chain(e: BaseException) -> list:
 
 def _step_problem(step_dir: str) -> Optional[str]:
   """Why a step directory is certainly not a readable checkpoint (cheap checks), or None."""
-  if not os.path.isdir(step_dir):
+  if not paths.isdir(step_dir):
     return "is missing"
-  if not os.listdir(step_dir):
+  if not paths.listdir(step_dir):
     return "is an empty directory, not a checkpoint"
   meta = os.path.join(step_dir, _ITEM_DIR, _TREE_METADATA)
-  if os.path.isfile(meta):
-    if os.path.getsize(meta) == 0:
+  if paths.isfile(meta):
+    if paths.getsize(meta) == 0:
       return f"is incomplete: {meta} is empty"
     try:
-      with open(meta, encoding="utf-8") as f:
+      with paths.open(meta) as f:
         json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
       return f"is corrupt: {meta} is not valid JSON ({e})"
@@ -339,7 +336,7 @@ class Checkpointer:
   def __init__(self, model_dir: str, *, keep: int = 3, async_save: bool = True):
     check_run_dir(model_dir)
     _quiet_orbax()
-    self.model_dir = os.path.abspath(model_dir)
+    self.model_dir = paths.abspath(model_dir)
     self.directory = os.path.join(self.model_dir, CHECKPOINT_SUBDIR)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save,
@@ -373,8 +370,10 @@ class Checkpointer:
       self._failed = True
       # NOTE: orbax writes into `<step>.orbax-checkpoint-tmp*` and renames it
       # when complete: the earlier steps are untouched; the partial one goes.
-      for tmp in glob.glob(glob.escape(self.step_dir(step)) + ".orbax-checkpoint-tmp*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+      partial = f"{step}.orbax-checkpoint-tmp"
+      for name in (paths.listdir(self.directory) if paths.isdir(self.directory) else []):
+        if name.startswith(partial):
+          paths.rmtree(os.path.join(self.directory, name), ignore_errors=True)
       earlier = [s for s in self._mngr.all_steps() if s < step]
       kept = (f"the earlier checkpoints are intact (latest: step {max(earlier)})" if earlier
               else "no earlier checkpoint")
@@ -430,11 +429,11 @@ class Checkpointer:
     for e in broken:
       dest = os.path.join(root, str(e.step))
       n = 1
-      while os.path.exists(dest):
+      while paths.exists(dest):
         dest, n = os.path.join(root, f"{e.step}.{n}"), n + 1
       if jax.process_index() == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.move(e.path, dest)
+        paths.makedirs(root)
+        paths.move(e.path, dest)
         print(f"warning: skipped {e}; moved it to {dest}; resuming from step {resumed}",
               file=sys.stderr)
     if jax.process_count() > 1:
@@ -472,7 +471,7 @@ def _layouts(model_dir: str, abstract_params: Any) -> tuple:
 
   (None, None, None) without a model.json; the layouts are then not checked.
   """
-  if not os.path.exists(os.path.join(model_dir, MODEL_JSON)):
+  if not paths.exists(os.path.join(model_dir, MODEL_JSON)):
     return None, None, None
   config, _ = read_model_json(model_dir)
   try:
@@ -498,7 +497,7 @@ def load_params(model_dir: str, abstract_params: Any, *, step: Optional[int] = N
   if hf_import.is_hf_dir(model_dir):
     return hf_import.hf_params(model_dir, abstract_params)
   ckpt_dir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
-  if not os.path.isdir(ckpt_dir):
+  if not paths.isdir(ckpt_dir):
     raise UserError(f"no checkpoint directory at {ckpt_dir}")
   target = abstract_params
   src_config, src_layout, wanted = _layouts(model_dir, abstract_params)
@@ -507,7 +506,7 @@ def load_params(model_dir: str, abstract_params: Any, *, step: Optional[int] = N
     # NOTE: read in the checkpoint's own layout, then restack on device.
     abstract_params = layout_lib.to_layout(target, src_config, src_layout)
   _quiet_orbax()
-  mngr = ocp.CheckpointManager(os.path.abspath(ckpt_dir),
+  mngr = ocp.CheckpointManager(paths.abspath(ckpt_dir),
                                options=ocp.CheckpointManagerOptions(read_only=True, create=False,
                                                                    save_interval_steps=0),
                                item_handlers=ocp.PyTreeCheckpointHandler())
@@ -516,7 +515,7 @@ def load_params(model_dir: str, abstract_params: Any, *, step: Optional[int] = N
     if step is None:
       raise UserError(f"no checkpoint found in {ckpt_dir}")
     where = f"checkpoint {ckpt_dir} step {step}"
-    step_dir = os.path.join(os.path.abspath(ckpt_dir), str(step))
+    step_dir = os.path.join(paths.abspath(ckpt_dir), str(step))
 
     def read():
       found = _params_metadata(mngr, step)

@@ -15,6 +15,10 @@
   vocabulary a run was trained with (its path and the SHA-256 of the file);
   decoding, evaluating or aligning with another vocabulary is refused unless
   the user overrides it explicitly.
+
+MODEL_DIR may be an object-store URI (gs://): the config records go through
+`realign_jax.paths`. The lock stays local (see `RunLock`); the vocabulary
+files are read locally.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import socket
 import time
 from typing import Optional
 
+from realign_jax import paths
 from realign_jax.errors import UserError
 
 LOCK_FILE = "run.lock"
@@ -53,11 +58,19 @@ def _pid_alive(pid: int) -> bool:
 
 
 class RunLock:
-  """`with RunLock(model_dir):` holds `MODEL_DIR/run.lock` for the block."""
+  """`with RunLock(model_dir):` holds `MODEL_DIR/run.lock` for the block.
+
+  NOTE: the lock needs a create-if-absent write (O_EXCL) and a pid to check on
+  this host. Object stores offer neither through epath (a plain write
+  replaces, and a preempted pod restarts on another host, leaving a lock no
+  one could check), so a remote MODEL_DIR is not locked: one warning line says
+  that a second run into it is not detected.
+  """
 
   def __init__(self, model_dir: str):
     self.path = os.path.join(model_dir, LOCK_FILE)
     self._held = False
+    self._remote = paths.is_remote(model_dir)
 
   def _owner(self) -> Optional[dict]:
     try:
@@ -67,6 +80,10 @@ class RunLock:
       return None
 
   def acquire(self) -> "RunLock":
+    if self._remote:
+      logging.warning("MODEL_DIR %s is not on a local disk: it is not locked, so another run "
+                      "started into it is not detected", os.path.dirname(self.path))
+      return self
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
     for _ in range(3):
       try:
@@ -158,11 +175,10 @@ def check_resume_config(model_dir: str, config_text: str, *, step: int,
   """Records the config at a run's start; refuses a resume under another one (see module doc)."""
   from realign_jax.checkpoints.manager import atomic_write_text
   path = os.path.join(model_dir, RUN_CONFIG)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     atomic_write_text(path, config_text)
     return
-  with open(path, encoding="utf-8") as f:
-    old = f.read()
+  old = paths.read_text(path)
   diffs = config_differences(old, config_text)
   if not diffs:
     return
@@ -175,8 +191,7 @@ def check_resume_config(model_dir: str, config_text: str, *, step: int,
         "the new config deliberately with --gin.train.allow_config_change=True")
   record = {"step": step, "time": time.time(),
             "changes": [{"binding": k, "old": o, "new": n} for k, o, n in diffs]}
-  with open(os.path.join(model_dir, CONFIG_CHANGES), "a", encoding="utf-8") as f:
-    f.write(json.dumps(record) + "\n")
+  paths.append_text(os.path.join(model_dir, CONFIG_CHANGES), json.dumps(record) + "\n")
   atomic_write_text(path, config_text)
   logging.warning("resuming %s at step %d under a changed config (%d bindings; recorded in %s)",
                   model_dir, step, len(diffs), CONFIG_CHANGES)
@@ -204,7 +219,7 @@ def recorded_vocabulary(model_dir: str) -> Optional[dict]:
   if hf_import.is_hf_dir(model_dir):
     return hf_import.hf_vocabulary(model_dir)
   try:
-    with open(os.path.join(model_dir, "model.json"), encoding="utf-8") as f:
+    with paths.open(os.path.join(model_dir, "model.json")) as f:
       return json.load(f).get("vocab")
   except (OSError, ValueError, AttributeError):
     return None

@@ -1,5 +1,8 @@
 """JSON lines files (one object per non-blank line) and Hugging Face datasets'
-shard files (parquet or JSON lines); errors name the file and the row."""
+shard files (parquet or JSON lines); errors name the file and the row.
+
+The JSON and JSON-lines readers also take gs:// URIs (`realign_jax.paths`);
+shard directories are local (a hub download)."""
 
 from __future__ import annotations
 
@@ -8,13 +11,14 @@ import os
 import pathlib
 from typing import Any, Iterator, Sequence
 
+from realign_jax import paths
 from realign_jax.errors import UserError
 
 
 def read_json_object(path: str | os.PathLike[str]) -> dict:
   """A JSON file holding one object (a tokenizer's config files); a UserError naming the file."""
   try:
-    with open(path, encoding="utf-8") as f:
+    with paths.open(path) as f:
       doc = json.load(f)
   except (OSError, ValueError) as e:
     raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
@@ -26,9 +30,10 @@ def read_json_object(path: str | os.PathLike[str]) -> dict:
 def iter_json_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
   """Yields (1-based line number, parsed JSON) of the non-blank lines."""
   try:
-    f = open(path, encoding="utf-8")
+    f = paths.open(path)
   except OSError as e:
-    raise UserError(f"cannot read {path}: {e.strerror}") from e
+    # NOTE: epath's errors on a URI carry a message, not an errno's text
+    raise UserError(f"cannot read {path}: {e.strerror or str(e).splitlines()[0]}") from e
   with f:
     try:
       for number, line in enumerate(f, start=1):

@@ -5,14 +5,15 @@ empty), and, where KL is asked for, finite numbers `kl` and `log_ratio`.
 `lam` (null, a finite number, or a list of them: the weight vector of
 multi-model DeRa, grouped as a tuple) groups the rows; `prompt_index` and `sample`,
 when present, identify a row within its group (otherwise its position does).
-Errors name the file and the 1-based line.
+Errors name the file and the 1-based line. The file may be a gs:// URI
+(`realign_jax.paths`), as the decode binary may write it there.
 """
 
 import json
 import math
-import os
 from typing import Any, Optional, Sequence
 
+from realign_jax import paths
 from realign_jax.errors import UserError
 
 KL_FIELDS = ("kl", "log_ratio")
@@ -38,11 +39,11 @@ def read_decode_file(path: str, *, require_kl: bool = True) -> list:
     The rows (dicts), each with `_line` (its 1-based line number) and `_key`
     ((prompt_index, sample) or the row's position within its lam group).
   """
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise UserError(f"decode file {path} not found")
   rows, seen = [], {}
   per_lam = {}
-  with open(path, encoding="utf-8") as f:
+  with paths.open(path) as f:
     for line_no, line in enumerate(f, 1):
       if not line.strip():
         continue

@@ -1,11 +1,18 @@
-"""Metrics to JSONL (`MODEL_DIR/metrics.jsonl`) and TensorBoard (`MODEL_DIR/tb`)."""
+"""Metrics to JSONL (`MODEL_DIR/metrics.jsonl`) and TensorBoard (`MODEL_DIR/tb`).
 
+MODEL_DIR may be an object-store URI (gs://): the files go through
+`realign_jax.paths`, the TensorBoard events through epath (`_EpathEventFile`).
+"""
+
+import io
 import json
 import math
 import os
 from typing import Any, Mapping, Optional
 
 import numpy as np
+
+from realign_jax import paths
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
@@ -18,20 +25,55 @@ def _py(v: Any) -> Any:
 
 def _truncate_after(path: str, step: int) -> None:
   """Drops lines logged after `step` (written by a run that died before saving)."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return
   keep = []
-  with open(path) as f:
+  with paths.open(path) as f:
     for line in f:
       try:
         if json.loads(line).get("step", -1) <= step:
           keep.append(line)
       except ValueError:
         continue  # a line cut short by a kill
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
+  paths.atomic_write_text(path, "".join(keep))
+
+
+class _EpathEventFile:
+  """An event file on an object store, for tensorboardX: buffered, written whole at each flush.
+
+  NOTE: tensorboardX's own gs:// writer needs google-cloud-storage (not a
+  dependency); its S3 writer uploads the whole buffer at each flush too.
+  """
+
+  def __init__(self, path: str):
+    self.path, self._buffer = path, io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self._buffer.write(data)
+
+  def flush(self) -> None:
+    paths.atomic_write_bytes(self.path, self._buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathEventFiles:
+  """tensorboardX's writer factory for a URI scheme (`register_writer_factory`)."""
+
+  def open(self, path: str) -> _EpathEventFile:
+    return _EpathEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    paths.makedirs(path)
+
+
+def _summary_writer(logdir: str):
+  from tensorboardX import SummaryWriter
+  if paths.is_remote(logdir):
+    from tensorboardX import record_writer
+    record_writer.register_writer_factory(logdir.split(":", 1)[0], _EpathEventFiles())
+  return SummaryWriter(logdir)
 
 
 class MetricsWriter:
@@ -47,15 +89,14 @@ class MetricsWriter:
     self._tb = None
     if not enabled:
       return
-    os.makedirs(model_dir, exist_ok=True)
+    paths.makedirs(model_dir)
     self.path = os.path.join(model_dir, METRICS_FILE)
     self.samples_path = os.path.join(model_dir, SAMPLES_FILE)
     for p in (self.path, self.samples_path):
       _truncate_after(p, -1 if resume_step is None else resume_step)
     self._tb = None
     if tensorboard:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(model_dir, "tb"))
+      self._tb = _summary_writer(os.path.join(model_dir, "tb"))
 
   def write(self, step: int, metrics: Mapping[str, Any], split: str = "train") -> dict:
     row = {"step": int(step), "split": split}
@@ -63,8 +104,7 @@ class MetricsWriter:
       row[k] = _py(v)
     if not self.enabled:
       return row
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    paths.append_text(self.path, json.dumps(row) + "\n")
     if self._tb is not None:
       for k, v in row.items():
         if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
@@ -73,10 +113,10 @@ class MetricsWriter:
 
   def read_rows(self, split: str) -> list:
     """The rows of `split` written so far (in file order); [] when writing is disabled."""
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not paths.exists(self.path):
       return []
     out = []
-    with open(self.path) as f:
+    with paths.open(self.path) as f:
       for line in f:
         try:
           row = json.loads(line)
@@ -89,9 +129,8 @@ class MetricsWriter:
   def write_samples(self, step: int, samples: list) -> None:
     if not self.enabled:
       return
-    with open(self.samples_path, "a") as f:
-      for s in samples:
-        f.write(json.dumps({"step": int(step), **s}) + "\n")
+    paths.append_text(self.samples_path,
+                      "".join(json.dumps({"step": int(step), **s}) + "\n" for s in samples))
     if self._tb is not None and samples:
       text = "\n\n".join(f"**prompt**: {s.get('prompt', '')}  \n**sample**: {s.get('sample', '')}"
                          for s in samples)

@@ -23,6 +23,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from realign_jax import paths
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
@@ -157,10 +158,10 @@ def check_init_checkpoint(init_checkpoint: str, config: Optional[ModelConfig] = 
   """
   if not init_checkpoint:
     raise UserError(f"{what} is empty")
-  if not os.path.isdir(init_checkpoint):
+  if not paths.isdir(init_checkpoint):  # NOTE: a gs:// run directory too
     raise UserError(f"{what} {init_checkpoint} does not exist")
   from realign_jax.checkpoints import hf_import  # NOTE: lazy, as the binaries import it
-  if (not os.path.exists(os.path.join(init_checkpoint, ckpt_lib.MODEL_JSON)) and
+  if (not paths.exists(os.path.join(init_checkpoint, ckpt_lib.MODEL_JSON)) and
       not hf_import.is_hf_dir(init_checkpoint)):
     raise UserError(f"{what} {init_checkpoint} has no {ckpt_lib.MODEL_JSON}: not a run "
                     "directory written by realign_jax.train (nor a Hugging Face directory)")

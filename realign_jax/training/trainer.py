@@ -15,7 +15,6 @@ import abc
 import dataclasses
 import logging
 import math
-import os
 import signal
 import time
 from typing import Any, Iterator, Optional
@@ -27,6 +26,7 @@ import numpy as np
 import optax
 
 from realign_jax import config_check
+from realign_jax import paths
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.errors import UserError
 from realign_jax.models import api as model_api
@@ -240,7 +240,7 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
   mesh = mesh or partitioning.create_mesh()
   rules = rules or partitioning.logical_axis_rules()
   ckpt_lib.check_run_dir(model_dir)
-  os.makedirs(model_dir, exist_ok=True)
+  paths.makedirs(model_dir)  # NOTE: a gs:// MODEL_DIR too
   ckpt = ckpt_lib.Checkpointer(model_dir, keep=config.keep_checkpoints,
                                async_save=config.async_checkpoint)
   base_rng = jax.random.PRNGKey(config.seed)
