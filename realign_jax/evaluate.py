@@ -10,6 +10,11 @@ references, ROUGE-1/2/L. Given COMPARE_FILE (decodes of the same prompts by
 another policy), the win rate of each group against it under a judge (the
 gold reward by default, or an LLM judge). The summary file appears only when
 complete.
+
+On several hosts each process scores a contiguous block of every group's rows
+(rewards, ROUGE) and of every comparison's pairs (the judge); the blocks are
+gathered in order, so the summary is a single process's, and process 0 alone
+writes it.
 """
 
 from realign_jax import cli
@@ -53,7 +58,8 @@ def load_references(*, reference_file: Optional[str] = None, reference_task: Opt
   return refs
 
 
-def _group_metrics(rows, path, *, reward_judge, references, orders) -> dict:
+def _group_metrics(rows, path, *, reward_name, scores, rouge_rows, orders) -> dict:
+  """A group's metrics; `scores` (rewards) and `rouge_rows` come from `_score_split`."""
   responses = [r["response"] for r in rows]
   prompts = [r["prompt"] for r in rows]
   out = {"lam": rows[0]["lam"], "num_rows": len(rows), "num_prompts": len(set(prompts))}
@@ -64,21 +70,123 @@ def _group_metrics(rows, path, *, reward_judge, references, orders) -> dict:
         [r["length"] for r in rows])
   out["mean_length_words"], out["mean_length_words_se"] = stats.mean_and_stderr(
       [len(text_metrics.tokenize(t)) for t in responses])
-  if reward_judge is not None:
-    scores = reward_judge.scores(prompts, responses, _row_ids(rows))
+  if scores is not None:
+    scores = np.asarray(scores, np.float64)
     bad = np.flatnonzero(~np.isfinite(scores))
     if bad.size:
-      raise UserError(f"{path} row {rows[bad[0]]['_line']}: reward {reward_judge.name} is "
+      raise UserError(f"{path} row {rows[bad[0]]['_line']}: reward {reward_name} is "
                       f"{scores[bad[0]]}")
     out["reward"], out["reward_se"] = stats.mean_and_stderr(scores)
   out["diversity"] = text_metrics.diversity(responses, orders)
-  if references:
-    missing = [r for r in rows if r["prompt"] not in references]
-    if missing:
-      raise UserError(f"{path} row {missing[0]['_line']}: no reference for its prompt "
-                      f"({len(missing)} of {len(rows)} rows lack one)")
-    out["rouge"] = text_metrics.rouge_scores(responses, [references[p] for p in prompts])
+  if rouge_rows is not None:
+    out["rouge"] = {}
+    for k in text_metrics.ROUGE_TYPES:
+      out["rouge"][k], out["rouge"][f"{k}_se"] = stats.mean_and_stderr(
+          [r[k] for r in rouge_rows])
   return out
+
+
+def _rouge_rows(responses, references) -> list:
+  """Per-row ROUGE F-measures ({type: value} per row), so that rows can be scored apart."""
+  out = []
+  for c, r in zip(responses, references):
+    one = text_metrics.rouge_scores([c], [r])
+    out.append({k: one[k] for k in text_metrics.ROUGE_TYPES})
+  return out
+
+
+def _reward_task(reward_judge, rows) -> tuple:
+  """(n, score(slice) -> rewards): a group's rewards, of its sampled ids where all rows hold them."""
+  ids = _row_ids(rows)  # NOTE: decided for the whole group, not per block
+
+  def score(part):
+    return reward_judge.scores([r["prompt"] for r in rows[part]],
+                               [r["response"] for r in rows[part]],
+                               None if ids is None else ids[part]).tolist()
+  return len(rows), score
+
+
+def _rouge_task(rows, references) -> tuple:
+  def score(part):
+    return _rouge_rows([r["response"] for r in rows[part]],
+                       [references[r["prompt"]] for r in rows[part]])
+  return len(rows), score
+
+
+def _win_task(judge, matched, swap) -> tuple:
+  """(n, judge(slice) -> [verdicts of the block]) for the (row, other row) pairs `matched`."""
+  ids_1, ids_2 = _row_ids([a for a, _ in matched]), _row_ids([b for _, b in matched])
+
+  def judge_block(part):
+    block = matched[part]
+    return [_verdicts(judge, [a["prompt"] for a, _ in block], [a["response"] for a, _ in block],
+                      [b["response"] for _, b in block], swap[part],
+                      None if ids_1 is None else ids_1[part],
+                      None if ids_2 is None else ids_2[part])]
+  return len(matched), judge_block
+
+
+def _verdicts(judge, prompts, responses_1, responses_2, swap, ids_1, ids_2) -> dict:
+  """{pref: [n] preferences for responses_1 (1, 0, 0.5, NaN), failures} of pairs shown as `swap`.
+
+  The pairs and their order are those of `win_rate.win_rate`; only the
+  per-pair verdicts are returned, so pairs judged apart can be summarised together.
+  """
+  first = [b if s else a for a, b, s in zip(responses_1, responses_2, swap)]
+  second = [a if s else b for a, b, s in zip(responses_1, responses_2, swap)]
+  if ids_1 is not None and ids_2 is not None and getattr(judge, "accepts_ids", False):
+    judgement = judge.compare(
+        list(prompts), first, second,
+        first_ids=[b if s else a for a, b, s in zip(ids_1, ids_2, swap)],
+        second_ids=[a if s else b for a, b, s in zip(ids_1, ids_2, swap)])
+  else:
+    judgement = judge.compare(list(prompts), first, second)
+  pref = np.asarray(judgement.preference, np.float64).reshape(-1)
+  if pref.size != len(prompts):
+    raise UserError(f"judge {judge.describe().get('name')} returned {pref.size} verdicts for "
+                    f"{len(prompts)} pairs")
+  return {"pref": np.where(swap, 1.0 - pref, pref).tolist(),  # NOTE: NaN stays NaN
+          "failures": {str(k): int(v) for k, v in judgement.failures.items()}}
+
+
+def _share(n: int) -> slice:
+  """This process's contiguous block of n items (blocks in process order; sizes differ by 1)."""
+  from realign_jax.parallel import multihost
+  procs, me = multihost.process_slot()
+  per, extra = divmod(n, procs)
+  lo = me * per + min(me, extra)
+  return slice(lo, lo + per + (me < extra))
+
+
+def _score_split(tasks: dict) -> tuple:
+  """({key: [per-item results]}, items scored here) of `tasks` {key: (n, fn(slice) -> list)}.
+
+  Each process scores its block of every task's items; the blocks are gathered
+  (every process gets all, in item order), so the results are a 1-process
+  run's. A UserError on any process is raised on every process, as one line.
+  """
+  from realign_jax.parallel import multihost
+  mine, raised, here = [], None, 0
+  try:
+    for n, fn in tasks.values():
+      part = _share(n)
+      here += part.stop - part.start
+      mine.append(fn(part) if part.stop > part.start else [])
+  except Exception as e:  # pylint: disable=broad-except
+    # NOTE: passed on before raising, so that no process waits for this one's results.
+    raised = e
+  error = None if raised is None else (
+      (str(raised).splitlines() or [""])[0] if isinstance(raised, UserError)
+      else f"{type(raised).__name__}: {raised}")
+  gathered = multihost.gather_objects({"error": error,
+                                       "results": mine if raised is None else None})
+  if raised is not None:
+    raise raised
+  failed = [(q, g["error"]) for q, g in enumerate(gathered) if g["error"] is not None]
+  if failed:
+    raise UserError(f"process {failed[0][0]} failed while scoring: {failed[0][1]}")
+  return ({key: [x for g in gathered for x in g["results"][i]] for i, key in enumerate(tasks)},
+          here)
 
 
 def _row_ids(rows) -> Optional[list]:
@@ -170,31 +278,62 @@ def evaluate(*, decode_files: Sequence[str], output_file: str,
   if (reference_file or reference_task) and not references:
     raise UserError(f"no references found in {reference_file or reference_task}")
 
+  # NOTE: every missing reference is refused before any scoring.
+  if references:
+    for path, groups in files.items():
+      for g in groups.values():
+        missing = [r for r in g if r["prompt"] not in references]
+        if missing:
+          raise UserError(f"{path} row {missing[0]['_line']}: no reference for its prompt "
+                          f"({len(missing)} of {len(g)} rows lack one)")
+
+  # ---- scoring: rewards, ROUGE and judge verdicts, split over the processes ----
+  tasks, swaps = {}, {}
+  for path, groups in files.items():
+    for lam, g in groups.items():
+      if reward_judge is not None:
+        tasks["reward", path, lam] = _reward_task(reward_judge, g)
+      if references:
+        tasks["rouge", path, lam] = _rouge_task(g, references)
+  if compare_file:
+    for key, matched in pairs.items():
+      # NOTE: the pair order of `win_rate.win_rate` (seeded, over all pairs of a comparison)
+      swaps[key] = np.random.default_rng(seed).random(len(matched)) < 0.5
+      tasks[("win", *key)] = _win_task(judge, matched, swaps[key])
+  scored, here = _score_split(tasks)
+
   # ---- metrics ----------------------------------------------------------------
   summary = {"decode_files": list(decode_files), "files": {}, "win_rates": [],
              "reward": None if reward_judge is None else reward_judge.name,
              "judge": None if judge is None else judge.describe(), "compare_file": compare_file}
   for path, groups in files.items():
     summary["files"][path] = [
-        _group_metrics(g, path, reward_judge=reward_judge, references=references,
-                       orders=orders) for g in groups.values()]
+        _group_metrics(g, path, reward_name=None if reward_judge is None else reward_judge.name,
+                       scores=scored.get(("reward", path, lam)),
+                       rouge_rows=scored.get(("rouge", path, lam)), orders=orders)
+        for lam, g in groups.items()]
   if compare_file:
-    for (path, lam, other_lam), matched in pairs.items():
-      res = win_rate_lib.win_rate(judge, [a["prompt"] for a, _ in matched],
-                                  [a["response"] for a, _ in matched],
-                                  [b["response"] for _, b in matched], seed=seed,
-                                  ids_1=_row_ids([a for a, _ in matched]),
-                                  ids_2=_row_ids([b for _, b in matched]))
+    for key in pairs:
+      path, lam, other_lam = key
+      parts = scored[("win", *key)]
+      failures = {}
+      for part in parts:
+        for reason, count in part["failures"].items():
+          failures[reason] = failures.get(reason, 0) + count
+      res = win_rate_lib.summarize([x for part in parts for x in part["pref"]], failures)
+      res["num_swapped"] = int(swaps[key].sum())
       if res["num_failed"]:
         logging.warning("judge %s gave no verdict on %d of %d pairs (%s vs %s, lam %s): %s",
                         judge.describe().get("name"), res["num_failed"], res["num_pairs"], path,
                         compare_file, lam, res["failures"])
       summary["win_rates"].append({"file": path, "lam": lam, "against": compare_file,
                                    "against_lam": other_lam, **res})
-  if _is_primary():  # NOTE: on several hosts each computes the same summary; one writes it
+  if _is_primary():  # NOTE: every process holds the gathered summary; one writes it
     ckpt_lib.atomic_write_text(output_file,
                                json.dumps(stats.clean_for_json(summary), indent=2) + "\n")
   summary["output_file"] = output_file
+  # NOTE: not in the file: this process's share of the rows and pairs scored
+  summary["scored_here"] = {"items": here, "of": sum(n for n, _ in tasks.values())}
   return summary
 
 
@@ -227,6 +366,11 @@ def _print_summary(summary: dict) -> None:
 def main(argv: list) -> int:
   summary = gin_utils.call(gin_utils.configure_binary(argv, "evaluate", evaluate))
   gin_utils.write_operative_config_beside(summary["output_file"])  # OUTPUT_FILE.config.gin
+  from realign_jax.parallel import multihost
+  procs, me = multihost.process_slot()
+  if procs > 1:
+    print(f"process {me} of {procs} scored {summary['scored_here']['items']} of "
+          f"{summary['scored_here']['of']} rows and pairs")
   _print_summary(summary)
   return 0
 

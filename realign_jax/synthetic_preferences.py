@@ -9,7 +9,10 @@ The output is a preference JSONL (`preferences.py` schema), written
 atomically.
 
 Row i of the output depends only on (seed, prompt index), not on the batch
-size: a prompt's two samples use row seeds 2 * index and 2 * index + 1.
+size: a prompt's two samples use row seeds 2 * index and 2 * index + 1. The
+batches go through the decode binary's loop (`decode.decode_batches`): on
+several hosts each samples its share of them, every host gets every pair, and
+process 0 alone writes the file, the one a single process writes.
 
 A binary (prompts from a task's splits, the policy from a run directory), so it
 sits on the binaries' floor beside decode.py, whose loading it shares:
@@ -32,6 +35,7 @@ import jax.numpy as jnp
 from absl import logging
 import numpy as np
 
+from realign_jax import decode_methods as methods_lib
 from realign_jax.data import pipeline
 from realign_jax.data import preferences
 from realign_jax.data import vocab as vocab_lib
@@ -48,6 +52,7 @@ class BuildStats:
   ties: int = 0  # equal gold scores, different texts
   identical: int = 0  # both samples decode to the same text
   empty: int = 0  # a sample decodes to empty text (EOS first)
+  prompts_here: int = 0  # prompts this process sampled (all of them on one process)
 
   @property
   def skipped(self) -> int:
@@ -66,9 +71,42 @@ def encode_prompts(vocab, prompts: Sequence[str], input_length: int) -> np.ndarr
 
 @functools.lru_cache(maxsize=8)
 def _pair_sampler(lm, config: sampler.SamplingConfig):
-  def run(params, inputs, rng, row_ids):
-    return sampler.generate(lm, params, inputs, rng, config, num_samples=2, row_ids=row_ids)
+  """A jitted `(params, inputs, seeds, rng) -> (tokens, lengths)`: two samples per prompt.
+
+  `seeds` are the prompts' indices; sample j of prompt i draws with row seed
+  2 * i + j, so a pair does not depend on the batch (or process) it falls in.
+  """
+  def run(params, inputs, seeds, rng):
+    row_ids = (seeds[:, None] * 2 + jnp.arange(2, dtype=seeds.dtype)[None]).reshape(-1)
+    out = sampler.generate(lm, params, inputs, rng, config, num_samples=2, row_ids=row_ids)
+    return out.tokens, out.lengths  # NOTE: only what the rows need crosses hosts
   return jax.jit(run)
+
+
+@dataclasses.dataclass
+class PairSampling(methods_lib.DecodeMethod):
+  """The pair sampler as a decode method, so that `decode.decode_batches` runs its batches.
+
+  Its rows are one per prompt, {index, texts (the two responses), length};
+  they are labelled (`label_pairs`) after the loop, in prompt order.
+  """
+  lm: Any
+  params: Any
+  config: sampler.SamplingConfig
+
+  name = "synthetic pairs"
+
+  def runners(self, comps, rewards, sampling, num_samples) -> list:
+    return [methods_lib.Runner(_pair_sampler(self.lm, self.config), (self.params,))]
+
+  def rows(self, batch, prompts, vocab, n, seed, sampling) -> list:
+    tokens, lengths = batch.outs[0]
+    b = len(batch.idx)
+    tokens = np.asarray(tokens).reshape(-1, 2, tokens.shape[-1])[:b]
+    lengths = np.asarray(lengths).reshape(-1, 2)[:b]
+    return [{"index": int(i), "texts": [vocab_lib.decode(vocab, t) for t in pair],
+             "length": int(lens.sum())}
+            for i, pair, lens in zip(batch.idx, tokens, lengths)]
 
 
 def label_pairs(prompts: Sequence[str], first: Sequence[str], second: Sequence[str],
@@ -129,18 +167,20 @@ def build_synthetic_preferences(
   vocab = vocab_lib.load_vocabulary(vocab_path)
   vocab_lib.check_model_tokens(vocab, lm.config, "the policy")
   inputs = encode_prompts(vocab, prompts, input_length)
-  run = _pair_sampler(lm, sampling)
-  rng = jax.random.PRNGKey(seed)
-  stats, rows = BuildStats(), []
-  for start in range(0, len(prompts), batch_size):
-    idx = np.arange(start, min(start + batch_size, len(prompts)))
-    full = np.concatenate([idx, np.full(batch_size - len(idx), idx[0])])
-    row_ids = np.stack([2 * full, 2 * full + 1], axis=1).reshape(-1).astype(np.int32)
-    out = run(params, jnp.asarray(inputs[full]), rng, jnp.asarray(row_ids))
-    tokens = np.asarray(jax.device_get(out.tokens)).reshape(batch_size, 2, -1)[:len(idx)]
-    texts = [[vocab_lib.decode(vocab, t) for t in pair] for pair in tokens]
-    rows += label_pairs([prompts[i] for i in idx], [t[0] for t in texts], [t[1] for t in texts],
-                        gold_reward, stats)
+  # NOTE: the decode binary's batch loop: on several processes each samples its
+  # share of the batches and every process gets every pair, in prompt order.
+  from realign_jax.decode import decode_batches  # pylint: disable=g-import-not-at-top
+  method = PairSampling(lm, params, sampling)
+  pairs, timing = decode_batches(method, method.runners({}, {}, sampling, 2), inputs, prompts,
+                                 vocab, n=2, batch_size=batch_size, seed=seed, sampling=sampling,
+                                 progress=False)
+  stats, rows = BuildStats(prompts_here=timing["prompts_here"]), []
+  # NOTE: labelled batch_size prompts at a time, as they were sampled: a learned
+  # gold reward scores batches of the size it was set up for.
+  for start in range(0, len(pairs), batch_size):
+    chunk = pairs[start:start + batch_size]
+    rows += label_pairs([prompts[p["index"]] for p in chunk], [p["texts"][0] for p in chunk],
+                        [p["texts"][1] for p in chunk], gold_reward, stats)
   if not rows:
     raise UserError(f"no usable pairs from {stats.prompts} prompts ({stats.ties} ties, "
                     f"{stats.identical} identical, {stats.empty} empty); nothing written to "
@@ -181,8 +221,9 @@ def build_preference_dir(
     gold_reward = lambda p, r: base.score_texts(reward, p, r)
   elif not callable(gold_reward):
     raise UserError(f"gold_reward must be a Reward or a callable, got {type(gold_reward).__name__}")
-  # NOTE: on several hosts each decodes every prompt on its own devices (see
-  # decode.host_mesh) and process 0 alone writes the files.
+  # NOTE: on several hosts each samples its share of the prompt batches on its
+  # own devices (see decode.host_mesh, decode.decode_batches); every host labels
+  # every pair and process 0 alone writes the files.
   mesh, rules = host_mesh(), partitioning.logical_axis_rules()
   stats = {}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -203,6 +244,9 @@ def main(argv: list) -> int:
       argv, "build_preference_dir", build_preference_dir,
       extra=[(sampler.SamplingConfig, "SamplingConfig")]))
   for split, s in stats.items():
+    if jax.process_count() > 1:
+      print(f"{split}: process {jax.process_index()} of {jax.process_count()} sampled "
+            f"{s.prompts_here} of {s.prompts} prompts")
     print(f"{split}: {s.pairs} pairs from {s.prompts} prompts (skipped {s.ties} ties, "
           f"{s.identical} identical, {s.empty} empty)")
   return 0

@@ -297,3 +297,25 @@ def process_slot() -> tuple:
   """(number of processes, this process's index): how a loop splits its work over hosts."""
   import jax  # pylint: disable=g-import-not-at-top
   return jax.process_count(), jax.process_index()
+
+
+def gather_objects(obj, timeout_s: float = 24 * 3600) -> list:
+  """Every process's JSON-serialisable `obj`, in process order, on every process.
+
+  For results computed on the host (text rewards, a judge's verdicts) that
+  processes finish far apart: they first meet at a `barrier` (a CPU collective
+  alone would give up after 30 s), then swap their JSON texts in two gathers.
+  A collective: every process calls it, in the same order.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return [obj]
+  import json  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  data = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8)
+  barrier("gather_objects", timeout_s)
+  sizes = np.asarray(gather(np.int32(data.size))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  texts = np.asarray(gather(padded))
+  return [json.loads(bytes(texts[q, :sizes[q]]).decode("utf-8")) for q in range(len(sizes))]
