@@ -160,6 +160,26 @@ def build_synthetic_preferences(
   Returns:
     Counts of prompts, written pairs and skipped ones (ties, identical, empty).
   """
+  stats, rows = _sample_and_label(
+      lm=lm, params=params, prompts=prompts, gold_reward=gold_reward, output_file=output_file,
+      sampling=sampling, input_length=input_length, batch_size=batch_size, seed=seed,
+      vocab_path=vocab_path)
+  _write(output_file, rows, stats)
+  return stats
+
+
+def _write(output_file: str, rows: list, stats: BuildStats) -> None:
+  """Process 0 writes the pairs (atomically); every process logs the counts."""
+  if jax.process_index() == 0:
+    preferences.write_preference_jsonl(output_file, rows)
+  log = logging.warning if stats.skipped else logging.info
+  log("%s: %d pairs from %d prompts; skipped %d ties, %d identical, %d empty", output_file,
+      stats.pairs, stats.prompts, stats.ties, stats.identical, stats.empty)
+
+
+def _sample_and_label(*, lm, params, prompts, gold_reward, output_file, sampling, input_length,
+                      batch_size, seed, vocab_path) -> tuple:
+  """(stats, rows): the labelled pairs of `build_synthetic_preferences`, not yet written."""
   if not prompts:
     raise UserError("no prompts to build synthetic preferences from")
   if batch_size < 1:
@@ -185,12 +205,7 @@ def build_synthetic_preferences(
     raise UserError(f"no usable pairs from {stats.prompts} prompts ({stats.ties} ties, "
                     f"{stats.identical} identical, {stats.empty} empty); nothing written to "
                     f"{output_file}")
-  if jax.process_index() == 0:
-    preferences.write_preference_jsonl(output_file, rows)
-  log = logging.warning if stats.skipped else logging.info
-  log("%s: %d pairs from %d prompts; skipped %d ties, %d identical, %d empty", output_file,
-      stats.pairs, stats.prompts, stats.ties, stats.identical, stats.empty)
-  return stats
+  return stats, rows
 
 
 # ---- the builder binary ---------------------------------------------------------
@@ -225,16 +240,21 @@ def build_preference_dir(
   # own devices (see decode.host_mesh, decode.decode_batches); every host labels
   # every pair and process 0 alone writes the files.
   mesh, rules = host_mesh(), partitioning.logical_axis_rules()
-  stats = {}
+  # NOTE: every split is sampled and labelled before any file is written, so a
+  # split without usable pairs leaves no other split's file behind.
+  stats, built = {}, {}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     policy = load_component(policy_checkpoint, mesh, rules)
     for split, n in num_prompts.items():
       prompts = [e["inputs"] for e in pipeline.text_examples(task, split, data_dir=data_dir,
                                                              limit=n)]
-      stats[split] = build_synthetic_preferences(
+      out = f"{output_dir}/{split}.jsonl"
+      stats[split], built[split] = _sample_and_label(
           lm=policy.lm, params=policy.params, prompts=prompts, gold_reward=gold_reward,
-          output_file=f"{output_dir}/{split}.jsonl", sampling=sampling,
-          input_length=input_length, batch_size=batch_size, seed=seed, vocab_path=vocab_path)
+          output_file=out, sampling=sampling, input_length=input_length,
+          batch_size=batch_size, seed=seed, vocab_path=vocab_path)
+  for split, rows in built.items():
+    _write(f"{output_dir}/{split}.jsonl", rows, stats[split])
   return stats
 
 

@@ -353,3 +353,19 @@ def test_train_binary_missing_init_checkpoint_one_line(tmp_path, repo_root, sepa
   assert errors == [f"error: INIT_CHECKPOINT {tmp_path / 'nope'} does not exist"]
   ckpts = tmp_path / "run" / "checkpoints"
   assert not ckpts.exists() or not [d for d in os.listdir(ckpts) if d.isdigit()]
+
+
+def test_builder_writes_no_split_when_one_has_no_usable_pairs(sft_run, tmp_path):
+  # The validation prompts all tie under this gold reward: the binary's function must fail
+  # before it writes train.jsonl (nothing half-written).
+  sft_dir, _ = sft_run
+  held = {e["inputs"] for e in pipeline.text_examples("builtin_summarize", "validation",
+                                                      limit=4)}
+  gold = lambda prompts, responses: [0.0 if p in held else -len(r) for p, r in
+                                     zip(prompts, responses)]
+  out = tmp_path / "prefs"
+  with pytest.raises(UserError, match="no usable pairs from 4 prompts"):
+    synth.build_preference_dir(policy_checkpoint=sft_dir, output_dir=str(out), gold_reward=gold,
+                               num_prompts={"train": 8, "validation": 4}, input_length=32,
+                               batch_size=8, sampling=sampler.SamplingConfig(max_new_tokens=8))
+  assert not out.exists() or not any(out.iterdir())
