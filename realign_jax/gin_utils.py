@@ -180,7 +180,11 @@ def configure_binary(argv: Sequence[str], name: str, fn: Callable,
   """
   from realign_jax import startup
   from realign_jax.parallel import multihost
-  argv, level = startup.strip_verbosity(list(argv))
+  given = list(argv)
+  argv, level = startup.strip_verbosity(given)
+  # NOTE: a binary run as main had --verbosity taken off its command line by
+  # cli.precheck, which set the level: an argv without it keeps that level.
+  asked = len(argv) != len(given)
   argv, host_flags = multihost.split_flags(argv)
   paths, argv = split_search_paths(argv)
   set_search_paths(paths)
@@ -189,7 +193,7 @@ def configure_binary(argv: Sequence[str], name: str, fn: Callable,
     raise UserError(f"unknown arguments: {' '.join(rest)}")
   if not files:
     raise UserError("no --gin_file given")
-  if level != startup.verbosity():
+  if asked and level != startup.verbosity():
     startup.configure(level)
   register()  # NOTE: first, so a package's own registration of `name` is found below
   for obj, obj_name in ((fn, name), *extra):

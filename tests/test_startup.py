@@ -220,3 +220,28 @@ def test_gin_search_paths_and_bindings(tmp_path):
   finally:
     gin_utils.set_search_paths([])
     gin.clear_config()
+
+
+def test_verbosity_set_by_precheck_survives_configure_binary(tmp_path):
+  # `python -m realign_jax.X --verbosity=0`: cli.precheck takes the flag off sys.argv and
+  # sets the level; the binary's configure_binary then sees an argv without it.
+  import gin
+  from realign_jax import gin_utils
+  logger, root = logging.getLogger("absl"), logging.getLogger()
+  saved = (startup.verbosity(), logger.level, list(logger.filters), list(root.filters),
+           root.level)
+  (tmp_path / "f.gin").write_text("f.x = 1\n")
+  try:
+    for given, expected in (([], 0), (["--verbosity=1"], 1), (["--verbosity=-1"], -1)):
+      startup.configure(0)
+      gin.clear_config()
+      gin_utils.configure_binary([f"--gin_file={tmp_path / 'f.gin'}", *given], "f",
+                                 lambda x: x)
+      assert startup.verbosity() == expected, given
+  finally:
+    gin.clear_config()
+    startup._state["verbosity"] = saved[0]
+    logger.setLevel(saved[1])
+    logger.filters[:] = saved[2]
+    root.filters[:] = saved[3]
+    root.setLevel(saved[4])
