@@ -116,6 +116,13 @@ def check_output_file(output_file: str) -> None:
   """Refuses, before any compute, an output file that could not be written at the end."""
   if not output_file:
     raise UserError("OUTPUT_FILE is empty")
+  from realign_jax import paths
+  if paths.is_remote(output_file):
+    # NOTE: an object store has no directories to check (an object is written
+    # under any prefix), nor a writability test short of writing.
+    if paths.isdir(output_file):
+      raise UserError(f"OUTPUT_FILE {output_file} is a directory; name a file")
+    return
   if os.path.isdir(output_file):
     raise UserError(f"OUTPUT_FILE {output_file} is a directory; name a file")
   out_dir = os.path.dirname(os.path.abspath(output_file))

@@ -372,13 +372,7 @@ def _check_common(num_samples: int, batch_size: int, output_file: str) -> None:
   if batch_size < 1:
     raise UserError(f"batch_size must be >= 1, got {batch_size}")
   from realign_jax import config_check
-  if paths.is_remote(output_file):
-    # NOTE: an object store has no directories to check (an object is written
-    # under any prefix), nor a writability test short of writing.
-    if paths.isdir(output_file):
-      raise UserError(f"OUTPUT_FILE {output_file} is a directory; name a file")
-  else:
-    config_check.check_output_file(output_file)
+  config_check.check_output_file(output_file)
 
 
 def load_prompts(ref_cfg, vocab_path, prompt_file, task, split, data_dir, max_prompts,

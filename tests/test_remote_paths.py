@@ -277,3 +277,15 @@ def test_train_and_decode_into_a_bucket(bucket, monkeypatch):
                       lambdas=[0.0], prompt_file="gs://bucket/prompts.jsonl", input_length=16,
                       batch_size=2, sampling=sampler.SamplingConfig(max_new_tokens=3),
                       progress=False)
+
+
+def test_output_file_check_accepts_a_bucket_and_refuses_a_folder(bucket):
+  # decode and evaluate check OUTPUT_FILE before any compute: a URI needs no local folder.
+  from realign_jax import config_check
+  from realign_jax.errors import UserError
+  config_check.check_output_file(f"{RUN}/out/eval.json")
+  paths.makedirs(f"{RUN}/out/eval.json")
+  with pytest.raises(UserError, match="is a directory"):
+    config_check.check_output_file(f"{RUN}/out/eval.json")
+  with pytest.raises(UserError, match="does not exist"):
+    config_check.check_output_file("no_such_local_dir/eval.json")
