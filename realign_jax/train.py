@@ -20,7 +20,7 @@ from realign_jax import cli
 cli.precheck(__name__)  # NOTE: before the heavy imports (see cli.py)
 
 import os
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import gin
 import jax
@@ -37,12 +37,18 @@ from realign_jax.training import trainer as trainer_lib
 
 
 def train(*, model_dir: str, train_steps: int, algorithm: trainer_lib.Algorithm,
-          optimizer: optax.GradientTransformation,
+          optimizer: Union[optax.GradientTransformation, Callable[..., optax.GradientTransformation]],
           trainer_config: trainer_lib.TrainerConfig = trainer_lib.TrainerConfig(),
           mesh_data: int = -1, mesh_model: int = 1, fsdp: bool = False,
           allow_config_change: bool = False, allow_vocabulary_mismatch: bool = False,
           ) -> dict:
   """Trains `algorithm` for `train_steps` steps in total in `model_dir`.
+
+  `optimizer` is an optax transformation, or (the shipped configs: gin
+  `train.optimizer = @make_optimizer`, without parentheses) a factory called
+  here with `total_steps` = the run's optimizer updates, TRAIN_STEPS times the
+  algorithm's updates per step (PPO: epochs x minibatches), so a schedule
+  decays over the whole run.
 
   The run directory is locked while training (`run_dir.RunLock`); a resume
   under other bindings than the run started with (step count aside) is refused
@@ -60,6 +66,7 @@ def train(*, model_dir: str, train_steps: int, algorithm: trainer_lib.Algorithm,
       allow_vocabulary_mismatch=allow_vocabulary_mismatch))
   if not model_dir:
     raise UserError("MODEL_DIR is empty")
+  optimizer = _built_optimizer(optimizer, algorithm, train_steps)
   ckpt_lib.check_run_dir(model_dir)
   multihost.initialize()  # NOTE: a no-op when the binary already did, or on one host
   batch_size = getattr(algorithm, "batch_size", None)
@@ -100,6 +107,21 @@ def train(*, model_dir: str, train_steps: int, algorithm: trainer_lib.Algorithm,
       lock.release()
   result["model_dir"] = model_dir
   return result
+
+
+def _built_optimizer(optimizer, algorithm, train_steps: int) -> optax.GradientTransformation:
+  """`optimizer` itself, or its factory built over the run's optimizer updates."""
+  if isinstance(optimizer, optax.GradientTransformation):
+    return optimizer
+  if not callable(optimizer):
+    raise UserError(f"train.optimizer must be an optimizer or a factory such as @make_optimizer, "
+                    f"got {type(optimizer).__name__}")
+  from realign_jax.training import optim
+  built = optimizer(total_steps=optim.optimizer_updates(algorithm, train_steps))
+  if not isinstance(built, optax.GradientTransformation):
+    raise UserError(f"train.optimizer's factory returned {type(built).__name__}, not an "
+                    f"optax optimizer")
+  return built
 
 
 def _check_and_record(model_dir: str, algorithm, allow_config_change: bool,

@@ -108,3 +108,40 @@ def test_future_kl_rewards_by_hand():
   # action t pays the next state's KL; the last one gets the score; none past the end
   np.testing.assert_allclose(r, [[-0.025, -0.1, -1.0, 0.0], [-0.02, 0.0, 0.0, 0.0]],
                              rtol=1e-6)
+
+
+def test_train_binary_builds_its_optimizer_over_every_update():
+  # The shipped configs bind `train.optimizer = @make_optimizer` (the factory): the train
+  # binary gives it the run's optimizer updates, so PPO's 2 x 2 updates a step are counted.
+  import gin
+  import optax
+  from realign_jax import gin_utils
+  from realign_jax import train as train_bin
+  gin.clear_config()
+  gin_utils.register()
+  try:
+    gin.get_configurable("train")
+  except ValueError:
+    gin.external_configurable(train_bin.train, "train")
+  try:
+    gin_utils.parse(["configs/ppo/length_builtin_tiny.gin"],
+                    ["MODEL_DIR = 'm'", "INIT_CHECKPOINT = 'i'", "TRAIN_STEPS = 10",
+                     "make_optimizer.name = 'sgd'", "make_optimizer.schedule = 'linear'",
+                     "make_optimizer.learning_rate = 1.0", "make_optimizer.grad_clip_norm = 0.0",
+                     "PPO.num_epochs = 2", "PPO.num_minibatches = 2"])
+    bound = gin.get_bindings("train")
+    opt = train_bin._built_optimizer(bound["optimizer"], bound["algorithm"], 10)
+  finally:
+    gin.clear_config()
+  p = jnp.zeros(())
+  state, moves = opt.init(p), []
+  for _ in range(40):
+    upd, state = opt.update(jnp.ones(()), state, p)
+    moves.append(float(upd))
+  assert all(m < 0 for m in moves) and moves[-1] == pytest.approx(-1.0 / 40)
+  assert train_bin._built_optimizer(opt, None, 10) is opt  # an optimizer is used as it is
+  with pytest.raises(UserError, match="train.optimizer must be"):
+    train_bin._built_optimizer(3, None, 10)
+  with pytest.raises(UserError, match="returned int"):
+    train_bin._built_optimizer(lambda total_steps: total_steps, None, 10)
+  assert isinstance(opt, optax.GradientTransformation)

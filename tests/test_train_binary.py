@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from realign_jax import gin_utils
+from realign_jax import train as train_bin
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.errors import UserError
 from realign_jax.models import sizes
@@ -382,7 +383,8 @@ def test_every_run_config_parses_and_builds(path, clean_gin, tmp_path):
     assert isinstance(algorithm, trainer_lib.Algorithm)
     abstract, axes = algorithm.abstract_init()
     assert count_params(abstract) > 0
-    jax.eval_shape(built["optimizer"].init, abstract)  # the optimizer fits the params
+    opt = train_bin._built_optimizer(built["optimizer"], algorithm, built["train_steps"])
+    jax.eval_shape(opt.init, abstract)  # the optimizer fits the params
     assert isinstance(built["trainer_config"], trainer_lib.TrainerConfig)
   # Without its REQUIRED macros the file is refused, naming the first one.
   if required:
@@ -395,7 +397,7 @@ def test_optimizer_fragments_bind(path, clean_gin, tmp_path):
   gin_utils.parse([SFT_GIN, path], [f"MODEL_DIR = '{tmp_path}'"])
   name = os.path.splitext(os.path.basename(path))[0]
   assert gin.get_bindings("make_optimizer")["name"] == name
-  opt = gin.get_bindings("train")["optimizer"]
+  opt = gin.get_bindings("train")["optimizer"](total_steps=10)
   params = {"w": np.ones((3, 2), np.float32)}
   grads = {"w": np.full((3, 2), 0.5, np.float32)}
   state = opt.init(params)

@@ -218,14 +218,9 @@ def train_settings(algorithm, steps: int, optimizer: OptimizerSpec, trainer_conf
 
 
 def optimizer_updates(algorithm, steps: int) -> int:
-  """Optimizer updates in `steps` train steps: PPO makes epochs x minibatches per step.
-
-  NOTE: a schedule counts optimizer updates, not train steps; built over
-  `steps` alone, PPO's cosine or linear decay reached 0 a quarter of the way
-  in (2 x 2 updates a step) and the rest of the run changed nothing.
-  """
-  return int(steps) * int(getattr(algorithm, "num_epochs", 1)) * int(
-      getattr(algorithm, "num_minibatches", 1))
+  """`training.optim.optimizer_updates` (the schedule's length in updates)."""
+  from realign_jax.training import optim
+  return optim.optimizer_updates(algorithm, steps)
 
 
 def train_stage(run_dir: str, algorithm, steps: int, optimizer: OptimizerSpec,

@@ -53,3 +53,14 @@ def make_optimizer(*, name: str = "adafactor", learning_rate: float = 1e-3,
   if grad_clip_norm and grad_clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(grad_clip_norm), opt)
   return opt
+
+
+def optimizer_updates(algorithm, steps: int) -> int:
+  """Optimizer updates in `steps` train steps: PPO makes epochs x minibatches per step.
+
+  NOTE: a schedule counts optimizer updates, not train steps; built over
+  `steps` alone, PPO's cosine or linear decay reached 0 a quarter of the way
+  in (2 x 2 updates a step) and the rest of the run changed nothing.
+  """
+  return int(steps) * int(getattr(algorithm, "num_epochs", 1)) * int(
+      getattr(algorithm, "num_minibatches", 1))
