@@ -193,25 +193,6 @@ def _save(fig, path: str) -> str:
   return path
 
 
-def plot_curves(path: str, lambdas, curves: dict, *, ylabel: str, title: str,
-                xlabel: str = "lambda", hline: Optional[float] = None) -> str:
-  """Lines with error bars: curves = {label: (values, standard errors)}; `hline` a reference."""
-  plt = _plt()
-  fig, ax = plt.subplots(figsize=(5.2, 3.6))
-  if hline is not None:
-    ax.axhline(hline, color="red", linewidth=1.0, alpha=0.6)
-  for label, (vals, ses) in curves.items():
-    ax.errorbar(lambdas, vals, yerr=ses, marker="o", capsize=3, label=label)
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  out = _save(fig, path)
-  plt.close(fig)
-  return out
-
-
 # NOTE: where lambda = 0 sits on a log lambda axis: this factor below the smallest lambda > 0.
 ZERO_OFFSET = 4.0
 SE_NOTE = "error bars: ±1 standard error over prompts"
@@ -231,9 +212,10 @@ def _lambda_axis(ax, lambdas, base_beta: Optional[float]) -> None:
   xs = lambda_positions(lambdas)
   ax.set_xscale("log")
   ax.set_xticks(xs)
-  ax.set_xticklabels(["0 (SFT)" if lam == 0 else f"{lam:g}" for lam in lambdas])
+  ax.set_xticklabels(["0 (SFT)" if lam == 0 else f"{lam:.3g}" for lam in lambdas])
   ax.minorticks_off()
-  ax.set_xlabel("lambda (log axis; lambda = 0 drawn at an offset)")
+  ax.set_xlabel("lambda (log axis; lambda = 0 drawn at an offset)" if 0 in list(lambdas)
+                else "lambda (log axis)")
   if base_beta is None:
     return
   ax.axvline(1.0, color="grey", linestyle=":", linewidth=1.0,
@@ -241,7 +223,7 @@ def _lambda_axis(ax, lambdas, base_beta: Optional[float]) -> None:
   inv = lambda x: base_beta / np.clip(x, 1e-300, None)  # NOTE: its own inverse
   top = ax.secondary_xaxis("top", functions=(inv, inv))
   top.set_xticks([base_beta / x for x in xs])
-  top.set_xticklabels(["inf" if lam == 0 else f"{base_beta / lam:g}" for lam in lambdas])
+  top.set_xticklabels(["inf" if lam == 0 else f"{base_beta / lam:.3g}" for lam in lambdas])
   top.minorticks_off()
   top.set_xlabel("beta / lambda (the KL weight each lambda stands for)")
 

@@ -37,6 +37,7 @@ from realign_jax import cli
 cli.precheck(__name__)  # NOTE: before the heavy imports (see cli.py)
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -589,25 +590,30 @@ def write_figures(model_dir: str, res: dict) -> dict:
     curves = lambda key: {"DeRa": (f[f"dera_{key}"], f[f"dera_{key}_se"]),
                           "retrained at beta / lambda": (f[f"retrained_{key}"],
                                                          f[f"retrained_{key}_se"])}
-    figs[f"{family}_vs_sft"] = rep.plot_curves(
+    flat = lambda v: [v] * len(lam)  # a labelled horizontal reference line
+    plot = functools.partial(rep.plot_lambda_curves, base_beta=res["beta"])
+    figs[f"{family}_vs_sft"] = plot(
         os.path.join(model_dir, f"fig{n}a_{family}_winrate_vs_sft.png"), lam,
         curves("winrate_vs_sft"), ylabel="gold win rate against SFT",
-        title=f"({t}) against the SFT model (Fig. {n}a)", hline=f["base"]["winrate_vs_sft"])
-    figs[f"{family}_vs_base"] = rep.plot_curves(
+        title=f"({t}) against the SFT model (Fig. {n}a)",
+        lines={"base model (beta, lambda = 1)": flat(f["base"]["winrate_vs_sft"])})
+    figs[f"{family}_vs_base"] = plot(
         os.path.join(model_dir, f"fig{n}b_{family}_winrate_vs_base.png"), lam,
         curves("winrate_vs_base"), ylabel="gold win rate against base",
-        title=f"({t}) against the base aligned model (Fig. {n}b)", hline=0.5)
-    figs[f"{family}_vs_retrained"] = rep.plot_curves(
+        title=f"({t}) against the base aligned model (Fig. {n}b)",
+        lines={"a tie (0.5)": flat(0.5)})
+    figs[f"{family}_vs_retrained"] = plot(
         os.path.join(model_dir, f"fig{n}c_{family}_dera_vs_retrained.png"), lam,
         {"DeRa against retrained": (f["dera_winrate_vs_retrained"],
                                     f["dera_winrate_vs_retrained_se"])},
-        ylabel="gold win rate", title=f"({t}) DeRa against retrained (Fig. {n}c)", hline=0.5)
-    figs[f"{family}_pairwise"] = rep.plot_curves(
+        ylabel="gold win rate", title=f"({t}) DeRa against retrained (Fig. {n}c)",
+        lines={"a tie (0.5)": flat(0.5)})
+    figs[f"{family}_pairwise"] = plot(
         os.path.join(model_dir, f"fig6_{family}_pairwise_accuracy.png"), lam,
         curves("pairwise_accuracy"), ylabel="pairwise accuracy (eq. 14)",
         title=f"({t}) pairwise accuracy, held-out pairs (Fig. 6)",
-        hline=res["sft_pairwise_accuracy"])
-    figs[f"{family}_kl"] = rep.plot_curves(
+        lines={"SFT model": flat(res["sft_pairwise_accuracy"])})
+    figs[f"{family}_kl"] = plot(
         os.path.join(model_dir, f"kl_{family}.png"), lam, curves("kl"),
         ylabel="KL(pi || pi_ref), nats", title=f"({t}) KL to the SFT model")
   return figs
