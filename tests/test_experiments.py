@@ -1,6 +1,7 @@
 """The studies: stage machinery, results and report from fake stage outputs, configs, a smoke run."""
 
 import glob
+import dataclasses
 import json
 import math
 import os
@@ -101,6 +102,13 @@ def test_canonical_settings():
   assert ppo["reward"] == {"__type__": "LengthReward", "min_length": 3, "max_length": 5,
                            "unit": "tokens", "vocab_path": None, "name": "length"}
   assert json.loads(json.dumps(ppo)) == ppo
+  # Adam's eps came after stages were cached: recorded only away from its default, so an
+  # optimizer recorded before it still matches.
+  spec = stages_lib.OptimizerSpec(name="adamw", learning_rate=3e-4)
+  assert stages_lib.canonical(spec) == {
+      "__type__": "OptimizerSpec", "name": "adamw", "learning_rate": 3e-4,
+      "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0, "grad_clip_norm": 1.0}
+  assert stages_lib.canonical(dataclasses.replace(spec, eps=1e-4))["eps"] == 1e-4
 
 
 def _lm():

@@ -31,6 +31,10 @@ from realign_jax.errors import UserError
 STAGE_JSON = "stage.json"
 
 
+# The metadata key of a settings field recorded only when it is not at its default.
+NEW_FIELD = "recorded_if_not_default"
+
+
 def canonical(value: Any) -> Any:
   """A JSON-comparable form of settings: dataclasses as dicts, tuples as lists, floats kept."""
   if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -38,7 +42,12 @@ def canonical(value: Any) -> Any:
     for f in dataclasses.fields(value):
       if f.name.startswith("_"):
         continue
-      out[f.name] = canonical(getattr(value, f.name))
+      v = getattr(value, f.name)
+      # NOTE: a field added after stages were cached is recorded only away from
+      # its default, so the records written before it still match.
+      if f.metadata.get(NEW_FIELD) and v == f.default:
+        continue
+      out[f.name] = canonical(v)
     return out
   if isinstance(value, dict):
     return {str(k): canonical(v) for k, v in value.items()}
@@ -202,13 +211,14 @@ class OptimizerSpec:
   warmup_steps: int = 0
   weight_decay: float = 0.0
   grad_clip_norm: float = 1.0
+  eps: float = dataclasses.field(default=1e-8, metadata={NEW_FIELD: True})  # Adam's epsilon
 
   def build(self, total_steps: int):
     from realign_jax.training import optim
     return optim.make_optimizer(name=self.name, learning_rate=self.learning_rate,
                                 schedule=self.schedule, warmup_steps=self.warmup_steps,
                                 total_steps=total_steps, weight_decay=self.weight_decay,
-                                grad_clip_norm=self.grad_clip_norm)
+                                grad_clip_norm=self.grad_clip_norm, eps=self.eps)
 
 
 def train_settings(algorithm, steps: int, optimizer: OptimizerSpec, trainer_config) -> dict:

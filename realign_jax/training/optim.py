@@ -34,7 +34,7 @@ def make_schedule(learning_rate: float, schedule: str = "constant", warmup_steps
 def make_optimizer(*, name: str = "adafactor", learning_rate: float = 1e-3,
                    schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 0,
                    weight_decay: float = 0.0, grad_clip_norm: float = 1.0, b1: float = 0.9,
-                   b2: float = 0.999) -> optax.GradientTransformation:
+                   b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
   """Gradient clipping by global norm, then the optimizer with its schedule."""
   # NOTE: gin passes values on as written (total_steps = %TRAIN_STEPS = 'ten').
   config_check.check_args(make_optimizer, dict(locals()))
@@ -45,9 +45,9 @@ def make_optimizer(*, name: str = "adafactor", learning_rate: float = 1e-3,
     opt = optax.adafactor(learning_rate=lr, multiply_by_parameter_scale=False,
                           weight_decay_rate=weight_decay or None, clipping_threshold=None)
   elif name == "adamw":
-    opt = optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay)
+    opt = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
   elif name == "adam":
-    opt = optax.adam(lr, b1=b1, b2=b2)
+    opt = optax.adam(lr, b1=b1, b2=b2, eps=eps)
   else:
     opt = optax.sgd(lr)
   if grad_clip_norm and grad_clip_norm > 0:
