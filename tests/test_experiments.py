@@ -267,6 +267,11 @@ def test_results_against_the_exact_optimum(tmp_path):
   # DeRa at lambda = 2 stands for beta = 0.05: -0.25 - 0.05 * 1.5
   assert res["dera_J"] == pytest.approx([-0.875, -0.75 - 0.2 * 0.3, -0.6, -0.25 - 0.075])
   assert res["retrained_converged"] == [True, False, False, True]
+  # KL(pi || pi*) from its definition: the lambda = 0.5 model always earns 0 and spends 2.5
+  # nats, so E[log pi/pi_ref] - E[r]/beta' + log Z with Z = p0 + (1 - p0) e^(-1/0.2).
+  z = 0.125 + 0.875 * math.exp(-5.0)
+  assert res["retrained_kl_to_optimum"][1] == pytest.approx(2.5 + math.log(z), abs=1e-9)
+  assert res["retrained_kl_to_optimum"][0] is None and res["dera_kl_to_optimum"][0] is None
   for key in ("lambdas", "dera_reward", "retrained_reward", "dera_kl", "pearson"):
     assert key in res
   for key in ("optimum_J", "optimum_reward", "optimum_kl", "dera_J", "retrained_J",

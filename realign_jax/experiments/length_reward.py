@@ -310,6 +310,10 @@ def optimum_columns(lambdas, beta: float, sft_rows, dera_rows, retrained_rows) -
     out[f"{prefix}_J"] = [j for j, _ in js]
     out[f"{prefix}_J_se"] = [se for _, se in js]
     out[f"{prefix}_J_gap"] = [js_ - j for js_, (j, _) in zip(out["optimum_J"], js)]
+    # NOTE: J* - J(pi) = beta' KL(pi || pi*) for any pi (log pi*/pi_ref = r/beta' - log Z):
+    # the gap in nats is the model's KL to the optimum itself (estimated as J is).
+    out[f"{prefix}_kl_to_optimum"] = [None if math.isinf(w) else g / w for g, w in
+                                      zip(out[f"{prefix}_J_gap"], weights)]
   tol = [max(CONVERGED_TOL, rep.Z * se) if math.isfinite(se) else CONVERGED_TOL
          for se in out["retrained_J_se"]]
   # NOTE: where a model's J falls short: the KL it spends beyond the least KL of
@@ -528,6 +532,13 @@ def optimum_section(res: dict) -> list:
   lines += [rep.markdown_table(
       ["lambda", "beta / lambda", "J*", "E*[r]", "KL* (nats)", "DeRa J", "retrained J",
        "retrained converged"], rows), ""]
+  if "retrained_kl_to_optimum" in res:
+    lines += ["A model's gap is its KL to the optimum: J* - J = beta' KL(pi || pi*) for any "
+              "pi, since log pi*/pi_SFT = r / beta' - log Z. KL(pi || pi*) in nats, retrained / "
+              "DeRa: " + "; ".join(
+                  f"lambda = {x:g}: {f(res['retrained_kl_to_optimum'][i])} / "
+                  f"{f(res['dera_kl_to_optimum'][i])}"
+                  for i, x in enumerate(lam) if res["kl_weight"][i] is not None) + ".", ""]
   for i, x in enumerate(lam):
     w = res["kl_weight"][i]
     if w is None:
