@@ -79,19 +79,7 @@ def _group_metrics(rows, path, *, reward_name, scores, rouge_rows, orders) -> di
     out["reward"], out["reward_se"] = stats.mean_and_stderr(scores)
   out["diversity"] = text_metrics.diversity(responses, orders)
   if rouge_rows is not None:
-    out["rouge"] = {}
-    for k in text_metrics.ROUGE_TYPES:
-      out["rouge"][k], out["rouge"][f"{k}_se"] = stats.mean_and_stderr(
-          [r[k] for r in rouge_rows])
-  return out
-
-
-def _rouge_rows(responses, references) -> list:
-  """Per-row ROUGE F-measures ({type: value} per row), so that rows can be scored apart."""
-  out = []
-  for c, r in zip(responses, references):
-    one = text_metrics.rouge_scores([c], [r])
-    out.append({k: one[k] for k in text_metrics.ROUGE_TYPES})
+    out["rouge"] = text_metrics.rouge_means(rouge_rows)
   return out
 
 
@@ -108,8 +96,8 @@ def _reward_task(reward_judge, rows) -> tuple:
 
 def _rouge_task(rows, references) -> tuple:
   def score(part):
-    return _rouge_rows([r["response"] for r in rows[part]],
-                       [references[r["prompt"]] for r in rows[part]])
+    return text_metrics.rouge_rows([r["response"] for r in rows[part]],
+                                   [references[r["prompt"]] for r in rows[part]])
   return len(rows), score
 
 
@@ -129,24 +117,11 @@ def _win_task(judge, matched, swap) -> tuple:
 def _verdicts(judge, prompts, responses_1, responses_2, swap, ids_1, ids_2) -> dict:
   """{pref: [n] preferences for responses_1 (1, 0, 0.5, NaN), failures} of pairs shown as `swap`.
 
-  The pairs and their order are those of `win_rate.win_rate`; only the
-  per-pair verdicts are returned, so pairs judged apart can be summarised together.
+  `win_rate.verdicts` per block, so that pairs judged apart are summarised together.
   """
-  first = [b if s else a for a, b, s in zip(responses_1, responses_2, swap)]
-  second = [a if s else b for a, b, s in zip(responses_1, responses_2, swap)]
-  if ids_1 is not None and ids_2 is not None and getattr(judge, "accepts_ids", False):
-    judgement = judge.compare(
-        list(prompts), first, second,
-        first_ids=[b if s else a for a, b, s in zip(ids_1, ids_2, swap)],
-        second_ids=[a if s else b for a, b, s in zip(ids_1, ids_2, swap)])
-  else:
-    judgement = judge.compare(list(prompts), first, second)
-  pref = np.asarray(judgement.preference, np.float64).reshape(-1)
-  if pref.size != len(prompts):
-    raise UserError(f"judge {judge.describe().get('name')} returned {pref.size} verdicts for "
-                    f"{len(prompts)} pairs")
-  return {"pref": np.where(swap, 1.0 - pref, pref).tolist(),  # NOTE: NaN stays NaN
-          "failures": {str(k): int(v) for k, v in judgement.failures.items()}}
+  pref, failures = win_rate_lib.verdicts(judge, prompts, responses_1, responses_2, swap,
+                                         ids_1=ids_1, ids_2=ids_2)
+  return {"pref": pref.tolist(), "failures": {str(k): int(v) for k, v in failures.items()}}
 
 
 def _share(n: int) -> slice:
@@ -187,6 +162,18 @@ def _score_split(tasks: dict) -> tuple:
     raise UserError(f"process {failed[0][0]} failed while scoring: {failed[0][1]}")
   return ({key: [x for g in gathered for x in g["results"][i]] for i, key in enumerate(tasks)},
           here)
+
+
+def _agree(refused: Optional[UserError]) -> None:
+  """Raises on every process if the checks refused the run on any one (one line each)."""
+  from realign_jax.parallel import multihost
+  gathered = multihost.gather_objects(None if refused is None else
+                                      (str(refused).splitlines() or [""])[0])
+  if refused is not None:
+    raise refused
+  failed = [(q, e) for q, e in enumerate(gathered) if e is not None]
+  if failed:
+    raise UserError(f"process {failed[0][0]} refused the run: {failed[0][1]}")
 
 
 def _row_ids(rows) -> Optional[list]:
@@ -240,52 +227,67 @@ def evaluate(*, decode_files: Sequence[str], output_file: str,
     seed: seeds the random pair order of the win rates.
   """
   # ---- validate everything before any compute --------------------------------
-  # NOTE: gin passes values on as written (seed='0'): types first.
-  from realign_jax import config_check
-  config_check.check_args(evaluate, dict(locals()))
-  if isinstance(decode_files, str):
-    decode_files = [decode_files]
-  if not decode_files:
-    raise UserError("no decode files given (DECODE_FILES is empty)")
-  if len(set(decode_files)) != len(decode_files):
-    raise UserError(f"decode files listed twice: {list(decode_files)}")
-  config_check.check_output_file(output_file)
-  orders = [int(n) for n in diversity_orders]
-  if any(n < 1 for n in orders):
-    raise UserError(f"diversity orders must be >= 1, got {orders}")
-  if lambdas is not None:
-    lambdas = records.check_lambda_grid(lambdas, "evaluate.lambdas")
-  reward_judge = judges_lib.RewardJudge(reward) if reward is not None else None
-  if compare_file and judge is None:
-    if reward_judge is None:
-      raise UserError("a compare_file needs a judge or a gold reward to judge the win rates")
-    judge = reward_judge
-  if compare_file and hasattr(judge, "check"):
-    judge.check()
-  files = {}
-  for path in decode_files:
-    rows = records.read_decode_file(path, require_kl=require_kl)
-    files[path] = records.select_groups(records.group_by_lam(rows), lambdas, path)
-  other = None
-  if compare_file:
-    other = records.group_by_lam(records.read_decode_file(compare_file, require_kl=False))
-    plans = {p: _comparisons(g, other, p, compare_file) for p, g in files.items()}
-    # NOTE: pair every comparison up front so mismatched prompts fail before any judging.
-    pairs = {(p, a, b): records.pair_rows(files[p][a], other[b], p, compare_file)
-             for p, plan in plans.items() for a, b in plan}
-  references = load_references(reference_file=reference_file, reference_task=reference_task,
-                               reference_split=reference_split, data_dir=data_dir)
-  if (reference_file or reference_task) and not references:
-    raise UserError(f"no references found in {reference_file or reference_task}")
+  # NOTE: on several hosts the checks below run on every process (a file may be
+  # missing on one host only); all processes agree before the first collective,
+  # so a refusal on one is a one-line error on all rather than a wait.
+  refused = None
+  try:
+    # NOTE: gin passes values on as written (seed='0'): types first.
+    from realign_jax import config_check
+    config_check.check_args(evaluate, dict(locals()))
+    if isinstance(decode_files, str):
+      decode_files = [decode_files]
+    if not decode_files:
+      raise UserError("no decode files given (DECODE_FILES is empty)")
+    if len(set(decode_files)) != len(decode_files):
+      raise UserError(f"decode files listed twice: {list(decode_files)}")
+    config_check.check_output_file(output_file)
+    orders = [int(n) for n in diversity_orders]
+    if any(n < 1 for n in orders):
+      raise UserError(f"diversity orders must be >= 1, got {orders}")
+    if lambdas is not None:
+      lambdas = records.check_lambda_grid(lambdas, "evaluate.lambdas")
+    reward_judge = judges_lib.RewardJudge(reward) if reward is not None else None
+    if compare_file and judge is None:
+      if reward_judge is None:
+        raise UserError("a compare_file needs a judge or a gold reward to judge the win rates")
+      judge = reward_judge
+    if compare_file and hasattr(judge, "check"):
+      judge.check()
+    files = {}
+    for path in decode_files:
+      rows = records.read_decode_file(path, require_kl=require_kl)
+      files[path] = records.select_groups(records.group_by_lam(rows), lambdas, path)
+    other = None
+    if compare_file:
+      other = records.group_by_lam(records.read_decode_file(compare_file, require_kl=False))
+      plans = {p: _comparisons(g, other, p, compare_file) for p, g in files.items()}
+      # NOTE: pair every comparison up front so mismatched prompts fail before any judging.
+      pairs = {(p, a, b): records.pair_rows(files[p][a], other[b], p, compare_file)
+               for p, plan in plans.items() for a, b in plan}
+    references = load_references(reference_file=reference_file, reference_task=reference_task,
+                                 reference_split=reference_split, data_dir=data_dir)
+    if (reference_file or reference_task) and not references:
+      raise UserError(f"no references found in {reference_file or reference_task}")
 
-  # NOTE: every missing reference is refused before any scoring.
-  if references:
-    for path, groups in files.items():
-      for g in groups.values():
-        missing = [r for r in g if r["prompt"] not in references]
-        if missing:
-          raise UserError(f"{path} row {missing[0]['_line']}: no reference for its prompt "
-                          f"({len(missing)} of {len(g)} rows lack one)")
+    # NOTE: every missing reference is refused before any scoring.
+    if references:
+      for path, groups in files.items():
+        for g in groups.values():
+          missing = [r for r in g if r["prompt"] not in references]
+          if missing:
+            raise UserError(f"{path} row {missing[0]['_line']}: no reference for its prompt "
+                            f"({len(missing)} of {len(g)} rows lack one)")
+
+  except UserError as e:
+    refused = e
+  _agree(refused)
+  if reward is not None and hasattr(reward, "setup"):
+    # NOTE: a learned reward is loaded onto this host's devices: each process
+    # scores its own block, so no program may span the other hosts' devices.
+    from realign_jax.decode import host_mesh
+    from realign_jax.parallel import partitioning
+    reward.setup(host_mesh(), partitioning.logical_axis_rules())
 
   # ---- scoring: rewards, ROUGE and judge verdicts, split over the processes ----
   tasks, swaps = {}, {}

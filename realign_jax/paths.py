@@ -3,8 +3,8 @@
 `REPO_ROOT` holds configs/ and gin/: the checkout, else the installed package
 (the wheel ships them inside it).
 
-The file operations take local paths and object-store URIs (`gs://bucket/run`,
-also `s3://`, `az://`) alike. A local path goes through `os`/`shutil` exactly
+The file operations take local paths and Cloud Storage URIs (`gs://bucket/run`)
+alike. A local path goes through `os`/`shutil` exactly
 as before; a URI goes through `etils.epath` (TensorFlow's gfile when it is
 installed). This is the bottom floor: it imports no other realign_jax module,
 so its errors are the OS's (callers turn them into `UserError` lines).
@@ -17,8 +17,10 @@ from typing import IO, Union
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 PathLike = Union[str, os.PathLike]
-# The schemes epath writes to; any other `xx://` stays a (strange) local path, as before.
-REMOTE_PREFIXES = ("gs://", "s3://", "az://")
+# The object store epath writes to here: with TensorFlow installed (a dependency) it
+# goes through tf.io.gfile, which has no s3:// or az:// file system. Any other
+# `xx://` stays a (strange) local path, as before.
+REMOTE_PREFIXES = ("gs://",)
 
 
 def _config_root() -> str:
@@ -36,7 +38,7 @@ REPO_ROOT = _config_root()
 
 # ---- local or remote ------------------------------------------------------------
 def is_remote(path: PathLike) -> bool:
-  """Whether `path` is an object-store URI (gs://, s3://, az://)."""
+  """Whether `path` is an object-store URI (gs://)."""
   return os.fspath(path).startswith(REMOTE_PREFIXES)
 
 

@@ -117,7 +117,17 @@ def _built_optimizer(optimizer, algorithm, train_steps: int) -> optax.GradientTr
     raise UserError(f"train.optimizer must be an optimizer or a factory such as @make_optimizer, "
                     f"got {type(optimizer).__name__}")
   from realign_jax.training import optim
-  built = optimizer(total_steps=optim.optimizer_updates(algorithm, train_steps))
+  updates = optim.optimizer_updates(algorithm, train_steps)
+  try:
+    bound = gin.query_parameter("make_optimizer.total_steps")
+  except ValueError:
+    bound = None
+  if bound is not None:
+    # NOTE: the factory's call below would override it without a word.
+    raise UserError(f"make_optimizer.total_steps is bound ({bound}), but with "
+                    f"train.optimizer = @make_optimizer the train binary sets it to the run's "
+                    f"optimizer updates ({updates}); remove the binding")
+  built = optimizer(total_steps=updates)
   if not isinstance(built, optax.GradientTransformation):
     raise UserError(f"train.optimizer's factory returned {type(built).__name__}, not an "
                     f"optax optimizer")

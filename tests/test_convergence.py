@@ -131,6 +131,10 @@ def test_train_binary_builds_its_optimizer_over_every_update():
                      "PPO.num_epochs = 2", "PPO.num_minibatches = 2"])
     bound = gin.get_bindings("train")
     opt = train_bin._built_optimizer(bound["optimizer"], bound["algorithm"], 10)
+    with gin.unlock_config():  # a config from before the factory
+      gin.bind_parameter("make_optimizer.total_steps", 10)
+    with pytest.raises(UserError, match=r"make_optimizer.total_steps is bound \(10\).*\(40\)"):
+      train_bin._built_optimizer(bound["optimizer"], bound["algorithm"], 10)
   finally:
     gin.clear_config()
   p = jnp.zeros(())

@@ -251,3 +251,26 @@ def test_score_split_blocks_match_one_process_and_errors_reach_every_process(mon
   with pytest.raises(UserError, match=r"^process 1 failed while scoring: judge x: HTTP 401 "
                                       r"Unauthorized$"):
     split(bad)
+
+
+def test_a_refusal_on_one_process_is_a_one_line_error_on_every_process(monkeypatch, tmp_path):
+  # Process 1 cannot read a decode file that process 0 can (written on host 0 only): both
+  # processes end with one line instead of process 0 waiting in the scoring gather.
+  from realign_jax import evaluate as evaluate_bin
+  from realign_jax.errors import UserError
+  row = {"prompt": "p", "response": "r", "lam": 1.0, "kl": 0.1, "log_ratio": 0.1, "seed": 0}
+  (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
+  out = str(tmp_path / "eval.json")
+  _, sent = _as_process(monkeypatch, 1)
+  with pytest.raises(_Sent):  # NOTE: it tells the others before raising its own error
+    evaluate_bin.evaluate(decode_files=[str(tmp_path / "no_such.jsonl")], output_file=out)
+  assert len(sent) == 1 and "no_such.jsonl" in sent[0]
+  monkeypatch.setattr(multihost, "gather_objects", lambda obj: [None, obj])
+  with pytest.raises(UserError, match="no_such.jsonl"):
+    evaluate_bin.evaluate(decode_files=[str(tmp_path / "no_such.jsonl")], output_file=out)
+  scoring = []
+  monkeypatch.setattr(evaluate_bin, "_score_split", lambda tasks: scoring.append(tasks))
+  _as_process(monkeypatch, 0, sent[0])
+  with pytest.raises(UserError, match=r"^process 1 refused the run: .*no_such.jsonl"):
+    evaluate_bin.evaluate(decode_files=[str(tmp_path / "d.jsonl")], output_file=out)
+  assert scoring == [] and not os.path.exists(out)

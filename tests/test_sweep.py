@@ -393,5 +393,27 @@ def test_verdicts_across_seeds_and_the_markdown_table(tmp_path):
   assert "dera_verdict/verdict: **over-regularised** in every run" in md
   assert "retrained_verdict/verdict: differs across runs" in md
   bad = plan_lib.Sweep(**{**spec.__dict__, "report_metrics": ["dera_rewrd"]})
+  before = {p: os.path.getmtime(doc["paths"][p]) for p in ("json", "csv", "md")}
   with pytest.raises(UserError, match="dera_rewrd"):
     aggregate_lib.aggregate(bad, runs)
+  # nothing was rewritten: the files of the last good aggregation stay together
+  assert {p: os.path.getmtime(doc["paths"][p]) for p in before} == before
+  with pytest.raises(UserError, match="no run's results.json"):
+    aggregate_lib.aggregate(plan_lib.Sweep(**{**spec.__dict__, "agree": ["dera_verdict/verdic"]}),
+                            runs)
+  with pytest.raises(UserError, match="sweep.agree = 'dera_verdict/verdict': give a list"):
+    plan_lib.expand(plan_lib.Sweep(**{**spec.__dict__, "agree": "dera_verdict/verdict"}),
+                    cwd=str(tmp_path))
+
+
+def test_markdown_rows_follow_the_numbers():
+  from realign_jax.sweeps import plan as plan_lib
+  spec = plan_lib.Sweep(binary="b", gin_files=["g"], root="r", run_dir_binding="D",
+                        seeds=[0], list_axis="lambdas", report_metrics=["x"])
+  one = {"mean": 1.0, "se": None, "n": 1}
+  names = [f"x[lambdas={v}]" for v in ("0.5", "1.0", "10.0", "2.0")]
+  md = aggregate_lib.markdown(spec, [{"bindings": {}, "runs": ["a"], "metrics":
+                                      {n: one for n in names}}], sorted(names))
+  rows = [line.split(" | ")[0].strip("| ") for line in md.splitlines()
+          if line.startswith("| ") and "lambdas" not in line]
+  assert rows == ["0.5", "1.0", "2.0", "10.0"]

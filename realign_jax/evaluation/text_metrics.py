@@ -103,21 +103,30 @@ def lcs_length(a: Sequence, b: Sequence) -> int:
   return prev[-1]
 
 
-def rouge_scores(candidates: Sequence[str], references: Sequence[str]) -> dict:
-  """Mean ROUGE-1/2/L/Lsum F-measures over aligned (candidate, reference) pairs, with SEs."""
+def rouge_rows(candidates: Sequence[str], references: Sequence[str]) -> list:
+  """ROUGE-1/2/L/Lsum F-measures of each aligned (candidate, reference) pair: [{type: F}]."""
   if len(candidates) != len(references):
     raise ValueError(f"{len(candidates)} candidates for {len(references)} references")
   from rouge_score import rouge_scorer
   scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-  cols = {k: [] for k in ROUGE_TYPES}
+  out = []
   for c, r in zip(candidates, references):
     scores = scorer.score(r, c)
-    for k in ROUGE_TYPES:
-      cols[k].append(float(scores[k].fmeasure))
-  out = {}
-  for k, v in cols.items():
-    out[k], out[f"{k}_se"] = stats.mean_and_stderr(v)
+    out.append({k: float(scores[k].fmeasure) for k in ROUGE_TYPES})
   return out
+
+
+def rouge_means(rows: Sequence[dict]) -> dict:
+  """Mean and standard error of each ROUGE type over `rouge_rows`' rows."""
+  out = {}
+  for k in ROUGE_TYPES:
+    out[k], out[f"{k}_se"] = stats.mean_and_stderr([r[k] for r in rows])
+  return out
+
+
+def rouge_scores(candidates: Sequence[str], references: Sequence[str]) -> dict:
+  """Mean ROUGE-1/2/L/Lsum F-measures over aligned (candidate, reference) pairs, with SEs."""
+  return rouge_means(rouge_rows(candidates, references))
 
 
 def diversity(texts: Sequence[str], orders: Sequence[int] = (1, 2, 3)) -> dict:

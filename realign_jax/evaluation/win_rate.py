@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from realign_jax.errors import UserError
 from realign_jax.evaluation import stats
 
 
@@ -37,6 +38,31 @@ def summarize(preference_1, failures: Optional[dict] = None) -> dict:
   return out
 
 
+def verdicts(judge, prompts: Sequence[Any], responses_1: Sequence[Any],
+             responses_2: Sequence[Any], swap: Sequence[bool], *,
+             ids_1: Optional[Sequence] = None, ids_2: Optional[Sequence] = None) -> tuple:
+  """([N] preferences for responses_1 (1, 0, 0.5, NaN), the judge's failure counts).
+
+  Each pair is shown in the order `swap` gives (True: responses_2 first) and
+  the verdict turned back to responses_1's side.
+  """
+  swap = np.asarray(swap, bool).reshape(-1)
+  first = [b if s else a for a, b, s in zip(responses_1, responses_2, swap)]
+  second = [a if s else b for a, b, s in zip(responses_1, responses_2, swap)]
+  if ids_1 is not None and ids_2 is not None and getattr(judge, "accepts_ids", False):
+    judgement = judge.compare(
+        list(prompts), first, second,
+        first_ids=[b if s else a for a, b, s in zip(ids_1, ids_2, swap)],
+        second_ids=[a if s else b for a, b, s in zip(ids_1, ids_2, swap)])
+  else:
+    judgement = judge.compare(list(prompts), first, second)
+  pref = np.asarray(judgement.preference, np.float64).reshape(-1)
+  if pref.size != len(prompts):
+    name = judge.describe().get("name") if hasattr(judge, "describe") else type(judge).__name__
+    raise UserError(f"judge {name} returned {pref.size} verdicts for {len(prompts)} pairs")
+  return np.where(swap, 1.0 - pref, pref), dict(judgement.failures)  # NOTE: NaN stays NaN
+
+
 def win_rate(judge, prompts: Sequence[Any], responses_1: Sequence[Any],
              responses_2: Sequence[Any], *, seed: int = 0,
              swap: Optional[Sequence[bool]] = None, ids_1: Optional[Sequence] = None,
@@ -60,20 +86,9 @@ def win_rate(judge, prompts: Sequence[Any], responses_1: Sequence[Any],
   if swap is None:
     swap = np.random.default_rng(seed).random(n) < 0.5
   swap = np.asarray(swap, bool).reshape(-1)
-  first = [b if s else a for a, b, s in zip(responses_1, responses_2, swap)]
-  second = [a if s else b for a, b, s in zip(responses_1, responses_2, swap)]
-  if ids_1 is not None and ids_2 is not None and getattr(judge, "accepts_ids", False):
-    judgement = judge.compare(
-        list(prompts), first, second,
-        first_ids=[b if s else a for a, b, s in zip(ids_1, ids_2, swap)],
-        second_ids=[a if s else b for a, b, s in zip(ids_1, ids_2, swap)])
-  else:
-    judgement = judge.compare(list(prompts), first, second)
-  pref = np.asarray(judgement.preference, np.float64).reshape(-1)
-  if pref.size != n:
-    raise ValueError(f"judge returned {pref.size} verdicts for {n} pairs")
-  pref_1 = np.where(swap, 1.0 - pref, pref)  # NaN stays NaN
-  out = summarize(pref_1, judgement.failures)
+  pref_1, failures = verdicts(judge, prompts, responses_1, responses_2, swap, ids_1=ids_1,
+                              ids_2=ids_2)
+  out = summarize(pref_1, failures)
   out["num_swapped"] = int(swap.sum())
   return out
 

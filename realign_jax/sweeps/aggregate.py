@@ -202,14 +202,22 @@ def aggregate(spec: plan_lib.Sweep, runs: Sequence[plan_lib.Run]) -> dict:
          "swept": swept, "settings": settings, "missing_runs": missing,
          "run_seconds": seconds,
          "standard_error": "sample standard deviation across seeds / sqrt(n); null for n = 1"}
-  from realign_jax.checkpoints.manager import atomic_write_text
+  from realign_jax import paths as paths_lib
+  unseen = [name for name in spec.agree
+            if not any(v is not None for g in groups.values() for v in g.get("texts", {})
+                       .get(name, []))]
+  if unseen:
+    raise UserError(f"sweep.agree names {unseen}, a text field of no run's results.json "
+                    f"(e.g. 'dera_verdict/verdict')")
+  # NOTE: the table is rendered (and its metrics checked) before any file is written.
+  md = markdown(spec, settings, metric_names) if spec.report_metrics else None
   os.makedirs(root, exist_ok=True)
   paths = {"json": os.path.join(root, "aggregate.json"), "csv": os.path.join(root, "aggregate.csv")}
-  atomic_write_text(paths["json"], json.dumps(doc, indent=2) + "\n")
-  atomic_write_text(paths["csv"], _csv(swept, settings, metric_names))
-  if spec.report_metrics:
+  paths_lib.atomic_write_text(paths["json"], json.dumps(doc, indent=2) + "\n")
+  paths_lib.atomic_write_text(paths["csv"], _csv(swept, settings, metric_names))
+  if md is not None:
     paths["md"] = os.path.join(root, "aggregate.md")
-    atomic_write_text(paths["md"], markdown(spec, settings, metric_names))
+    paths_lib.atomic_write_text(paths["md"], md)
   if spec.plot_metric:
     paths["plot"] = plot(spec, settings, metric_names, root)
   doc["paths"] = paths
@@ -236,6 +244,15 @@ def _cell(st: Optional[dict]) -> str:
   return f"{st['mean']:.3f} ± {se} ({st['n']})"
 
 
+def _label_key(label: str) -> tuple:
+  """'[lambdas=10.0]' sorts after '[lambdas=2.0]': by the number where the value is one."""
+  value = label.strip("[]").split("=", 1)[-1]
+  try:
+    return (0, float(value), value)
+  except ValueError:
+    return (1, 0.0, value)
+
+
 def markdown(spec: plan_lib.Sweep, settings: list, metric_names: list) -> str:
   """aggregate.md: `report_metrics` as mean ± standard error (n) across seeds, per setting.
 
@@ -260,6 +277,7 @@ def markdown(spec: plan_lib.Sweep, settings: list, metric_names: list) -> str:
       for m in columns:
         if n.startswith(m + "[") and n[len(m):] not in labels:
           labels.append(n[len(m):])
+    labels.sort(key=_label_key)
     if columns:
       lines.append("| " + " | ".join([spec.list_axis or "entry", *columns]) + " |")
       lines.append("|" + "---|" * (len(columns) + 1))
@@ -273,6 +291,8 @@ def markdown(spec: plan_lib.Sweep, settings: list, metric_names: list) -> str:
     for name, a in s.get("agreement", {}).items():
       if a["holds"]:
         lines.append(f"- {name}: **{a['value']}** in every run")
+      elif None in a["values"]:
+        lines.append(f"- {name}: missing in some runs ({', '.join(map(str, a['values']))})")
       else:
         lines.append(f"- {name}: differs across runs ({', '.join(map(str, a['values']))}): no "
                      "conclusion holds across seeds")

@@ -205,6 +205,11 @@ def expand(spec: Sweep, *, cwd: Optional[str] = None, python: str = sys.executab
   if x is not None and x not in grid and x not in zipped:
     raise UserError(f"sweep.plot_x = {x!r} is not a swept binding (seeds are averaged over); "
                     f"choose one of {sorted(list(grid) + list(zipped))}")
+  for field in ("agree", "report_metrics"):
+    value = getattr(spec, field)
+    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+      raise UserError(f"sweep.{field} = {value!r}: give a list of names, e.g. "
+                      f"{['dera_verdict/verdict'] if field == 'agree' else ['dera_reward']}")
   if (spec.plot_x is None) != (spec.plot_metric is None):
     raise UserError("give both sweep.plot_metric and sweep.plot_x, or neither")
 
