@@ -54,6 +54,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from realign_jax import gin_utils
+from realign_jax import paths
 from realign_jax.errors import UserError
 from realign_jax.evaluation import optimum as opt
 from realign_jax.experiments import report as rep
@@ -171,7 +172,7 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
   if ppo.kl_target is not None:
     raise UserError("the frontier sweeps a fixed beta: set PPO.kl_target = None")
   if compilation_cache:
-    stages_lib.enable_compilation_cache(os.path.join(model_dir, "jax_cache"))
+    stages_lib.enable_compilation_cache(stages_lib.compilation_cache_dir(model_dir))
 
   need_ppo = [b for b in betas if "ppo" in methods or (
       b == aligned_beta and ("dera" in methods or "tq_direct" in methods))]
@@ -243,11 +244,14 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
           data_dir=ppo.data_dir, vocab_path=ppo.vocab_path, max_prompts=num_prompts,
           input_length=ppo.input_length, batch_size=batch_size, num_samples=n,
           sampling=sampling, seed=seed, progress=progress, **kw)
+      # NOTE: process 0 wrote the rows; the others read them once it has
+      # (the barrier), and it removes the file once all have read it.
+      stages_lib.on_primary(lambda: None)
       rows = stages_lib.read_jsonl(tmp)
       for r, s in zip(rows, score(rows)):
         r["reward"] = s
       stages_lib.write_jsonl(os.path.join(d, SAMPLES), rows)
-      os.remove(tmp)
+      stages_lib.on_primary(lambda: paths.remove(tmp))
       return {k: summary[k] for k in ("compile_s", "decode_s", "tokens_per_s",
                                       "block_latency_s") if k in summary}
     settings = {"eval": ev, "num_samples": n, "setting": setting,

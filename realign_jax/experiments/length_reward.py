@@ -126,7 +126,7 @@ def length_reward(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_ste
     raise UserError("the PPO runs' stopping rule (stop_window) needs eval_every > 0 and "
                     "PPO.max_eval_examples > 0 (the held-out prompts it evaluates J on)")
   if compilation_cache:
-    stages_lib.enable_compilation_cache(os.path.join(model_dir, "jax_cache"))
+    stages_lib.enable_compilation_cache(stages_lib.compilation_cache_dir(model_dir))
 
   # NOTE: lam = 1 retrains at the base beta with the same seed: the base run.
   retrain = {lam: beta / lam for lam in lambdas if lam > 0}
@@ -457,7 +457,8 @@ def write_figures(model_dir, results, dera_rows, retrained_rows) -> dict:
                                       results["retrained_reward_se"], notes)},
       title=f"Length reward against KL (SFT success rate p0 = {100 * results['p0']:.1f}%)",
       ylabel="mean length reward")
-  curves = results.get("retrained_curves") or []
+  # NOTE: a run without evaluations (eval_every = 0) has an empty curve: nothing to draw.
+  curves = [c if c and c["J"] else None for c in results.get("retrained_curves") or []]
   if any(curves):
     figs["training"] = rep.plot_training_curves(
         os.path.join(model_dir, "ppo_training_curves.png"),
@@ -566,8 +567,8 @@ def optimum_section(res: dict) -> list:
 
 def training_section(res: dict) -> list:
   """The report's PPO training curves: the stopping rule, steps and J per run."""
-  curves = res.get("retrained_curves")
-  if not curves or not any(curves):
+  curves = [c if c and c["J"] else None for c in res.get("retrained_curves") or []]
+  if not any(curves):
     return []
   f = rep.fmt
   conv = res["settings"].get("ppo_convergence") or {}

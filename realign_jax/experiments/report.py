@@ -6,6 +6,7 @@ where the two disagree, whether the base beta looks over- or
 under-regularised, and the PNG figures (matplotlib, Agg backend).
 """
 
+import io
 import json
 import math
 import os
@@ -13,6 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from realign_jax import paths
 from realign_jax.checkpoints.manager import atomic_write_text
 from realign_jax.errors import UserError
 from realign_jax.evaluation import stats
@@ -186,10 +188,19 @@ def _plt():
   return plt
 
 
+def _primary() -> bool:
+  from realign_jax.parallel import multihost
+  return multihost.is_primary()
+
+
 def _save(fig, path: str) -> str:
-  tmp = f"{path}.tmp-{os.getpid()}.png"
-  fig.savefig(tmp, dpi=110, bbox_inches="tight")
-  os.replace(tmp, path)
+  """Writes the figure as a PNG at `path` (a local path or a URI), process 0 alone."""
+  # NOTE: rendered to bytes, then one atomic write: the file (or object)
+  # appears only complete, and savefig cannot write to a gs:// URI itself.
+  if _primary():
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    paths.atomic_write_bytes(path, buf.getvalue())
   return path
 
 
@@ -378,9 +389,11 @@ def write_outputs(model_dir: str, results: dict, figures: dict, render) -> dict:
   and the figures for the binary to print.
   """
   results["figures"] = {k: os.path.basename(v) for k, v in figures.items()}
-  atomic_write_text(os.path.join(model_dir, "results.json"),
-                    json.dumps(stats.clean_for_json(results), indent=1))
-  atomic_write_text(os.path.join(model_dir, "report.md"), render(results))
+  text = json.dumps(stats.clean_for_json(results), indent=1)
+  report = render(results)
+  if _primary():  # NOTE: every process computed the same results; one writes them
+    atomic_write_text(os.path.join(model_dir, "results.json"), text)
+    atomic_write_text(os.path.join(model_dir, "report.md"), report)
   results["report"] = os.path.join(model_dir, "report.md")
   results["figure_paths"] = figures
   return results

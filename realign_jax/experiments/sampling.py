@@ -16,6 +16,10 @@ and DeRa at lambda = 0 the reference's (a check the studies report).
 
 Params are passed as arguments, so one compiled function serves every
 checkpoint of one architecture.
+
+On several processes (jax.distributed) every process runs every batch on the
+global mesh with the same host inputs, and each gets the whole batch's
+outputs (`_to_host`): all compute the same rows.
 """
 
 import functools
@@ -46,6 +50,21 @@ def load_lm_params(run_dir: str, lm: LanguageModel, mesh, rules):
     target = jax.tree_util.tree_map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
     return policy_lib.load_init_params(run_dir, target, config=lm.config, what=run_dir)
+
+
+def _to_host(tree):
+  """`tree`'s arrays as numpy on this process, whole even when they span other processes.
+
+  NOTE: an output sharded over several processes cannot be fetched with
+  device_get; it is gathered (a collective: every process calls this alike).
+  """
+  from jax.experimental import multihost_utils
+
+  def fetch(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(jax.device_get(a))
+  return jax.tree_util.tree_map(fetch, tree)
 
 
 def _sample_ids(seeds, n):
@@ -99,6 +118,11 @@ def decode_rows(run, params: tuple, inputs: np.ndarray, *, num_samples: int,
   k = 1 if lambdas is None else len(lambdas)
   lam_arr = None if lambdas is None else jnp.asarray(lambdas, jnp.float32)
   rng = jax.random.PRNGKey(seed)
+  multi = jax.process_count() > 1
+  if multi:
+    # NOTE: host (numpy) arguments, the same on every process: a jit over the
+    # global mesh takes them as replicated, unlike one process's device arrays.
+    rng = np.asarray(rng)
   reward_params = reward.params()
   rows = []
   bar = tqdm(total=n_prompts, desc=desc, unit="prompt", disable=not progress, mininterval=1.0,
@@ -107,18 +131,23 @@ def decode_rows(run, params: tuple, inputs: np.ndarray, *, num_samples: int,
     idx = np.arange(start, min(start + batch_size, n_prompts))
     # NOTE: the last batch is filled up by repeating its first prompt, so one shape compiles.
     full = np.concatenate([idx, np.full(batch_size - idx.size, idx[0])])
-    x = jnp.asarray(inputs[full])
-    seeds = jnp.asarray(full, jnp.int32)
-    args = (*params, x, seeds) + (() if lam_arr is None else (lam_arr,)) + (rng,)
+    if multi:
+      x, seeds = np.asarray(inputs[full]), np.asarray(full, np.int32)
+      lams = None if lam_arr is None else np.asarray(lambdas, np.float32)
+    else:
+      x, seeds, lams = jnp.asarray(inputs[full]), jnp.asarray(full, jnp.int32), lam_arr
+    args = (*params, x, seeds) + (() if lams is None else (lams,)) + (rng,)
     if mesh is not None:
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         out = run(*args)
     else:
       out = run(*args)
+    if multi:
+      out = _to_host(out)  # NOTE: scored below from the whole batch, on every process
     rep_inputs = jnp.repeat(x, num_samples * k, axis=0)
     scores = reward.score_tokens(reward_params, rep_inputs, out.tokens, out.lengths)
     counts = rewards_base.response_token_count(out.tokens, out.lengths)
-    out, scores, counts = jax.device_get((out, scores, counts))
+    out, scores, counts = _to_host((out, scores, counts))
     ref_lp = out.model_logprobs[1 if lambdas is None else 0]
     for bi, p in enumerate(idx):
       for j in range(num_samples):

@@ -14,6 +14,13 @@ run again; its function resumes what it can (the trainer restarts from the
 stage directory's latest checkpoint). A finished stage whose settings differ
 from the ones asked for is an error: its outputs belong to another
 configuration, and silently mixing the two would corrupt the study.
+
+On several processes (jax.distributed) every process runs every stage (they
+join the same collectives) and process 0 alone writes: it decides whether a
+stage is cached and sends its stage.json to the others, so no process runs a
+stage that another skips (that would deadlock), and all get process 0's
+result. ROOT may be an object-store URI (gs://...): files go through
+`realign_jax.paths`.
 """
 
 import dataclasses
@@ -21,10 +28,10 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from typing import Any, Callable, Optional
 
+from realign_jax import paths
 from realign_jax.checkpoints.manager import atomic_write_jsonl, atomic_write_text
 from realign_jax.errors import UserError
 
@@ -78,6 +85,36 @@ def _first_difference(a: Any, b: Any, path: str = "") -> Optional[str]:
   return None if a == b else (path.lstrip(".") or "(settings)")
 
 
+def is_primary() -> bool:
+  """Whether this process writes the study's files (process 0)."""
+  from realign_jax.parallel import multihost
+  return multihost.is_primary()
+
+
+def on_primary(fn: Callable[[], Any]) -> Any:
+  """fn() on process 0, its JSON-serialisable value on every process.
+
+  An error on process 0 is raised there and, as a one-line UserError with
+  its message, on the others (rather than leaving them waiting forever).
+  A collective: every process calls it, in the same order.
+  """
+  from realign_jax.parallel import multihost
+  value, error = None, None
+  if multihost.is_primary():
+    try:
+      value = fn()
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+  payload = multihost.broadcast_object(
+      {"value": value} if error is None else {"error": str(error).splitlines()[0] if str(error)
+                                                else type(error).__name__})
+  if error is not None:
+    raise error
+  if "error" in payload:
+    raise UserError(payload["error"])
+  return payload["value"]
+
+
 class StageRunner:
   """Runs a study's stages under `root`, skipping the finished ones."""
 
@@ -91,7 +128,8 @@ class StageRunner:
     self.timings = {}  # name -> seconds (of the run that produced the stage)
     self.cpu_timings = {}  # name -> CPU seconds of this process, all threads
     self.ran = []  # names of the stages run (not cached) in this invocation
-    os.makedirs(root, exist_ok=True)
+    if is_primary():
+      paths.makedirs(root)
 
   def stage_dir(self, name: str) -> str:
     return os.path.join(self.root, name)
@@ -99,11 +137,10 @@ class StageRunner:
   def _read(self, name: str) -> Optional[dict]:
     """The intact stage.json of `name`, or None (absent, corrupted or incomplete)."""
     path = os.path.join(self.stage_dir(name), STAGE_JSON)
-    if not os.path.exists(path):
+    if not paths.exists(path):
       return None
     try:
-      with open(path) as f:
-        doc = json.load(f)
+      doc = json.loads(paths.read_text(path))
     except (OSError, ValueError) as e:
       logging.warning("stage %s: %s is unreadable (%s); running the stage again", name, path, e)
       return None
@@ -112,14 +149,14 @@ class StageRunner:
       logging.warning("stage %s: %s is incomplete; running the stage again", name, path)
       return None
     missing = [f for f in doc.get("files", [])
-               if not os.path.exists(os.path.join(self.stage_dir(name), f))]
+               if not paths.exists(os.path.join(self.stage_dir(name), f))]
     if missing:
       logging.warning("stage %s: output %s is missing; running the stage again", name, missing[0])
       return None
     return doc
 
   def is_done(self, name: str, settings: Any) -> bool:
-    doc = self._read(name)
+    doc = on_primary(lambda: self._read(name))
     return doc is not None and doc["settings"] == canonical(settings)
 
   def run(self, name: str, settings: Any, fn: Callable[[str], dict], *,
@@ -130,17 +167,20 @@ class StageRunner:
       name: the stage's directory name under the root.
       settings: everything the stage's outputs depend on (compared on reruns).
       fn: fn(stage_dir) -> a JSON-serialisable result dict; must resume or
-        overwrite whatever a killed earlier attempt left in stage_dir.
+        overwrite whatever a killed earlier attempt left in stage_dir. On
+        several processes it runs on each; only process 0 may write files.
       files: result -> the output files (relative to stage_dir) that must
         exist for the cached stage to count as finished.
 
     Returns:
-      The stage's result.
+      The stage's result (process 0's, on every process).
     """
     self.index += 1
     count = f"[{self.index}/{self.total}]" if self.total else f"[{self.index}]"
     settings = canonical(settings)
-    doc = self._read(name)
+    # NOTE: process 0 decides and the others follow: a stage run by some
+    # processes and skipped by others would hang in its first collective.
+    doc = on_primary(lambda: self._read(name))
     if doc is not None:
       if doc["settings"] != settings:
         diff = _first_difference(doc["settings"], settings)
@@ -150,25 +190,38 @@ class StageRunner:
             f"MODEL_DIR or delete {self.stage_dir(name)}")
       self.timings[name] = float(doc.get("seconds", math.nan))
       self.cpu_timings[name] = float(doc.get("cpu_seconds", math.nan))
-      self.log(f"{count} {name}: finished earlier, cached ({self.stage_dir(name)})")
+      self._log(f"{count} {name}: finished earlier, cached ({self.stage_dir(name)})")
       return doc["result"]
-    self.log(f"{count} {name}: running in {self.stage_dir(name)}")
-    os.makedirs(self.stage_dir(name), exist_ok=True)
+    self._log(f"{count} {name}: running in {self.stage_dir(name)}")
+    if is_primary():
+      paths.makedirs(self.stage_dir(name))
     t0, c0 = time.perf_counter(), time.process_time()
     result = fn(self.stage_dir(name))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     doc = {"name": name, "settings": settings, "result": result,
            "files": list(files(result)), "seconds": seconds, "cpu_seconds": cpu}
-    atomic_write_text(os.path.join(self.stage_dir(name), STAGE_JSON), json.dumps(doc, indent=1))
-    self.timings[name] = seconds
-    self.cpu_timings[name] = cpu
+
+    def write():
+      atomic_write_text(os.path.join(self.stage_dir(name), STAGE_JSON),
+                        json.dumps(doc, indent=1))
+      return doc
+    # NOTE: also the barrier after which every process may read the stage's outputs.
+    written = on_primary(write)
+    if not is_primary():
+      doc = written
+    self.timings[name] = float(doc["seconds"])
+    self.cpu_timings[name] = float(doc["cpu_seconds"])
     self.ran.append(name)
-    self.log(f"{count} {name}: done in {seconds:.0f} s")
-    return result
+    self._log(f"{count} {name}: done in {doc['seconds']:.0f} s")
+    return doc["result"]
+
+  def _log(self, line: str) -> None:
+    if is_primary():  # NOTE: one progress line per stage, not one per process
+      self.log(line)
 
   def reset(self, name: str) -> None:
     """Deletes a stage's directory (its outputs and checkpoints)."""
-    shutil.rmtree(self.stage_dir(name), ignore_errors=True)
+    on_primary(lambda: paths.rmtree(self.stage_dir(name), ignore_errors=True))
 
 
 def _at(tree: Any, path: Optional[str]) -> Any:
@@ -187,12 +240,17 @@ def _at(tree: Any, path: Optional[str]) -> Any:
 
 
 def write_jsonl(path: str, rows: list) -> None:
-  """Writes rows as JSON lines atomically (the file appears only when complete)."""
-  atomic_write_jsonl(path, rows)
+  """Writes rows as JSON lines atomically (the file appears only when complete).
+
+  Process 0 alone writes (every process computed the same rows); the others
+  may read the file once the stage has finished (`StageRunner.run`).
+  """
+  if is_primary():
+    atomic_write_jsonl(path, rows)
 
 
 def read_jsonl(path: str) -> list:
-  with open(path) as f:
+  with paths.open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
 
 
@@ -257,8 +315,23 @@ def train_stage(run_dir: str, algorithm, steps: int, optimizer: OptimizerSpec,
           "evals": evals}
 
 
+def compilation_cache_dir(model_dir: str) -> str:
+  """Where a study keeps its compilation cache: MODEL_DIR/jax_cache, or a local one.
+
+  NOTE: the cache stays on local disk: for a remote MODEL_DIR (gs://...) it
+  goes under the local temp dir (per study path), since every compile would
+  otherwise read and write the bucket.
+  """
+  if not paths.is_remote(model_dir):
+    return os.path.join(model_dir, "jax_cache")
+  import hashlib
+  import tempfile
+  key = hashlib.sha256(model_dir.encode("utf-8")).hexdigest()[:16]
+  return os.path.join(tempfile.gettempdir(), "realign_jax_cache", key)
+
+
 def enable_compilation_cache(directory: str) -> None:
-  """Persists compiled XLA programs under `directory`.
+  """Persists compiled XLA programs under `directory` (a local path).
 
   NOTE: a study trains several PPO runs whose train steps are the same
   program (beta lives in the checkpointed aux state, not in the code), and a

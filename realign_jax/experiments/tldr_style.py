@@ -48,6 +48,7 @@ import jax
 import numpy as np
 
 from realign_jax import gin_utils
+from realign_jax import paths
 from realign_jax.data import pipeline
 from realign_jax.data import preferences as prefs_lib
 from realign_jax import synthetic_preferences as synth
@@ -122,13 +123,17 @@ def layout_free(settings: Any, root: str) -> Any:
   MODEL_DIR lives; a moved study directory still resumes.
   """
   settings = stages_lib.canonical(settings)
-  prefix = os.path.abspath(root) + os.sep
   if isinstance(settings, dict):
     return {k: layout_free(v, root) for k, v in settings.items()}
   if isinstance(settings, list):
     return [layout_free(v, root) for v in settings]
-  if isinstance(settings, str) and os.path.abspath(settings).startswith(prefix) and \
-      os.path.isabs(settings):
+  if isinstance(settings, str) and paths.is_remote(root):
+    # NOTE: a URI is absolute already; os.path.abspath would make it a local path.
+    prefix = root.rstrip("/") + "/"
+    return "<MODEL_DIR>/" + settings[len(prefix):] if settings.startswith(prefix) else settings
+  prefix = os.path.abspath(root) + os.sep
+  if isinstance(settings, str) and not paths.is_remote(settings) and \
+      os.path.abspath(settings).startswith(prefix) and os.path.isabs(settings):
     return "<MODEL_DIR>/" + os.path.relpath(settings, root)
   return settings
 
@@ -164,7 +169,11 @@ def write_human_pairs(stage_dir: str, comparisons_dir: str, heldout_split: str,
     plan.append((split, fname, rows[:n], skipped))
   out = {}
   for split, fname, rows, skipped in plan:
-    written = prefs_lib.write_preference_jsonl(os.path.join(stage_dir, fname), rows)
+    # NOTE: process 0 alone writes; the others check and count the same rows.
+    path = os.path.join(stage_dir, fname)
+    written = (prefs_lib.write_preference_jsonl(path, rows) if stages_lib.is_primary() else
+               len([prefs_lib.validate_preference(r, where=f"row {i} written to {path}")
+                    for i, r in enumerate(rows, start=1)]))
     out[split] = {"pairs": written, "skipped_invalid": skipped, "source": "tldr_comparisons"}
   return out
 
@@ -207,7 +216,7 @@ def tldr_style(*, model_dir: str, sft: SFT, reward_model: RewardModel, pg: Calla
   # ---- validate everything before any compute -----------------------------------
   if not model_dir:
     raise UserError("MODEL_DIR is empty")
-  model_dir = os.path.abspath(model_dir)
+  model_dir = paths.abspath(model_dir)
   lambdas = rep.check_lambdas(lambdas, "tldr_style.lambdas")
   if any(lam <= 0 for lam in lambdas):
     raise UserError(f"tldr_style.lambdas must all be > 0 (beta / lambda is retrained), got "
@@ -243,7 +252,7 @@ def tldr_style(*, model_dir: str, sft: SFT, reward_model: RewardModel, pg: Calla
   if len(names) != len(lambdas):
     raise UserError(f"tldr_style.lambdas {lambdas} give retrained betas that print alike")
   if compilation_cache:
-    stages_lib.enable_compilation_cache(os.path.join(model_dir, "jax_cache"))
+    stages_lib.enable_compilation_cache(stages_lib.compilation_cache_dir(model_dir))
 
   retrain = {lam: beta / lam for lam in lambdas}
   extra = [lam for lam in lambdas if run_name("pg", retrain[lam]) != run_name("pg", beta)]
@@ -278,7 +287,7 @@ def tldr_style(*, model_dir: str, sft: SFT, reward_model: RewardModel, pg: Calla
     pair_set = {"source": "tldr_comparisons", "train_split": "train",
                 "num_train_pairs": num_train_pair_prompts, "heldout_split": heldout_split,
                 "num_heldout_pairs": num_heldout_pair_prompts,
-                "data_dir": os.path.abspath(comparisons_dir)}
+                "data_dir": paths.abspath(comparisons_dir)}
 
   def pairs_stage(d):
     if comparisons_dir:

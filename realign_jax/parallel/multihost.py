@@ -319,3 +319,17 @@ def gather_objects(obj, timeout_s: float = 24 * 3600) -> list:
   padded[:data.size] = data
   texts = np.asarray(gather(padded))
   return [json.loads(bytes(texts[q, :sizes[q]]).decode("utf-8")) for q in range(len(sizes))]
+
+
+def broadcast_object(obj, timeout_s: float = 24 * 3600):
+  """Process 0's JSON-serialisable `obj`, on every process (`obj` itself on one process).
+
+  For decisions that every process must take alike (e.g. whether a study's
+  stage is cached: process 0 reads its marker, the others follow). A
+  collective: every process calls it, in the same order; the others' `obj` is
+  ignored.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return obj
+  return gather_objects(obj if jax.process_index() == 0 else None, timeout_s)[0]
