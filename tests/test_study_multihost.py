@@ -234,3 +234,15 @@ def test_stages_and_outputs_in_a_bucket(bucket):  # noqa: F811
   cache = stages_lib.compilation_cache_dir(root)
   assert not paths.is_remote(cache) and os.path.isabs(cache)
   assert stages_lib.compilation_cache_dir("/x/study") == "/x/study/jax_cache"
+
+
+def test_layout_free_settings_under_a_uri():
+  from realign_jax.experiments import tldr_style as ts
+  root = "gs://bucket/study"
+  assert ts.layout_free({"a": f"{root}/sft", "b": ["gs://bucket/studyx/sft", "adamw"],
+                         "c": "gs://other/sft", "d": 2}, root) == {
+      "a": "<MODEL_DIR>/sft", "b": ["gs://bucket/studyx/sft", "adamw"], "c": "gs://other/sft",
+      "d": 2}
+  # a local MODEL_DIR keeps its layout-free paths; a URI inside settings stays as it is
+  assert ts.layout_free({"a": "/x/study/sft", "u": "gs://bucket/x"}, "/x/study") == {
+      "a": "<MODEL_DIR>/sft", "u": "gs://bucket/x"}
