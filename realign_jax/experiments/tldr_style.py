@@ -293,7 +293,12 @@ def tldr_style(*, model_dir: str, sft: SFT, reward_model: RewardModel, pg: Calla
     if comparisons_dir:
       return write_human_pairs(d, comparisons_dir, heldout_split, num_train_pair_prompts,
                                num_heldout_pair_prompts)
-    params = sampling.load_lm_params(sft_dir, lm, mesh, rules)
+    # NOTE: the builder samples as the decode binary does: on several processes
+    # each its own batches on its own devices (`decode.host_mesh`; on one
+    # process the study's mesh), so its params live there, not on the global mesh.
+    from realign_jax.decode import host_mesh
+    pair_mesh = host_mesh()
+    params = sampling.load_lm_params(sft_dir, lm, pair_mesh, rules)
     out = {}
     for split, n, fname in (("train", num_train_pair_prompts, TRAIN_PAIRS),
                             (heldout_split, num_heldout_pair_prompts, HELDOUT_PAIRS)):
@@ -301,7 +306,7 @@ def tldr_style(*, model_dir: str, sft: SFT, reward_model: RewardModel, pg: Calla
       if len(ex) < n:
         raise UserError(f"{n} preference prompts asked from split {split} of {sft.task}, "
                         f"which holds only {len(ex)}")
-      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      with jax.set_mesh(pair_mesh), nn.logical_axis_rules(rules):
         st = synth.build_synthetic_preferences(
             lm=lm, params=params, prompts=[e["inputs"] for e in ex],
             gold_reward=prompt_gold_fn(ex), output_file=os.path.join(d, fname), sampling=samp,
