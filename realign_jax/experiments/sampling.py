@@ -125,7 +125,8 @@ def decode_rows(run, params: tuple, inputs: np.ndarray, *, num_samples: int,
     rng = np.asarray(rng)
   reward_params = reward.params()
   rows = []
-  bar = tqdm(total=n_prompts, desc=desc, unit="prompt", disable=not progress, mininterval=1.0,
+  bar = tqdm(total=n_prompts, desc=desc, unit="prompt", mininterval=1.0,
+             disable=not progress or jax.process_index() != 0,  # NOTE: one bar, process 0's
              dynamic_ncols=True)
   for start in range(0, n_prompts, batch_size):
     idx = np.arange(start, min(start + batch_size, n_prompts))
