@@ -282,13 +282,17 @@ def _algorithm_args(name, model_dir, sft_dir, pref_dir) -> list:
     extra = ["--gin_file=configs/dpo/builtin_tiny.gin", f"--gin.INIT_CHECKPOINT='{sft_dir}'",
              f"--gin.PREFERENCE_DIR='{pref_dir}'", "--gin.DPO.batch_size=8",
              "--gin.DPO.input_length=16", "--gin.DPO.target_length=8",
-             "--gin.DPO.max_eval_examples=0"]
+             "--gin.DPO.eval_batch_size=8"]
   else:
     extra = ["--gin_file=configs/value/fudge_builtin_tiny.gin",
              f"--gin.REFERENCE_CHECKPOINT='{sft_dir}'", "--gin.FudgeValue.batch_size=8",
              "--gin.FudgeValue.input_length=32", "--gin.FudgeValue.max_new_tokens=6"]
+  # NOTE: PPO and DPO evaluate once, at the last step: per-prompt outputs of a program on
+  # the global mesh, spread over the processes, that every process has to read whole.
+  evals = {"ppo": ["--gin.PPO.max_eval_examples=8", f"--gin.TrainerConfig.eval_every={_ALGO_STEPS}"],
+           "dpo": [f"--gin.TrainerConfig.eval_every={_ALGO_STEPS}"]}.get(name, [])
   return ["-m", "realign_jax.train", f"--gin.MODEL_DIR='{model_dir}'", *extra, *_TINY_T5,
-          *_COMMON]
+          *_COMMON, *evals]
 
 
 @pytest.fixture(scope="module")
@@ -330,9 +334,13 @@ def test_algorithm_on_two_processes_matches_one(algorithm_runs, name):
   rows_one, rows_two = _records(one), _records(two)
   steps = [r["step"] for r in rows_two if r["split"] == "train"]
   assert steps == list(range(1, _ALGO_STEPS + 1))  # each record once: process 0 writes
-  ref = {r["step"]: r for r in rows_one if r["split"] == "train"}
+  ref = {(r["split"], r["step"]): r for r in rows_one}
+  assert sorted(ref) == sorted((r["split"], r["step"]) for r in rows_two)
+  if name in ("ppo", "dpo"):
+    assert ("eval", _ALGO_STEPS) in ref  # an evaluation on both
   for r in rows_two:
+    want = ref[r["split"], r["step"]]
     for k, v in r.items():
       if isinstance(v, float) and "per_s" not in k and "seconds" not in k and k != "time":
-        assert v == pytest.approx(ref[r["step"]][k], rel=1e-4, abs=1e-5), (k, r, ref[r["step"]])
+        assert v == pytest.approx(want[k], rel=1e-4, abs=1e-5), (k, r, want)
   assert (two / "config.gin").read_text().strip()

@@ -293,6 +293,25 @@ def gather(tree):
   return multihost_utils.process_allgather(tree)
 
 
+def fetch(tree):
+  """`tree`'s arrays as host numpy values, whole on every process.
+
+  An array spread over several processes' devices (a per-example output of a
+  program on the global mesh) cannot be read by one process alone
+  (`jax.device_get` refuses it): it is all-gathered, a collective that every
+  process reaches in the same order. Replicated or local arrays are read as is.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree_util.tree_map(one, tree)
+
+
 def process_slot() -> tuple:
   """(number of processes, this process's index): how a loop splits its work over hosts."""
   import jax  # pylint: disable=g-import-not-at-top

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from realign_jax.errors import UserError
+from realign_jax.parallel import multihost
 from realign_jax.training import policy as policy_lib
 from realign_jax.training.reward_model import (PreferenceAlgorithm, init_params_sharded,
                                                sharded_abstract)
@@ -148,7 +149,7 @@ class DPO(PreferenceAlgorithm):
     chosen, rejected = [], []
     for batch in self.eval_batches(arrays):
       n = int(batch.pop("weights").sum())
-      c, r = jax.device_get(self._ref_logprobs_fn(
+      c, r = multihost.fetch(self._ref_logprobs_fn(
           self._ref, {k: jnp.asarray(v) for k, v in batch.items()}))
       chosen.append(c[:n])
       rejected.append(r[:n])
@@ -208,8 +209,8 @@ class DPO(PreferenceAlgorithm):
       arrays = dict(arrays, **self._precomputed[self.eval_split])
     sums = {}
     for batch in self.eval_batches(arrays):
-      out = jax.device_get(self._eval_fn(params, self._ref,
-                                         {k: jnp.asarray(v) for k, v in batch.items()}))
+      out = multihost.fetch(self._eval_fn(params, self._ref,
+                                          {k: jnp.asarray(v) for k, v in batch.items()}))
       for k, v in out.items():
         sums[k] = sums.get(k, 0.0) + float(v)
     n = max(sums.pop("count"), 1.0)

@@ -285,7 +285,7 @@ class RewardModel(PreferenceAlgorithm):
       return {}, []
     sums = {}
     for batch in self.eval_batches(arrays):
-      out = jax.device_get(self._eval_fn(params, {k: jnp.asarray(v) for k, v in batch.items()}))
+      out = multihost.fetch(self._eval_fn(params, {k: jnp.asarray(v) for k, v in batch.items()}))
       for k, v in out.items():
         sums[k] = sums.get(k, 0.0) + float(v)
     n = max(sums["count"], 1.0)

@@ -311,8 +311,11 @@ class RLAlgorithm(Algorithm):
     if not self.max_eval_examples:
       return {}, []
     inputs = self.eval_inputs()
-    out = jax.device_get(self._eval_fn(params, self.frozen(), jnp.asarray(inputs),
-                                       jax.random.PRNGKey(self.eval_seed)))
+    from realign_jax.parallel import multihost
+    # NOTE: per-prompt outputs of a program on the global mesh: on several hosts
+    # they are spread over the processes, and every process needs all of them.
+    out = multihost.fetch(self._eval_fn(params, self.frozen(), jnp.asarray(inputs),
+                                        jax.random.PRNGKey(self.eval_seed)))
     # NOTE: the objective the policy is trained on at this step: with adaptive
     # KL control the initial self.beta is stale after the first update.
     beta = float(aux["beta"]) if aux is not None and "beta" in aux else float(self.beta)
