@@ -155,6 +155,10 @@ def test_disagreements_hold_the_family_wise_level():
   # Holm steps down: p = (1e-6, 1e-6, 1e-6, 0.0278) against ALPHA / (4, 3, 2, 1).
   assert rep.disagreements(lams, [5.0, 5.0, 5.0, 2.2], [se] * 4, [0.0] * 4,
                            [se] * 4) == lams
+  # A NaN mean has no p-value: never called, and it does not count in the family.
+  assert rep.disagreements([0.5, 2.0], [math.nan, 2.2], [se] * 2, [1.0, 0.0], [se] * 2) == [2.0]
+  assert [lam for _, lam in rep.comparisons([0.5, 2.0], [math.nan, 2.2], [se] * 2, [1.0, 0.0],
+                                            [se] * 2)] == [2.0]
   # lambda = 0 and 1 are one model on both sides: not comparisons, so they cost nothing.
   assert rep.disagreements([0.0, 1.0, 2.0], [0.3, 0.5, 2.2], [se] * 3, [0.3, 0.5, 0.0],
                            [se] * 3) == [2.0]

@@ -654,7 +654,11 @@ def render_report(res: dict) -> str:
     lines.append(f"- **DeRa and retraining disagree** on the mean reward ({family}) at lambda = "
                  f"{', '.join(f'{x:g}' for x in dis)}.")
   else:
-    lines.append(f"- At no lambda do the mean rewards of DeRa and retraining differ ({family}).")
+    compared = rep.comparisons(lam, res["dera_reward"], res["dera_reward_se"],
+                               res["retrained_reward"], res["retrained_reward_se"])
+    lines.append(f"- At no lambda do the mean rewards of DeRa and retraining differ ({family})."
+                 if compared else "- No lambda compares DeRa with a separately retrained model "
+                 "(at lambda = 0 and 1 they are one model), so nothing is called.")
   if p is not None and p < 0.9:
     lines.append("- The correlation is below 0.9: on this run DeRa is a weak proxy for "
                  "retraining.")

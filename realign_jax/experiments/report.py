@@ -98,25 +98,35 @@ def summarize_rows(rows: Sequence[dict], fields=("reward", "kl", "log_ratio", "l
   return out
 
 
-def disagreements(lambdas, a, a_se, b, b_se) -> list:
-  """Lambdas where two curves differ, at family-wise level ALPHA over the lambdas compared.
+def comparisons(lambdas, a, a_se, b, b_se) -> list:
+  """[(two-sided p-value, lambda)] of the lambdas where two curves can be compared.
 
-  Each lambda's two-sided p-value is that of |a - b| / sqrt(a_se^2 + b_se^2)
-  under the normal; Holm's step-down procedure (Holm 1979) then keeps the
-  chance of calling any agreeing lambda a disagreement below ALPHA (the level
-  of Z standard errors for one comparison). Compared are the lambdas whose
-  standard errors are defined (NaN or None: never listed) and where the two
-  curves are not one model (the same mean and standard error on both sides, as
-  at lambda = 0 and 1 of the length-reward study, is no comparison).
+  Compared are the lambdas whose means and standard errors are defined (NaN or
+  None: no p-value) and where the two curves are not one model (the same mean
+  and standard error on both sides, as at lambda = 0 and 1 of the
+  length-reward study, is no comparison). The p-value is that of
+  |a - b| / sqrt(a_se^2 + b_se^2) under the normal.
   """
   from scipy import stats as sps  # NOTE: lazily: scipy's import is slow
   tests = []
   for lam, x, sx, y, sy in zip(lambdas, a, a_se, b, b_se):
-    if not (_defined(sx) and _defined(sy)) or (x == y and sx == sy):
+    if not (_defined(sx) and _defined(sy) and _defined(x) and _defined(y)) or (
+        x == y and sx == sy):
       continue
     sd = math.sqrt(sx * sx + sy * sy)
     p = 0.0 if sd == 0.0 else float(2.0 * sps.norm.sf(abs(x - y) / sd))
     tests.append((p, lam))
+  return tests
+
+
+def disagreements(lambdas, a, a_se, b, b_se) -> list:
+  """Lambdas where two curves differ, at family-wise level ALPHA over the lambdas compared.
+
+  Holm's step-down procedure (Holm 1979) over `comparisons`' p-values keeps the
+  chance of calling any agreeing lambda a disagreement below ALPHA (the level
+  of Z standard errors for one comparison).
+  """
+  tests = comparisons(lambdas, a, a_se, b, b_se)
   out, m = [], len(tests)
   for k, (p, lam) in enumerate(sorted(tests)):
     if p > ALPHA / (m - k):

@@ -251,6 +251,10 @@ def tldr_style(*, model_dir: str, sft: SFT, reward_model: RewardModel, pg: Calla
   names = {run_name("pg", beta / lam) for lam in lambdas}
   if len(names) != len(lambdas):
     raise UserError(f"tldr_style.lambdas {lambdas} give retrained betas that print alike")
+  if comparisons_dir:
+    # NOTE: before any compute: at full scale the pairs are needed after SFT.
+    from realign_jax.data import tldr
+    tldr.comparison_files(comparisons_dir)
   if compilation_cache:
     stages_lib.enable_compilation_cache(stages_lib.compilation_cache_dir(model_dir))
 
@@ -312,7 +316,9 @@ def tldr_style(*, model_dir: str, sft: SFT, reward_model: RewardModel, pg: Calla
             gold_reward=prompt_gold_fn(ex), output_file=os.path.join(d, fname), sampling=samp,
             input_length=input_length, batch_size=eval_batch_size, seed=pair_seed,
             vocab_path=sft.vocab_path)
-      out[split] = dict(dataclasses.asdict(st), skipped=st.skipped)
+      # NOTE: prompts_here (this process's share) depends on the host count, not the data.
+      out[split] = {k: v for k, v in dict(dataclasses.asdict(st), skipped=st.skipped).items()
+                    if k != "prompts_here"}
     return out
   pair_stats = runner.run("preferences", {"sft": sft_set, "pairs": pair_set,
                                           "input_length": input_length, "sampling": samp},
