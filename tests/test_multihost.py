@@ -32,18 +32,31 @@ STEPS = 12
 TIMEOUT_S = 240
 
 
-def _free_slurm_job_id() -> str:
-  """A SLURM_JOB_ID whose coordinator port (61440 + id % 4096) is free on 127.0.0.1."""
-  rng = random.Random(os.getpid())
-  for _ in range(200):
+def _slurm_job_ids(n: int) -> list:
+  """n SLURM_JOB_IDs whose coordinator ports (61440 + id % 4096) differ and are free.
+
+  NOTE: all n are drawn in one call: a port is free until its coordinator
+  listens, so two separate calls made before then could return the same one.
+  """
+  rng = random.Random(os.getpid() * 7919 + 1)
+  ports = []
+  for _ in range(400):
     port = multihost.SLURM_PORT_BASE + rng.randrange(multihost.SLURM_PORT_RANGE)
     with socket.socket() as s:
       try:
         s.bind(("127.0.0.1", port))
       except OSError:
         continue
-    return str(port - multihost.SLURM_PORT_BASE + 4096 * rng.randrange(1, 100))
-  raise RuntimeError("no free port in SLURM's coordinator range")
+    if port not in ports:
+      ports.append(port)
+    if len(ports) == n:
+      return [str(p - multihost.SLURM_PORT_BASE + 4096 * rng.randrange(1, 100)) for p in ports]
+  raise RuntimeError("no free ports in SLURM's coordinator range")
+
+
+def _free_slurm_job_id() -> str:
+  """A SLURM_JOB_ID whose coordinator port (61440 + id % 4096) is free on 127.0.0.1."""
+  return _slurm_job_ids(1)[0]
 
 
 def _env(devices: int, cache, slurm: dict = None) -> dict:

@@ -13,13 +13,12 @@ import json
 import math
 import os
 import random
-import socket
 
 import pytest
 
 from realign_jax.parallel import multihost
 from tests.helpers import BinaryRun
-from tests.test_multihost import REPO_ROOT, _env, _slurm, _wait_all
+from tests.test_multihost import REPO_ROOT, _env, _slurm, _slurm_job_ids, _wait_all
 
 # NOTE: batches of 4: train's 10 prompts are batches 0 and 2 (6 prompts) on process 0 and
 # batch 1 (4) on process 1; test's 3 prompts are one batch, process 1 sits that round out.
@@ -29,28 +28,6 @@ HERE_ON_1 = {"train": 4, "validation": 2, "test": 0}
 # win rate) = 12 scoring tasks of 7 rows or pairs.
 NUM_DOCS, LAMS = 7, (0.0, 1.0)
 TIMEOUT_S = 200
-
-
-def _slurm_job_ids(n: int) -> list:
-  """n SLURM_JOB_IDs whose coordinator ports (61440 + id % 4096) differ and are free.
-
-  NOTE: test_multihost's `_free_slurm_job_id` draws from a generator seeded by
-  the pid, so two calls before either coordinator listens give the same id.
-  """
-  rng = random.Random(os.getpid() * 7919 + 1)
-  ports = []
-  for _ in range(400):
-    port = multihost.SLURM_PORT_BASE + rng.randrange(multihost.SLURM_PORT_RANGE)
-    with socket.socket() as s:
-      try:
-        s.bind(("127.0.0.1", port))
-      except OSError:
-        continue
-    if port not in ports:
-      ports.append(port)
-    if len(ports) == n:
-      return [str(p - multihost.SLURM_PORT_BASE + 4096 * rng.randrange(1, 100)) for p in ports]
-  raise RuntimeError("no free ports in SLURM's coordinator range")
 
 
 def _builder_args(sft_dir, out_dir) -> list:

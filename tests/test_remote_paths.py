@@ -25,8 +25,8 @@ from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.checkpoints import run_dir
 from realign_jax.errors import UserError
 from realign_jax.training import metrics as metrics_lib
+from tests import test_run_dir
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = "gs://bucket/run"
 
 
@@ -222,14 +222,7 @@ class _OrbaxInBucket:
 
 
 def _tiny_sft_args(model_dir, *extra):
-  return [f"--gin_file={os.path.join(REPO_ROOT, 'configs', 'sft', 'builtin_tiny.gin')}",
-          f"--gin.MODEL_DIR='{model_dir}'", "--gin.T5Config.d_model=16",
-          "--gin.T5Config.num_heads=2", "--gin.T5Config.head_dim=8", "--gin.T5Config.d_ff=32",
-          "--gin.T5Config.num_encoder_layers=1", "--gin.T5Config.num_decoder_layers=1",
-          "--gin.SFT.batch_size=8", "--gin.SFT.input_length=16", "--gin.SFT.target_length=4",
-          "--gin.SFT.max_eval_examples=4", "--gin.SFT.num_eval_samples=0",
-          "--gin.TrainerConfig.eval_every=0", "--gin.TrainerConfig.progress=False",
-          "--gin.TrainerConfig.log_every=1", "--gin.TrainerConfig.checkpoint_every=1", *extra]
+  return test_run_dir._tiny_sft_args(model_dir, "--gin.TrainerConfig.log_every=1", *extra)
 
 
 def test_train_and_decode_into_a_bucket(bucket, monkeypatch):

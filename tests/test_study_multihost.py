@@ -27,7 +27,7 @@ from realign_jax.experiments import stages as stages_lib
 from tests.helpers import BinaryRun
 from tests.test_experiments import LR_GIN, SMOKE
 from tests.test_multihost import REPO_ROOT, _env, _slurm, _wait_all
-from tests.test_multihost_builders import _slurm_job_ids
+from tests.test_multihost import _slurm_job_ids
 from tests.test_remote_paths import bucket  # noqa: F401  (the fixture)
 
 TIMEOUT_S = 300
