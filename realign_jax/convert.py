@@ -71,12 +71,15 @@ def tokenizer_files(directory: str) -> dict[str, str]:
 def hf_to_run_dir(hf_dir: str, model_dir: str, *, dtype: str = "float32",
                   overwrite: bool = False) -> str:
   """Writes a run directory for the HF checkpoint in `hf_dir`; returns its path."""
+  # NOTE: lazy: argument errors come before JAX loads, and it loads after `startup.configure`.
   import jax
-  from realign_jax.checkpoints import hf_import
   from realign_jax.checkpoints import manager
+  from realign_jax.checkpoints.hf import files as hf_files
+  from realign_jax.checkpoints.hf import load as hf_load
+  from realign_jax.data import hf_tokenizer
 
   model_dir = _check_destination(model_dir, overwrite, "--model_dir")
-  config, params = hf_import.load_hf_checkpoint(hf_dir, dtype=dtype)
+  config, params = hf_load.load_hf_checkpoint(hf_dir, dtype=dtype)
   files = tokenizer_files(hf_dir)
   _check_tokenizer(files, config.vocab_size, hf_dir)
   parent = os.path.dirname(model_dir)
@@ -85,7 +88,7 @@ def hf_to_run_dir(hf_dir: str, model_dir: str, *, dtype: str = "float32",
   try:
     for name, source in files.items():
       shutil.copyfile(source, os.path.join(tmp, name))
-    vocab = hf_import.hf_vocabulary(tmp)
+    vocab = hf_tokenizer.hf_vocabulary(tmp)
     if vocab is not None:  # NOTE: named where it is after the rename
       vocab["path"] = os.path.join(model_dir, os.path.basename(vocab["path"]))
     ckpt = manager.Checkpointer(tmp, keep=1, async_save=False)
@@ -98,7 +101,7 @@ def hf_to_run_dir(hf_dir: str, model_dir: str, *, dtype: str = "float32",
       ckpt.close()
     manager.write_model_json(tmp, config, "lm", vocab=vocab)
     os.chmod(tmp, 0o755)
-    hf_import.replace_dir(tmp, model_dir)
+    hf_files.replace_dir(tmp, model_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -108,11 +111,12 @@ def hf_to_run_dir(hf_dir: str, model_dir: str, *, dtype: str = "float32",
 def run_dir_to_hf(model_dir: str, hf_dir: str, *, dtype: str = "float32",
                   max_shard_bytes: Optional[int] = None, overwrite: bool = False) -> str:
   """Writes the HF checkpoint of a run directory's latest params; returns its path."""
+  # NOTE: lazy, as in hf_to_run_dir.
   import jax
   import ml_dtypes
   import numpy as np
-  from realign_jax.checkpoints import hf_import
   from realign_jax.checkpoints import manager
+  from realign_jax.checkpoints.hf import export as hf_export
   from realign_jax.models.api import LanguageModel
 
   hf_dir = _check_destination(hf_dir, overwrite, "--hf_dir")
@@ -130,7 +134,7 @@ def run_dir_to_hf(model_dir: str, hf_dir: str, *, dtype: str = "float32",
   files = tokenizer_files(model_dir)
   if not files:
     files = _recorded_sentencepiece(model_dir, config)
-  hf_import.export_hf_checkpoint(config, params, hf_dir, overwrite=overwrite,
+  hf_export.export_hf_checkpoint(config, params, hf_dir, overwrite=overwrite,
                                  max_shard_bytes=max_shard_bytes, extra_files=files)
   return hf_dir
 

@@ -20,9 +20,13 @@ import safetensors.numpy as st_numpy
 import tokenizers
 
 from realign_jax import convert
-from realign_jax.checkpoints import hf_import
 from realign_jax.checkpoints import manager
 from realign_jax.checkpoints import run_dir
+from realign_jax.checkpoints import safetensors as st_codec
+from realign_jax.checkpoints.hf import export as hf_export
+from realign_jax.checkpoints.hf import files as hf_files
+from realign_jax.checkpoints.hf import load as hf_load
+from realign_jax.data import hf_tokenizer
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
@@ -100,22 +104,22 @@ def test_t5_hf_to_run_dir_and_back(tmp_path, capsys):
     assert json.load(f)["vocab"]["path"] == str(run / "tokenizer.json")
 
   config, head = manager.read_model_json(str(run))
-  want_config, want = hf_import.load_hf_checkpoint(hf)
+  want_config, want = hf_load.load_hf_checkpoint(hf)
   assert (config, head) == (want_config, "lm")
   lm = LanguageModel(config)
   params = manager.load_params(str(run), _abstract(lm))
   assert _leaves_equal(jax.tree.map(np.asarray, params), want)
   # The HF directory used directly (the hook for binaries) gives the same params.
-  assert hf_import.is_hf_dir(hf) and not hf_import.is_hf_dir(str(run))
-  assert hf_import.hf_model_config(hf) == config
+  assert hf_files.is_hf_dir(hf) and not hf_files.is_hf_dir(str(run))
+  assert hf_load.hf_model_config(hf) == config
   with open(run / "model.json") as f:
-    assert hf_import.hf_vocabulary(hf)["sha256"] == json.load(f)["vocab"]["sha256"]
-  direct = hf_import.hf_params(hf, _abstract(lm))
+    assert hf_tokenizer.hf_vocabulary(hf)["sha256"] == json.load(f)["vocab"]["sha256"]
+  direct = hf_load.hf_params(hf, _abstract(lm))
   assert _leaves_equal(jax.tree.map(np.asarray, direct), want)
   nan = tmp_path / "nan"
   write_hf(nan, c, {**sd, "encoder.final_layer_norm.weight": np.full(32, np.nan, np.float32)})
   with pytest.raises(UserError, match="non-finite values in parameter.*encoder_norm"):
-    hf_import.hf_params(str(nan), _abstract(lm))
+    hf_load.hf_params(str(nan), _abstract(lm))
 
   # Back to HF, sharded: the tensors are the ones written by hand, bit for bit.
   out = tmp_path / "export"
@@ -134,7 +138,7 @@ def test_t5_hf_to_run_dir_and_back(tmp_path, capsys):
   with open(out / "config.json") as f:
     exported = json.load(f)
   assert exported["scale_decoder_outputs"] is False and exported["torch_dtype"] == "float32"
-  config2, params2 = hf_import.load_hf_checkpoint(str(out))
+  config2, params2 = hf_load.load_hf_checkpoint(str(out))
   assert config2 == config and _leaves_equal(params2, want)
 
   # The destination exists now: refused, and left as it was.
@@ -153,7 +157,7 @@ def test_llama_bfloat16_export_and_decode_equality(tmp_path, capsys):
   assert config.sliding_window == 4 and config.num_kv_heads == 1
   lm = LanguageModel(config)
   params = manager.load_params(str(run), _abstract(lm))
-  _, want = hf_import.load_hf_checkpoint(hf)
+  _, want = hf_load.load_hf_checkpoint(hf)
   ids = jnp.asarray(np.random.default_rng(0).integers(1, 97, (2, 9)), jnp.int32)
   tgt = jnp.asarray(np.random.default_rng(1).integers(1, 97, (2, 5)), jnp.int32)
   np.testing.assert_array_equal(np.asarray(lm.forward(params, ids, tgt)["logits"]),
@@ -163,7 +167,7 @@ def test_llama_bfloat16_export_and_decode_equality(tmp_path, capsys):
   rc, err = _run(["--model_dir", run, "--hf_dir", out, "--to_hf", "--dtype", "bfloat16"], capsys)
   assert rc == 0, err
   assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
-  back = hf_import.read_safetensors(str(out / "model.safetensors"))
+  back = st_codec.read_safetensors(str(out / "model.safetensors"))
   assert sorted(back) == sorted(sd)
   for k in sd:
     assert back[k].dtype == ml_dtypes.bfloat16
@@ -325,7 +329,7 @@ def test_hf_directory_as_a_checkpoint_in_both_layouts(tmp_path, case):
   c = CASES[case]
   hf = write_hf(tmp_path / "hf", c, hf_state(c))
   config, head = manager.read_model_json(hf)
-  assert head == "lm" and config == hf_import.hf_model_config(hf)
+  assert head == "lm" and config == hf_load.hf_model_config(hf)
   unrolled = LanguageModel(config)
   scanned_cfg = replace(config, scan_layers=True)
   scanned = LanguageModel(scanned_cfg)
@@ -339,5 +343,5 @@ def test_hf_directory_as_a_checkpoint_in_both_layouts(tmp_path, case):
   a = np.asarray(unrolled.forward(p_un, x, y)["logits"])
   b = np.asarray(scanned.forward(p_sc, x, y)["logits"])
   np.testing.assert_allclose(a, b, atol=1e-5)
-  tensors = hf_import.hf_state_dict(scanned_cfg, jax.tree.map(np.asarray, p_sc))
+  tensors = hf_export.hf_state_dict(scanned_cfg, jax.tree.map(np.asarray, p_sc))
   assert sorted(tensors) == sorted(hf_state(c))

@@ -21,7 +21,10 @@ import pytest
 import safetensors
 import safetensors.numpy as st_numpy
 
-from realign_jax.checkpoints import hf_import
+from realign_jax.checkpoints import safetensors as st_codec
+from realign_jax.checkpoints.hf import config as hf_config
+from realign_jax.checkpoints.hf import export as hf_export
+from realign_jax.checkpoints.hf import load as hf_load
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import DecoderConfig, SpecialTokens, T5Config
@@ -357,7 +360,7 @@ def _greedy(lm, params, inputs, n):
 def test_logits_and_greedy_decoding_match_numpy_hf_reference(tmp_path, case):
   c = CASES[case]
   sd = hf_state(c)
-  config, params = hf_import.load_hf_checkpoint(write_hf(tmp_path / "ckpt", c, sd))
+  config, params = hf_load.load_hf_checkpoint(write_hf(tmp_path / "ckpt", c, sd))
   assert isinstance(config, T5Config if c["model_type"] == "t5" else DecoderConfig)
   lm = LanguageModel(config)
   want = lm.abstract_init()[0]
@@ -407,7 +410,7 @@ def test_sharded_checkpoint_gives_identical_params(tmp_path):
   for name in ("t5_untied", "llama_gqa"):
     c = CASES[name]
     sd = hf_state(c)
-    _, single = hf_import.load_hf_checkpoint(write_hf(tmp_path / name / "single", c, sd))
+    _, single = hf_load.load_hf_checkpoint(write_hf(tmp_path / name / "single", c, sd))
     shard_dir = tmp_path / name / "sharded"
     os.makedirs(shard_dir)
     with open(shard_dir / "config.json", "w") as f:
@@ -421,12 +424,12 @@ def test_sharded_checkpoint_gives_identical_params(tmp_path):
              "weight_map": {k: file for file, part in parts.items() for k in part}}
     with open(shard_dir / "model.safetensors.index.json", "w") as f:
       json.dump(index, f)
-    _, sharded = hf_import.load_hf_checkpoint(str(shard_dir))
+    _, sharded = hf_load.load_hf_checkpoint(str(shard_dir))
     assert _leaves_equal(single, sharded)
 
     os.remove(shard_dir / files[1])
     with pytest.raises(UserError, match=files[1]):
-      hf_import.load_hf_checkpoint(str(shard_dir))
+      hf_load.load_hf_checkpoint(str(shard_dir))
 
 
 def test_bfloat16_and_float16_files(tmp_path):
@@ -441,14 +444,14 @@ def test_bfloat16_and_float16_files(tmp_path):
   # The same values, widened to float32 and written by the safetensors package.
   f32_dir = write_hf(tmp_path / "f32", c, {k: v.astype(np.float32) for k, v in sd_bf16.items()})
 
-  _, from_bf16 = hf_import.load_hf_checkpoint(str(bf_dir))
-  _, from_f32 = hf_import.load_hf_checkpoint(f32_dir)
+  _, from_bf16 = hf_load.load_hf_checkpoint(str(bf_dir))
+  _, from_f32 = hf_load.load_hf_checkpoint(f32_dir)
   assert _leaves_equal(from_bf16, from_f32)
-  raw = hf_import.read_safetensors(str(bf_dir / "model.safetensors"))
+  raw = st_codec.read_safetensors(str(bf_dir / "model.safetensors"))
   assert all(raw[k].dtype == ml_dtypes.bfloat16 and np.array_equal(raw[k], sd_bf16[k])
              for k in sd)
 
-  config, kept = hf_import.load_hf_checkpoint(str(bf_dir), dtype="bfloat16")
+  config, kept = hf_load.load_hf_checkpoint(str(bf_dir), dtype="bfloat16")
   assert config.param_dtype == "bfloat16"
   # Leaf dtypes follow init under param_dtype=bfloat16 (kernels and embeddings
   # bfloat16 at least), and the values are the file's, exactly.
@@ -464,8 +467,8 @@ def test_bfloat16_and_float16_files(tmp_path):
     json.dump(c, f)
   st_numpy.save_file({k: v.astype(np.float16) for k, v in sd.items()},
                      str(f16_dir / "model.safetensors"))
-  _, from_f16 = hf_import.load_hf_checkpoint(str(f16_dir))
-  _, want = hf_import.load_hf_checkpoint(
+  _, from_f16 = hf_load.load_hf_checkpoint(str(f16_dir))
+  _, want = hf_load.load_hf_checkpoint(
       write_hf(tmp_path / "f16_as_f32", c, {k: v.astype(np.float16).astype(np.float32)
                                             for k, v in sd.items()}))
   assert _leaves_equal(from_f16, want)
@@ -475,28 +478,28 @@ def test_bfloat16_and_float16_files(tmp_path):
 def test_export_import_round_trip_is_exact(tmp_path, case):
   c = CASES[case]
   sd = hf_state(c)
-  config, params = hf_import.load_hf_checkpoint(write_hf(tmp_path / "in", c, sd))
+  config, params = hf_load.load_hf_checkpoint(write_hf(tmp_path / "in", c, sd))
   out = str(tmp_path / "out")
-  hf_import.export_hf_checkpoint(config, params, out)
+  hf_export.export_hf_checkpoint(config, params, out)
   assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
   assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # temp dir renamed away
   # The exported file is the HF layout, readable by the reference reader.
   exported = st_numpy.load_file(os.path.join(out, "model.safetensors"))
   assert sorted(exported) == sorted(sd)
   assert all(np.array_equal(exported[k], sd[k]) for k in sd)
-  config2, params2 = hf_import.load_hf_checkpoint(out)
+  config2, params2 = hf_load.load_hf_checkpoint(out)
   assert config2 == config
   assert _leaves_equal(params, params2)
 
   with pytest.raises(UserError, match="already exists"):
-    hf_import.export_hf_checkpoint(config, params, out)
+    hf_export.export_hf_checkpoint(config, params, out)
   bf16 = jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), params)
-  hf_import.export_hf_checkpoint(config, bf16, out, overwrite=True)
+  hf_export.export_hf_checkpoint(config, bf16, out, overwrite=True)
   with open(os.path.join(out, "config.json")) as f:
     assert json.load(f)["torch_dtype"] == "bfloat16"
   with safetensors.safe_open(os.path.join(out, "model.safetensors"), framework="np") as f:
     assert f.metadata() == {"format": "pt"} and sorted(f.keys()) == sorted(sd)
-  config3, back = hf_import.load_hf_checkpoint(out, dtype=jnp.bfloat16)
+  config3, back = hf_load.load_hf_checkpoint(out, dtype=jnp.bfloat16)
   assert config3.param_dtype == "bfloat16"
   want = jax.tree.map(lambda x: np.dtype(x.dtype), LanguageModel(config3).abstract_init()[0])
   assert jax.tree.map(lambda x: x.dtype, back) == want
@@ -511,44 +514,44 @@ def test_export_of_init_shaped_params(tmp_path):
   # NOTE: random values in init's exact tree, without paying for an eager init.
   params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype),
                         LanguageModel(config).abstract_init()[0])
-  hf_import.export_hf_checkpoint(config, params, str(tmp_path / "m"))
-  config2, params2 = hf_import.load_hf_checkpoint(str(tmp_path / "m"))
+  hf_export.export_hf_checkpoint(config, params, str(tmp_path / "m"))
+  config2, params2 = hf_load.load_hf_checkpoint(str(tmp_path / "m"))
   assert config2 == config
   assert _leaves_equal(params, params2)
   with pytest.raises(UserError, match="lm_head"):
-    hf_import.export_hf_checkpoint(config, {**params, "lm_head": {}}, str(tmp_path / "bad"))
+    hf_export.export_hf_checkpoint(config, {**params, "lm_head": {}}, str(tmp_path / "bad"))
   assert not os.path.exists(tmp_path / "bad")
 
 
 def test_harmless_extra_tensors_are_ignored(tmp_path):
   c = CASES["t5_tied"]
   sd = hf_state(c)
-  _, want = hf_import.load_hf_checkpoint(write_hf(tmp_path / "plain", c, sd))
+  _, want = hf_load.load_hf_checkpoint(write_hf(tmp_path / "plain", c, sd))
   extra = dict(sd)
   extra["encoder.embed_tokens.weight"] = sd["shared.weight"]
   extra["decoder.embed_tokens.weight"] = sd["shared.weight"]
   extra["lm_head.weight"] = sd["shared.weight"]  # saved copy of the tied matrix
   extra["decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"] = (
       np.zeros((8, 4), np.float32))
-  _, got = hf_import.load_hf_checkpoint(write_hf(tmp_path / "extra", c, extra))
+  _, got = hf_load.load_hf_checkpoint(write_hf(tmp_path / "extra", c, extra))
   assert _leaves_equal(got, want)
   # The tied embedding stored only under an encoder/decoder alias.
   alias = {("encoder.embed_tokens.weight" if k == "shared.weight" else k): v
            for k, v in sd.items()}
-  _, got = hf_import.load_hf_checkpoint(write_hf(tmp_path / "alias", c, alias))
+  _, got = hf_load.load_hf_checkpoint(write_hf(tmp_path / "alias", c, alias))
   assert _leaves_equal(got, want)
 
   # A stored lm_head that is not the tied matrix: the config's tying is wrong.
   extra["lm_head.weight"] = sd["shared.weight"] + 1.0
   with pytest.raises(UserError, match="lm_head.weight.*differs.*tie_word_embeddings"):
-    hf_import.load_hf_checkpoint(write_hf(tmp_path / "untied", c, extra))
+    hf_load.load_hf_checkpoint(write_hf(tmp_path / "untied", c, extra))
 
   c = CASES["llama_tied"]
   sd = hf_state(c)
-  _, want = hf_import.load_hf_checkpoint(write_hf(tmp_path / "llama", c, sd))
+  _, want = hf_load.load_hf_checkpoint(write_hf(tmp_path / "llama", c, sd))
   extra = dict(sd, **{"model.layers.1.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32),
                       "lm_head.weight": sd["model.embed_tokens.weight"]})
-  _, got = hf_import.load_hf_checkpoint(write_hf(tmp_path / "llama_extra", c, extra))
+  _, got = hf_load.load_hf_checkpoint(write_hf(tmp_path / "llama_extra", c, extra))
   assert _leaves_equal(got, want)
 
 
@@ -560,7 +563,7 @@ def test_transformers_5_t5_head_layouts(tmp_path):
   prompt, target = list(rng.integers(1, 97, 7)), list(rng.integers(1, 97, 5))
 
   def logits(path):
-    config, params = hf_import.load_hf_checkpoint(path)
+    config, params = hf_load.load_hf_checkpoint(path)
     out = LanguageModel(config).forward(params, jnp.asarray([prompt], jnp.int32),
                                         jnp.asarray([target], jnp.int32))
     return config, np.asarray(out["logits"])[0]
@@ -579,35 +582,35 @@ def test_transformers_5_t5_head_layouts(tmp_path):
   # 5.x, scaled (original T5): a stored lm_head must be the shared matrix.
   c = {**base, "scale_decoder_outputs": True}
   with pytest.raises(UserError, match="lm_head.weight.*differs.*scale_decoder_outputs is true"):
-    hf_import.load_hf_checkpoint(write_hf(tmp_path / "scaled", c, sd))
+    hf_load.load_hf_checkpoint(write_hf(tmp_path / "scaled", c, sd))
   # 4.x, tie_word_embeddings stored true: the hint names that field, not a default.
   with pytest.raises(UserError, match="tie_word_embeddings is true and there is no "
                      "scale_decoder_outputs"):
-    hf_import.load_hf_checkpoint(write_hf(tmp_path / "v4tied", base, sd))
+    hf_load.load_hf_checkpoint(write_hf(tmp_path / "v4tied", base, sd))
   # 4.x untied without lm_head: a missing head, not silently the shared matrix.
   with pytest.raises(UserError, match="missing tensor 'lm_head.weight'"):
-    hf_import.load_hf_checkpoint(write_hf(tmp_path / "v4untied", T5_CONFIG, shared_head))
+    hf_load.load_hf_checkpoint(write_hf(tmp_path / "v4untied", T5_CONFIG, shared_head))
   with pytest.raises(UserError, match="scale_decoder_outputs='no' is not a boolean"):
-    hf_import.config_from_hf({**base, "scale_decoder_outputs": "no"})
+    hf_config.config_from_hf({**base, "scale_decoder_outputs": "no"})
 
 
 # ---- configs --------------------------------------------------------------------
 
 
 def test_config_from_hf_mapping_and_defaults():
-  t5 = hf_import.config_from_hf(T5_CONFIG)
+  t5 = hf_config.config_from_hf(T5_CONFIG)
   assert t5 == T5Config(vocab_size=97, d_model=32, num_heads=4, head_dim=12, d_ff=40,
                         num_encoder_layers=2, num_decoder_layers=3, dropout_rate=0.1,
                         tie_embeddings=False, relative_buckets=8, relative_max_distance=16,
                         rms_eps=1e-6)
   minimal = {k: T5_CONFIG[k] for k in ("model_type", "vocab_size", "d_model", "d_kv", "d_ff",
                                        "num_heads", "num_layers", "feed_forward_proj")}
-  t5 = hf_import.config_from_hf(minimal)
+  t5 = hf_config.config_from_hf(minimal)
   assert t5.tie_embeddings  # HF T5's default
   assert t5.num_decoder_layers == 2
   assert (t5.relative_buckets, t5.relative_max_distance) == (32, 128)
 
-  mistral = hf_import.config_from_hf(MISTRAL_CONFIG)
+  mistral = hf_config.config_from_hf(MISTRAL_CONFIG)
   assert mistral == DecoderConfig(vocab_size=97, d_model=32, num_heads=4, num_kv_heads=1,
                                   head_dim=8, d_ff=48, num_layers=2, rope_theta=10000.0,
                                   rms_eps=1e-6, tie_embeddings=False, sliding_window=4,
@@ -615,22 +618,22 @@ def test_config_from_hf_mapping_and_defaults():
   # Special ids: transformers' defaults per model type, else config.json's (a pad equal to
   # eos or bos is not a pad of its own: 0, the Llama/Mistral unk).
   assert t5.tokens == SpecialTokens(pad_id=0, eos_id=1, bos_id=None)
-  assert hf_import.config_from_hf({**LLAMA_CONFIG, "bos_token_id": 5, "eos_token_id": [7, 9],
+  assert hf_config.config_from_hf({**LLAMA_CONFIG, "bos_token_id": 5, "eos_token_id": [7, 9],
                                    "pad_token_id": 7}).tokens == SpecialTokens(0, 7, 5)
   no_kv = {k: v for k, v in LLAMA_CONFIG.items() if k not in ("num_key_value_heads", "head_dim")}
-  llama = hf_import.config_from_hf(no_kv)
+  llama = hf_config.config_from_hf(no_kv)
   assert (llama.num_kv_heads, llama.head_dim, llama.sliding_window) == (4, 8, None)
   # A sliding_window field on a llama config is not a Llama feature; null disables Mistral's.
-  assert hf_import.config_from_hf({**MISTRAL_CONFIG, "sliding_window": None}).sliding_window is None
-  assert hf_import.config_from_hf(
+  assert hf_config.config_from_hf({**MISTRAL_CONFIG, "sliding_window": None}).sliding_window is None
+  assert hf_config.config_from_hf(
       {**LLAMA_CONFIG, "rope_scaling": {"rope_type": "default"}}).rope_theta == 500.0
   v5 = {k: v for k, v in LLAMA_CONFIG.items() if k != "rope_theta"}  # transformers >= 5
   v5["rope_parameters"] = {"rope_type": "default", "rope_theta": 1234.0}
-  assert hf_import.config_from_hf(v5).rope_theta == 1234.0
-  assert hf_import.config_from_hf({**T5_CONFIG, "model_type": "mt5"}) == hf_import.config_from_hf(
+  assert hf_config.config_from_hf(v5).rope_theta == 1234.0
+  assert hf_config.config_from_hf({**T5_CONFIG, "model_type": "mt5"}) == hf_config.config_from_hf(
       T5_CONFIG)
   for config in (t5, mistral, llama):
-    assert hf_import.config_from_hf(hf_import.config_to_hf(config)) == config
+    assert hf_config.config_from_hf(hf_config.config_to_hf(config)) == config
 
 
 @pytest.mark.parametrize("change, match", [
@@ -641,7 +644,7 @@ def test_config_from_hf_mapping_and_defaults():
 ])
 def test_bad_t5_configs(change, match):
   with pytest.raises(UserError, match=match):
-    hf_import.config_from_hf({**T5_CONFIG, **change})
+    hf_config.config_from_hf({**T5_CONFIG, **change})
 
 
 @pytest.mark.parametrize("change, match", [
@@ -655,7 +658,7 @@ def test_bad_t5_configs(change, match):
 ])
 def test_bad_llama_configs(change, match):
   with pytest.raises(UserError, match=match):
-    hf_import.config_from_hf({**LLAMA_CONFIG, **change})
+    hf_config.config_from_hf({**LLAMA_CONFIG, **change})
 
 
 # ---- bad checkpoints --------------------------------------------------------------
@@ -664,9 +667,9 @@ def test_bad_llama_configs(change, match):
 def test_missing_config_json(tmp_path):
   os.makedirs(tmp_path / "ckpt")
   with pytest.raises(UserError, match=str(tmp_path / "ckpt" / "config.json")):
-    hf_import.load_hf_checkpoint(str(tmp_path / "ckpt"))
+    hf_load.load_hf_checkpoint(str(tmp_path / "ckpt"))
   with pytest.raises(UserError, match="not found"):
-    hf_import.load_hf_checkpoint(str(tmp_path / "nowhere"))
+    hf_load.load_hf_checkpoint(str(tmp_path / "nowhere"))
 
 
 def test_missing_weights_file(tmp_path):
@@ -675,7 +678,7 @@ def test_missing_weights_file(tmp_path):
     json.dump(LLAMA_CONFIG, f)
   open(tmp_path / "ckpt" / "pytorch_model.bin", "wb").close()
   with pytest.raises(UserError, match="pytorch_model.bin"):
-    hf_import.load_hf_checkpoint(str(tmp_path / "ckpt"))
+    hf_load.load_hf_checkpoint(str(tmp_path / "ckpt"))
 
 
 @pytest.mark.parametrize("case, key", [
@@ -689,7 +692,7 @@ def test_missing_tensor(tmp_path, case, key):
   del sd[key]
   path = write_hf(tmp_path / "ckpt", CASES[case], sd)
   with pytest.raises(UserError, match="missing") as info:
-    hf_import.load_hf_checkpoint(path)
+    hf_load.load_hf_checkpoint(path)
   assert key in str(info.value) and os.path.join(path, "model.safetensors") in str(info.value)
 
 
@@ -699,7 +702,7 @@ def test_wrong_shape(tmp_path):
   key = "model.layers.0.self_attn.k_proj.weight"
   sd[key] = np.zeros((64, 32), np.float32)  # as if num_key_value_heads were 4
   with pytest.raises(UserError) as info:
-    hf_import.load_hf_checkpoint(write_hf(tmp_path / "ckpt", c, sd))
+    hf_load.load_hf_checkpoint(write_hf(tmp_path / "ckpt", c, sd))
   msg = str(info.value)
   assert key in msg and "[64, 32]" in msg and "[32, 32]" in msg
 
@@ -709,13 +712,13 @@ def test_unexpected_tensor(tmp_path):
   sd = hf_state(c)
   sd["decoder.block.3.layer.0.SelfAttention.q.weight"] = np.zeros((48, 32), np.float32)
   with pytest.raises(UserError, match=r"unexpected.*decoder\.block\.3\.layer\.0"):
-    hf_import.load_hf_checkpoint(write_hf(tmp_path / "ckpt", c, sd))
+    hf_load.load_hf_checkpoint(write_hf(tmp_path / "ckpt", c, sd))
   # A bias the model does not have is reported, not silently dropped.
   c = CASES["llama_tied"]
   sd = hf_state(c)
   sd["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
   with pytest.raises(UserError, match="q_proj.bias"):
-    hf_import.load_hf_checkpoint(write_hf(tmp_path / "ckpt2", c, sd))
+    hf_load.load_hf_checkpoint(write_hf(tmp_path / "ckpt2", c, sd))
 
 
 def test_corrupt_safetensors_file(tmp_path):
@@ -727,4 +730,4 @@ def test_corrupt_safetensors_file(tmp_path):
   with open(file, "wb") as f:
     f.write(data[:-100])
   with pytest.raises(UserError, match="model.safetensors"):
-    hf_import.load_hf_checkpoint(path)
+    hf_load.load_hf_checkpoint(path)

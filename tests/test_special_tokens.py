@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from realign_jax.checkpoints import hf_import
 from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.checkpoints.hf import load as hf_load
 from realign_jax.data import chat
 from realign_jax.data import pipeline
 from realign_jax.data import vocab as vocab_lib
@@ -111,11 +111,11 @@ def test_size_and_id_mismatches_are_refused_with_both_numbers(tmp_path, llama_vo
   write_tokenizer(hf, ["<unk>", "<s>", "</s>"], config=LLAMA_TOKENIZER)
   with pytest.raises(UserError, match=r"hf/config.json has eos_token_id=3 but the tokenizer "
                                       r"beside it has eos_id=2"):
-    hf_import.hf_model_config(hf)
+    hf_load.hf_model_config(hf)
   c = {**LLAMA_CONFIG, "eos_token_id": 2}
   hf = write_hf(tmp_path / "hf2", c, hf_state(c))
   write_tokenizer(hf, ["<unk>", "<s>", "</s>"], config=LLAMA_TOKENIZER)
-  assert hf_import.hf_model_config(hf).tokens == LLAMA_IDS
+  assert hf_load.hf_model_config(hf).tokens == LLAMA_IDS
 
 
 def _template_dir(tmp_path, template):
