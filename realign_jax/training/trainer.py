@@ -31,6 +31,7 @@ from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.errors import UserError
 from realign_jax.models import api as model_api
 from realign_jax.parallel import multihost
+from realign_jax.parallel import optimizer_state
 from realign_jax.parallel import partitioning
 from realign_jax.training.metrics import MetricsWriter
 
@@ -251,8 +252,13 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
 
     def state_from_params(params):
       params = jax.lax.with_sharding_constraint(params, param_sh)
+      # NOTE: laid out like the params (sharded under FSDP); left to propagation
+      # it came out replicated. The compiled init's output shardings carry it.
+      opt_state = optimizer.init(params)
+      opt_state = jax.lax.with_sharding_constraint(
+          opt_state, optimizer_state.shardings(opt_state, params, axes, mesh, rules))
       return {"step": jnp.zeros((), jnp.int32), "params": params,
-              "opt_state": optimizer.init(params), "aux": algorithm.init_aux(params)}
+              "opt_state": opt_state, "aux": algorithm.init_aux(params)}
 
     def init_state(rng):
       return state_from_params(algorithm.init(rng)[0])
