@@ -285,7 +285,7 @@ def evaluate(*, decode_files: Sequence[str], output_file: str,
   if reward is not None and hasattr(reward, "setup"):
     # NOTE: a learned reward is loaded onto this host's devices: each process
     # scores its own block, so no program may span the other hosts' devices.
-    from realign_jax.decode import host_mesh
+    from realign_jax.inference.loop import host_mesh
     from realign_jax.parallel import partitioning
     reward.setup(host_mesh(), partitioning.logical_axis_rules())
 

@@ -55,7 +55,8 @@ def register() -> None:
   _REGISTERED = True
 
 
-_CONFIGURABLE_PACKAGES = ("rewards", "training", "decoding", "evaluation", "experiments")
+_CONFIGURABLE_PACKAGES = ("rewards", "training", "decoding", "evaluation", "inference",
+                          "experiments")
 
 
 def split_args(argv: Sequence[str]) -> tuple[list, list, list]:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from realign_jax import decode as decode_bin
+from realign_jax.inference.methods_dera import DeRa
 from realign_jax.decoding import sampler
 from tests.helpers import subprocess_xla_flags
 from tests.test_convert import WORDS, write_tokenizer
@@ -63,7 +64,8 @@ def chat_dirs(tmp_path_factory):
 
 def _alone(chat_dirs, model_dir, out):
   """The recipe's settings with one model and no aligned one (lambda irrelevant)."""
-  decode_bin.decode(ref_checkpoint=model_dir, output_file=str(out), vocab_path=chat_dirs["vocab"],
+  decode_bin.decode(ref_checkpoint=model_dir, method=DeRa(), output_file=str(out),
+                    vocab_path=chat_dirs["vocab"],
                     prompt_file=chat_dirs["prompts"], chat_template=True, input_length=16,
                     batch_size=2, max_prompts=None, sampling=sampler.SamplingConfig(
                         max_new_tokens=T), seed=0, progress=False)

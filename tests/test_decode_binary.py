@@ -18,6 +18,7 @@ from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
+from realign_jax.inference.methods_dera import DeRa
 from realign_jax.models.config import replace
 from tests.helpers import TINY_BUILTIN, subprocess_xla_flags
 
@@ -50,11 +51,16 @@ def dirs(tmp_path_factory):
 
 
 def _decode(dirs, out, **kw):
+DERA_FIELDS = ("lambdas", "aligned_checkpoint", "mixing")
+
+
   args = dict(ref_checkpoint=dirs["ref"], aligned_checkpoint=dirs["aligned"],
+  """The decode binary's function with DeRa; DeRa's settings among `kw` go to the method."""
               output_file=str(out), lambdas=[0.0, 0.5, 1.0], prompt_file=dirs["prompts"],
               input_length=32, batch_size=2, sampling=SAMPLING, progress=False)
   args.update(kw)
-  return decode_bin.decode(**args)
+  method = DeRa(**{k: args.pop(k) for k in DERA_FIELDS if k in args})
+  return decode_bin.decode(method=method, **args)
 
 
 def test_writes_every_row_with_logprobs_and_kl(dirs, tmp_path):

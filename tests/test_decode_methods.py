@@ -33,12 +33,15 @@ import pytest
 from realign_jax import decode as decode_bin
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.data import vocab as vocab_lib
-from realign_jax.decode_methods import ARGS, TokenwiseCD
 from realign_jax.decoding import sampler
 from realign_jax.decoding.transfer_q import TQConfig
 from realign_jax.errors import UserError
 from realign_jax.evaluation import best_of_n_theory
 from realign_jax.models.api import LanguageModel
+from realign_jax.inference import components
+from realign_jax.inference.methods_cd import BlockwiseCD, TokenwiseCD
+from realign_jax.inference.methods_tq import ARGS, TransferQ
+from realign_jax.inference.prompts import encode_prompts
 from realign_jax.models.config import replace
 from realign_jax.rewards.base import Reward
 from realign_jax.rewards.length import LengthReward
@@ -117,8 +120,8 @@ def _decode(dirs, out, method, **kw):
 def _reference_samples(dirs, rng, n=2):
   """`sampler.generate` from the reference, rows (prompt, sample) seeded p * n + j."""
   if "generate" not in dirs:  # one compiled program for every key
-    ref = decode_bin.load_component(dirs["ref"], *_mesh_and_rules())
-    inputs = jnp.asarray(decode_bin.encode_prompts(vocab_lib.load_vocabulary(None), PROMPTS, 32))
+    ref = components.load_component(dirs["ref"], *_mesh_and_rules())
+    inputs = jnp.asarray(encode_prompts(vocab_lib.load_vocabulary(None), PROMPTS, 32))
     ids = jnp.arange(len(PROMPTS) * n, dtype=jnp.int32)
     fn = jax.jit(lambda p, key: sampler.generate(ref.lm, p, inputs, key, SAMPLING, num_samples=n,
                                                  row_ids=ids))
@@ -143,8 +146,9 @@ def _check_rows(rows, method, n=1):
 
 # ---- token-wise CD -------------------------------------------------------------------------
 def test_cd_token_zero_q_head_over_vocabulary_is_the_reference(dirs, tmp_path):
-  summary, rows = _decode(dirs, tmp_path / "cd.jsonl", "cd_token", value_checkpoint=dirs["q_zero"],
-                          cd_top_k=0, cd_beta=0.5, num_samples=2)
+  summary, rows = _decode(dirs, tmp_path / "cd.jsonl",
+                          TokenwiseCD(value_checkpoint=dirs["q_zero"], top_k=0, beta=0.5),
+                          num_samples=2)
   _check_rows(rows, "cd_token", n=2)
   assert rows[0]["setting"] == {"beta": 0.5, "top_k": 0, "value_head": "q", "temperature": 1.0}
   for r in rows:
@@ -160,8 +164,8 @@ def test_cd_token_zero_q_head_over_vocabulary_is_the_reference(dirs, tmp_path):
 
 
 def test_cd_token_zero_value_over_top_k_is_the_truncated_reference(dirs, tmp_path):
-  _, rows = _decode(dirs, tmp_path / "cd.jsonl", "cd_token", value_checkpoint=dirs["v_zero"],
-                    cd_top_k=4)
+  _, rows = _decode(dirs, tmp_path / "cd.jsonl",
+                    TokenwiseCD(value_checkpoint=dirs["v_zero"], top_k=4))
   _check_rows(rows, "cd_token")
   assert rows[0]["setting"]["value_head"] == "scalar"
   for r in rows:
@@ -172,8 +176,9 @@ def test_cd_token_zero_value_over_top_k_is_the_truncated_reference(dirs, tmp_pat
 # ---- blockwise CD --------------------------------------------------------------------------
 def test_cd_block_with_one_candidate_is_plain_sampling(dirs, tmp_path):
   n = 2
-  summary, rows = _decode(dirs, tmp_path / "b.jsonl", "cd_block", value_checkpoint=dirs["v_rand"],
-                          block_candidates=1, block_length=T, num_samples=n, seed=3)
+  summary, rows = _decode(dirs, tmp_path / "b.jsonl",
+                          BlockwiseCD(value_checkpoint=dirs["v_rand"], num_candidates=1,
+                                      block_length=T), num_samples=n, seed=3)
   _check_rows(rows, "cd_block", n=n)
   want = _reference_samples(dirs, jax.random.fold_in(jax.random.PRNGKey(3), 0))
   for i, r in enumerate(rows):
@@ -190,9 +195,9 @@ def test_tq_direct_with_alpha_zero_is_the_truncated_reference(dirs, tmp_path):
   # NOTE: the paper's alpha (the KL weight) must be > 0; its limit alpha -> infinity
   # is the authors' alpha = 0.
   tq = TQConfig(top_k=3, horizon=2, alpha=0.0, num_rollouts=1, alpha_convention="authors")
-  summary, rows = _decode(dirs, tmp_path / "tq.jsonl", "tq_direct",
-                          baseline_checkpoint=dirs["baseline"], tq=tq,
-                          reward=LengthReward(min_length=2, max_length=4))
+  summary, rows = _decode(dirs, tmp_path / "tq.jsonl",
+                          TransferQ(baseline_checkpoint=dirs["baseline"], tq=tq,
+                                    reward=LengthReward(min_length=2, max_length=4)))
   _check_rows(rows, "tq_direct")
   s = rows[0]["setting"]
   assert (s["top_k"], s["horizon"], s["alpha"], s["num_rollouts"]) == (3, 2, 0.0, 1)
@@ -208,10 +213,11 @@ def test_tq_indirect_greedy_rows(dirs, tmp_path):
   tq = TQConfig(top_k=3, horizon=2, alpha=2.0, num_rollouts=2, weighting="unnormalized",
                 alpha_traj=0.5, mode="direct")  # the method sets the mode
   greedy = dataclasses.replace(SAMPLING, greedy=True)
-  _, rows = _decode(dirs, tmp_path / "tq.jsonl", "tq_indirect",
-                    baseline_checkpoint=dirs["baseline"], tq=tq, sampling=greedy,
-                    reward=LengthReward(min_length=2, max_length=4),
-                    baseline_reward=LengthReward(min_length=0, max_length=1))
+  _, rows = _decode(dirs, tmp_path / "tq.jsonl",
+                    TransferQ(baseline_checkpoint=dirs["baseline"], tq=tq, indirect=True,
+                              reward=LengthReward(min_length=2, max_length=4),
+                              baseline_reward=LengthReward(min_length=0, max_length=1)),
+                    sampling=greedy)
   _check_rows(rows, "tq_indirect")
   s = rows[0]["setting"]
   assert (s["weighting"], s["alpha_traj"], s["temperature"]) == ("unnormalized", 0.5, None)
@@ -225,17 +231,17 @@ def test_tq_indirect_greedy_rows(dirs, tmp_path):
 # ---- ARGS ----------------------------------------------------------------------------------
 def test_args_with_a_reward_model_first_token_is_exact(dirs, tmp_path):
   k, w = 4, 1.5
-  _, rows = _decode(dirs, tmp_path / "a.jsonl", "args", reward_checkpoint=dirs["rm"],
-                    args_top_k=k, args_weight=w)
+  _, rows = _decode(dirs, tmp_path / "a.jsonl",
+                    ARGS(reward_checkpoint=dirs["rm"], top_k=k, weight=w))
   _check_rows(rows, "args")
   assert rows[0]["setting"]["reward"].startswith("learned:")
   # first token: q(z) = softmax over the top-k of log p(z) + w r(x, [z])
   from realign_jax.rewards.learned import LearnedReward
   mesh, rules = _mesh_and_rules()
-  ref = decode_bin.load_component(dirs["ref"], mesh, rules)
+  ref = components.load_component(dirs["ref"], mesh, rules)
   rm = LearnedReward(model_dir=dirs["rm"], input_length=32)
   rm.setup(mesh, rules)
-  inputs = jnp.asarray(decode_bin.encode_prompts(vocab_lib.load_vocabulary(None), PROMPTS, 32))
+  inputs = jnp.asarray(encode_prompts(vocab_lib.load_vocabulary(None), PROMPTS, 32))
 
   @jax.jit
   def first_step(params, rm_params):
@@ -284,48 +290,54 @@ class LateNanReward(Reward):
 
 LEN = LengthReward(min_length=2, max_length=4)
 BAD = [
-    ("cd_token", {"value_checkpoint": "v_other"},
+    (TokenwiseCD, {"value_checkpoint": "v_other"},
      "value model .*v_other has vocabulary size 4096 but the policy has 2048"),
-    ("cd_token", {"value_checkpoint": "v_zero", "cd_top_k": 5000},
-     "cd_top_k .* = 5000 is larger than the vocabulary \\(2048 tokens\\)"),
-    ("cd_token", {"value_checkpoint": "v_zero", "cd_top_k": 0}, "needs a Q-head value model"),
-    ("cd_token", {"value_checkpoint": "q_zero", "cd_beta": 0.0}, "cd_beta must be"),
-    ("cd_token", {}, "needs decode.value_checkpoint"),
-    ("cd_block", {"value_checkpoint": "v_zero", "block_length": 0}, "block_length \\(M"),
-    ("cd_block", {"value_checkpoint": "v_zero", "block_candidates": 0}, "block_candidates \\(K"),
-    ("tq_direct", {"baseline_checkpoint": "baseline", "reward": LEN,
-                   "tq": TQConfig(top_k=2, horizon=0)}, "horizon H must be an integer >= 1"),
-    ("tq_direct", {"baseline_checkpoint": "baseline", "reward": LEN,
-                   "tq": TQConfig(top_k=4096)}, "larger than the vocabulary"),
-    ("tq_direct", {"baseline_checkpoint": "baseline", "reward": LEN,
-                   "tq": TQConfig(top_k=2, alpha=0.0)},
+    (TokenwiseCD, {"value_checkpoint": "v_zero", "top_k": 5000},
+     "TokenwiseCD.top_k .* = 5000 is larger than the vocabulary \\(2048 tokens\\)"),
+    (TokenwiseCD, {"value_checkpoint": "v_zero", "top_k": 0}, "needs a Q-head value model"),
+    (TokenwiseCD, {"value_checkpoint": "q_zero", "beta": 0.0}, "TokenwiseCD.beta must be"),
+    (TokenwiseCD, {}, "needs TokenwiseCD.value_checkpoint"),
+    (BlockwiseCD, {"value_checkpoint": "v_zero", "block_length": 0},
+     "BlockwiseCD.block_length \\(M"),
+    (BlockwiseCD, {"value_checkpoint": "v_zero", "num_candidates": 0},
+     "BlockwiseCD.num_candidates \\(K"),
+    (TransferQ, {"baseline_checkpoint": "baseline", "reward": LEN,
+                 "tq": TQConfig(top_k=2, horizon=0)}, "horizon H must be an integer >= 1"),
+    (TransferQ, {"baseline_checkpoint": "baseline", "reward": LEN,
+                 "tq": TQConfig(top_k=4096)}, "larger than the vocabulary"),
+    (TransferQ, {"baseline_checkpoint": "baseline", "reward": LEN,
+                 "tq": TQConfig(top_k=2, alpha=0.0)},
      "alpha must be a finite number > 0 under alpha_convention 'paper'"),
-    ("tq_direct", {"baseline_checkpoint": "v_other", "reward": LEN},
+    (TransferQ, {"baseline_checkpoint": "v_other", "reward": LEN},
      "baseline model has vocabulary size 4096"),
-    ("tq_direct", {"baseline_checkpoint": "baseline"}, "needs decode.reward_checkpoint"),
-    ("tq_indirect", {"baseline_checkpoint": "baseline", "reward": LEN,
-                     "baseline_reward": LengthReward(min_length=2, max_length=4)},
+    (TransferQ, {"baseline_checkpoint": "baseline"}, "needs TransferQ.reward_checkpoint"),
+    (TransferQ, {"baseline_checkpoint": "baseline", "reward": LEN, "indirect": True,
+                 "baseline_reward": LengthReward(min_length=2, max_length=4)},
      "two different rewards"),
-    ("tq_indirect", {"baseline_checkpoint": "baseline", "reward_checkpoint": "rm",
-                     "baseline_reward_checkpoint": "rm"}, "two different rewards"),
-    ("args", {"reward_checkpoint": "ref"}, "output_head 'lm', not a reward model"),
-    ("args", {"reward_checkpoint": "v_other"}, "reward model .* has vocabulary size 4096"),
-    ("args", {"reward": LEN, "reward_checkpoint": "rm"}, "not both"),
-    ("args", {"reward": LEN, "aligned_checkpoint": "baseline"}, "read by method 'dera' only"),
-    ("args", {"reward": NanReward()}, "reward nan returned a non-finite score"),
-    ("args", {"reward": LateNanReward(), "args_top_k": 2},
+    (TransferQ, {"baseline_checkpoint": "baseline", "reward_checkpoint": "rm", "indirect": True,
+                 "baseline_reward_checkpoint": "rm"}, "two different rewards"),
+    (TransferQ, {"baseline_checkpoint": "baseline", "reward": LEN,
+                 "baseline_reward": LengthReward(min_length=0, max_length=1)},
+     "read by indirect Transfer Q\\* only"),
+    (ARGS, {"reward_checkpoint": "ref"}, "output_head 'lm', not a reward model"),
+    (ARGS, {"reward_checkpoint": "v_other"}, "reward model .* has vocabulary size 4096"),
+    (ARGS, {"reward": LEN, "reward_checkpoint": "rm"}, "give ARGS.reward or .* not both"),
+    (ARGS, {"reward": NanReward()}, "reward nan returned a non-finite score"),
+    (ARGS, {"reward": LateNanReward(), "top_k": 2},
      "non-finite score while decoding prompt 0"),
-    ("beam", {}, "decode method must be one of"),
+    ("args", {}, "names a method; give the method object instead"),
+    (None, {}, "decode.method must be a decoding method"),
 ]
 
 
-@pytest.mark.parametrize("method,kw,match", BAD, ids=[f"{m}-{i}" for i, (m, _, _) in
-                                                      enumerate(BAD)])
+@pytest.mark.parametrize("method,kw,match", BAD, ids=[
+    f"{getattr(m, '__name__', m)}-{i}" for i, (m, _, _) in enumerate(BAD)])
 def test_bad_input_is_refused_before_writing(dirs, tmp_path, method, kw, match):
   kw = {k: dirs.get(v, v) if isinstance(v, str) else v for k, v in kw.items()}
   out = tmp_path / "out.jsonl"
-  with pytest.raises(UserError, match=match):
-    _decode(dirs, out, method, **kw)
+  with pytest.raises(UserError, match=match) as e:
+    _decode(dirs, out, method(**kw) if isinstance(method, type) else method)
+  assert "\n" not in str(e.value)
   assert not [f for f in os.listdir(tmp_path) if f.startswith("out.jsonl")]
 
 
@@ -379,8 +391,7 @@ def test_two_processes_split_the_batches_and_write_one_process_rows(dirs, tmp_pa
   writes exactly the rows of a one-process run.
   """
   from realign_jax.parallel import multihost
-  kw = dict(reward=LEN, args_top_k=2)
-  _, one = _decode(dirs, tmp_path / "one.jsonl", "args", **kw)
+  _, one = _decode(dirs, tmp_path / "one.jsonl", ARGS(reward=LEN, top_k=2))
   sent = []
 
   def gather_on_1(tree):  # process 1: records what it sends, gets its own back twice
@@ -389,8 +400,6 @@ def test_two_processes_split_the_batches_and_write_one_process_rows(dirs, tmp_pa
 
   monkeypatch.setattr(multihost, "process_slot", lambda: (2, 1))
   monkeypatch.setattr(multihost, "gather", gather_on_1)
-  # NOTE: the processes get the method as an object (gin: decode.method = @ARGS()), the
-  # one-process run by name with flat settings: the same rows.
   on_1 = decode_bin.decode(ref_checkpoint=dirs["ref"], output_file=str(tmp_path / "p1.jsonl"),
                            method=ARGS(reward=LEN, top_k=2), prompt_file=dirs["prompts"],
                            input_length=32, batch_size=2, sampling=SAMPLING, progress=False)
@@ -405,10 +414,19 @@ def test_two_processes_split_the_batches_and_write_one_process_rows(dirs, tmp_pa
   assert two == one
 
 
-def test_a_method_object_refuses_the_flat_settings(dirs, tmp_path):
-  with pytest.raises(UserError, match="decode.cd_beta is a setting of the flat form .* "
-                                      "TokenwiseCD"):
-    _decode(dirs, tmp_path / "out.jsonl", TokenwiseCD(value_checkpoint=dirs["q_zero"]), cd_beta=2.0)
-  with pytest.raises(UserError, match="cd_beta must be"):
-    _decode(dirs, tmp_path / "out.jsonl", TokenwiseCD(value_checkpoint=dirs["q_zero"], beta=0.0))
-  assert not os.path.exists(tmp_path / "out.jsonl")
+def test_the_flat_form_is_refused_with_one_line(dirs, tmp_path):
+  """The flat settings (`decode.cd_beta`, ...) are gone: gin refuses them at parse time."""
+  out = tmp_path / "out.jsonl"
+  base = ["--gin_file=configs/decode/cd_token_builtin_tiny.gin",
+          f"--gin.REF_CHECKPOINT='{dirs['ref']}'", f"--gin.VALUE_CHECKPOINT='{dirs['q_zero']}'",
+          f"--gin.OUTPUT_FILE='{out}'"]
+  for extra, match in ((["--gin.decode.cd_beta=2.0"], "gin: .*cd_beta"),
+                       (["--gin.decode.method='cd_token'"], "names a method"),
+                       (["--gin.TokenwiseCD.beta=0.0"], "TokenwiseCD.beta must be")):
+    try:
+      with pytest.raises(UserError, match=match) as e:
+        decode_bin.main(base + extra)
+    finally:
+      gin.clear_config()
+    assert re.search(match, str(e.value).splitlines()[0])
+  assert not os.path.exists(out)

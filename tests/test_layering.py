@@ -3,7 +3,8 @@
 Every module under realign_jax/ is parsed (ast, nothing imported) and each of
 its `realign_jax` imports checked against the floors below, low to high. Code
 under `if __name__ == "__main__":` is the module run as a binary and may reach
-any floor.
+any floor. No library module imports a binary: only the binaries themselves
+and the studies (experiments/) may (`BINARIES`).
 """
 
 import ast
@@ -21,12 +22,20 @@ FLOORS = [
      ["decoding", "rewards", "parallel", "checkpoints"]),
     ("training", ["training"]),
     ("evaluation", ["evaluation"]),
+    # The decoding methods, component and prompt loading, and the one batch loop that every
+    # decoder runs through (the binaries, the studies, the synthetic-preference builder).
+    ("inference", ["inference"]),
     # NOTE: the studies and the sweep machinery are binaries too (ARCHITECTURE.md: binaries
     # sit on the top floor: train, decode, evaluate, convert, sweep, the synthetic-preference
     # builder, the studies); gin_utils is their gin plumbing (it registers every package).
-    ("binaries", ["cli", "decode", "decode_methods", "train", "evaluate", "sweep", "convert",
+    ("binaries", ["cli", "decode", "train", "evaluate", "sweep", "convert",
                   "synthetic_preferences", "experiments", "sweeps", "gin_utils"]),
 ]
+
+# The binary modules (each a `main` run by `python -m`): libraries do not import them.
+BINARIES = ("train", "decode", "evaluate", "convert", "sweep", "synthetic_preferences", "serve")
+# Besides the binaries themselves, the studies may import one (a study runs the others' code).
+MAY_IMPORT_BINARIES = BINARIES + ("experiments",)
 
 # (importer, imported) pairs allowed to reach up, each with why; the test also fails when one
 # is no longer needed, so the list only shrinks.
@@ -111,9 +120,30 @@ def test_every_known_exception_is_still_needed():
   assert KNOWN <= found, f"no longer needed, remove from KNOWN: {sorted(KNOWN - found)}"
 
 
+def _is_under(module: str, names) -> bool:
+  rest = module[len(PACKAGE) + 1:] if module != PACKAGE else ""
+  return any(rest == n or rest.startswith(n + ".") for n in names)
+
+
+def test_no_library_module_imports_a_binary():
+  bad = []
+  for module, path in _modules():
+    if _is_under(module, MAY_IMPORT_BINARIES):
+      continue
+    with open(path) as f:
+      tree = ast.parse(f.read(), path)
+    bad += [f"{os.path.relpath(path, REPO_ROOT)}:{line}: {module} imports the binary {imported}"
+            for line, imported in imports_of(tree) if _is_under(imported, BINARIES)]
+  assert not bad, "library modules importing a binary:\n" + "\n".join(bad)
+
+
 def test_the_checker_sees_function_level_imports():
   tree = ast.parse("def f():\n  from realign_jax.training import policy\n"
                    "if __name__ == '__main__':\n  from realign_jax import gin_utils\n")
   assert imports_of(tree) == [(2, "realign_jax.training")]
   assert floor_of("realign_jax.training.policy") > floor_of("realign_jax.rewards.learned")
   assert floor_of("realign_jax.decode") == len(FLOORS) - 1
+  assert (floor_of("realign_jax.evaluation.kl") < floor_of("realign_jax.inference.loop")
+          < floor_of("realign_jax.decode"))
+  assert _is_under("realign_jax.decode", BINARIES)
+  assert not _is_under("realign_jax.decoding.dera", BINARIES)

@@ -33,6 +33,9 @@ from realign_jax.errors import UserError
 from realign_jax.evaluation import best_of_n_theory, stats
 from realign_jax.experiments import frontier as fr
 from realign_jax.experiments import report as rep
+from realign_jax.inference.methods_cd import BlockwiseCD
+from realign_jax.inference.methods_dera import DeRa
+from realign_jax.inference.prompts import encode_prompts
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import replace
 from realign_jax.rewards import base as rewards_base
@@ -59,10 +62,16 @@ def dirs(tmp_path_factory):
   return out
 
 
+DERA_FIELDS = ("lambdas", "aligned_checkpoint", "mixing", "aligned_checkpoints", "lambda_vectors")
+
+
 def _decode(dirs, out, **kw):
+  """The decode binary's function; without `method`, DeRa with the DeRa settings in `kw`."""
   args = dict(ref_checkpoint=dirs["ref"], output_file=str(out), prompt_file=dirs["prompts"],
               input_length=LI, batch_size=2, sampling=SAMPLING, progress=False)
   args.update(kw)
+  if "method" not in args:
+    args["method"] = DeRa(**{k: args.pop(k) for k in DERA_FIELDS if k in args})
   decode_bin.decode(**args)
   return [json.loads(x) for x in open(out).read().splitlines()]
 
@@ -84,7 +93,7 @@ def _log_softmax_no_pad(logits):
 
 def _inputs_and_targets(rows):
   vocab = vocab_lib.load_vocabulary(None)
-  enc = decode_bin.encode_prompts(vocab, PROMPTS, LI)
+  enc = encode_prompts(vocab, PROMPTS, LI)
   inputs = np.stack([enc[r["prompt_index"]] for r in rows])
   targets = np.zeros((len(rows), T), np.int32)
   for i, r in enumerate(rows):
@@ -179,11 +188,11 @@ def test_multi_model_mixing_is_the_logit_formula(dirs, tmp_path, capsys):
     ({"lambda_vectors": []}, "empty"),
     ({"aligned_checkpoints": ["A", "OTHER"]}, r"vocabulary sizes: 2048 .* vs 4096 \(.*other\)"),
     ({"aligned_checkpoint": "A"}, "not both"),
-    ({"lambda_vectors": None}, "needs decode.lambda_vectors"),
-    ({"lambdas": [0.5]}, "not decode.lambdas"),
+    ({"lambda_vectors": None}, "needs DeRa.lambda_vectors"),
+    ({"lambdas": [0.5]}, "not DeRa.lambdas"),
     ({"mixing": "weights"}, "logits only"),
-    ({"aligned_checkpoints": None}, "give them as decode.aligned_checkpoints"),
-    ({"method": "cd_token"}, "read by method 'dera' only"),
+    ({"mixing": "geometric"}, "DeRa.mixing must be one of"),
+    ({"aligned_checkpoints": None}, "give them as DeRa.aligned_checkpoints"),
 ])
 def test_bad_multi_model_settings_are_one_line_errors(dirs, tmp_path, kw, match):
   names = {"A": dirs["a"], "B": dirs["b"], "OTHER": dirs["other"]}
@@ -233,8 +242,8 @@ def test_cd_block_rows_separate_p_from_the_tempered_truncated_proposal(dirs, tmp
   v_dir = _run_dir(tmp_path / "v_rand", CFG, 4, head="scalar", transform=_random_head(4, 3.0))
   temp, top_k, k, m = 0.5, 20, 2, 3
   cfg = sampler.SamplingConfig(max_new_tokens=T, temperature=temp, top_k=top_k)
-  rows = _decode(dirs, tmp_path / "b.jsonl", method="cd_block", value_checkpoint=v_dir,
-                 block_candidates=k, block_length=m, sampling=cfg)
+  rows = _decode(dirs, tmp_path / "b.jsonl", sampling=cfg,
+                 method=BlockwiseCD(value_checkpoint=v_dir, num_candidates=k, block_length=m))
   inputs, targets = _inputs_and_targets(rows)
   h = _logits_tf("ref", inputs, targets)
   logp = _log_softmax_no_pad(h)
@@ -336,7 +345,7 @@ def test_frontier_and_length_study_share_one_length_definition():
   tokens = np.array([[5, 6, 1, 0], [5, 6, 7, 8]], np.int32)  # EOS after 2 tokens; cut at 4
   lengths = np.array([3, 4], np.int32)  # generated tokens, EOS included (decode rows' length)
   study = np.asarray(rewards_base.response_token_count(jnp.asarray(tokens), jnp.asarray(lengths)))
-  assert study.tolist() == [2, 4]  # what the length study (`sampling.decode_rows`) records
+  assert study.tolist() == [2, 4]  # what the studies' rows record (`PolicySampling`)
   rows = [{"prompt_index": 0, "sample": j, "reward": 0.0, "kl": 0.0,
            "tokens": tokens[j, :lengths[j]].tolist(), "length": int(lengths[j]),
            "ref_logprobs": [-1.0] * int(lengths[j])} for j in range(2)]

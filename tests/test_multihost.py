@@ -248,7 +248,7 @@ def test_dera_sweep_on_two_processes_matches_one(tiny_sft_dir, tmp_path):
             ), two[rank].describe()
   # NOTE: the operative config beside the output, written by the binary (process 0)
   config = (tmp_path / "two.jsonl.config.gin").read_text()
-  assert "LAMBDAS = [0.0, 1.0]" in config.splitlines() and "decode.lambdas = %LAMBDAS" in config
+  assert "LAMBDAS = [0.0, 1.0]" in config.splitlines() and "DeRa.lambdas = %LAMBDAS" in config
 
 
 def test_batch_not_divisible_by_the_processes_is_one_line(tmp_path):

@@ -27,6 +27,7 @@ from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
+from realign_jax.inference import preferences as synth_lib
 from realign_jax.parallel import partitioning
 from realign_jax.rewards import learned
 from realign_jax.training import optim, trainer
@@ -260,7 +261,7 @@ def test_dpo_on_synthetic_preferences_raises_heldout_accuracy(sft_run, tmp_path_
   stats = {}
   for split, n in (("train", 256), ("validation", 128), ("test", 8)):
     prompts = [e["inputs"] for e in pipeline.text_examples("builtin_summarize", split, limit=n)]
-    stats[split] = synth.build_synthetic_preferences(
+    stats[split] = synth_lib.build_synthetic_preferences(
         lm=lm, params=params, prompts=prompts, gold_reward=gold,
         output_file=str(data_dir / f"{split}.jsonl"), input_length=32, batch_size=64,
         sampling=sampler.SamplingConfig(max_new_tokens=10))
@@ -289,14 +290,14 @@ def test_dpo_on_synthetic_preferences_raises_heldout_accuracy(sft_run, tmp_path_
 
 # ---- synthetic builder: labelling ------------------------------------------------------------
 def test_label_pairs_skips_and_counts_ties():
-  stats = synth.BuildStats()
+  stats = synth_lib.BuildStats()
   gold = lambda p, r: [len(x) for x in r]
-  rows = synth.label_pairs(["p1", "p2", "p3", "p4"], ["aa", "ab", "same", ""],
+  rows = synth_lib.label_pairs(["p1", "p2", "p3", "p4"], ["aa", "ab", "same", ""],
                            ["b", "ba", "same", "x"], gold, stats)
   assert rows == [{"prompt": "p1", "chosen": "aa", "rejected": "b"}]
   assert (stats.prompts, stats.pairs, stats.ties, stats.identical, stats.empty) == (4, 1, 1, 1, 1)
   with pytest.raises(UserError, match="gold reward returned nan"):
-    synth.label_pairs(["p"], ["a"], ["b"], lambda p, r: [1.0, float("nan")], stats)
+    synth_lib.label_pairs(["p"], ["a"], ["b"], lambda p, r: [1.0, float("nan")], stats)
 
 
 # ---- bad input --------------------------------------------------------------------------

@@ -231,6 +231,7 @@ def test_train_and_decode_into_a_bucket(bucket, monkeypatch):
   from realign_jax import decode as decode_bin
   from realign_jax import train as train_bin
   from realign_jax.decoding import sampler
+  from realign_jax.inference.methods_dera import DeRa
   monkeypatch.setitem(record_writer.REGISTERED_FACTORIES, "gs",
                       record_writer.REGISTERED_FACTORIES["gs"])
   monkeypatch.setattr(ckpt_lib, "ocp", _OrbaxInBucket(bucket))
@@ -258,16 +259,17 @@ def test_train_and_decode_into_a_bucket(bucket, monkeypatch):
   bucket.file("gs://bucket/prompts.jsonl").write_text(
       "".join(json.dumps({"prompt": p}) + "\n" for p in ["Return the length.", "Open a file."]))
   out = "gs://bucket/out/dera.jsonl"
-  decode_bin.decode(ref_checkpoint=RUN, aligned_checkpoint=None, output_file=out,
-                    lambdas=[0.0], prompt_file="gs://bucket/prompts.jsonl", input_length=16,
+  decode_bin.decode(ref_checkpoint=RUN, method=DeRa(lambdas=[0.0]), output_file=out,
+                    prompt_file="gs://bucket/prompts.jsonl", input_length=16,
                     batch_size=2, sampling=sampler.SamplingConfig(max_new_tokens=3),
                     progress=False)
   rows = [json.loads(x) for x in bucket.file(out).read_text().splitlines()]
   assert len(rows) == 2 and {r["prompt"] for r in rows} == {"Return the length.", "Open a file."}
   assert _names(bucket.file("gs://bucket/out")) == ["dera.jsonl"]
   with pytest.raises(UserError, match="OUTPUT_FILE gs://bucket/out is a directory"):
-    decode_bin.decode(ref_checkpoint=RUN, aligned_checkpoint=None, output_file="gs://bucket/out",
-                      lambdas=[0.0], prompt_file="gs://bucket/prompts.jsonl", input_length=16,
+    decode_bin.decode(ref_checkpoint=RUN, method=DeRa(lambdas=[0.0]),
+                      output_file="gs://bucket/out", prompt_file="gs://bucket/prompts.jsonl",
+                      input_length=16,
                       batch_size=2, sampling=sampler.SamplingConfig(max_new_tokens=3),
                       progress=False)
 

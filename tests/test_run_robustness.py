@@ -33,6 +33,8 @@ from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
+from realign_jax.inference import components as inference_components
+from realign_jax.inference.methods_dera import DeRa
 from realign_jax.models.config import replace
 from realign_jax.training.sft import SFT
 from tests.helpers import TINY_BUILTIN, BinaryRun
@@ -99,7 +101,7 @@ def _decode(ref, out, **kw):
   prompts = os.path.join(os.path.dirname(str(out)), "prompts.jsonl")
   with open(prompts, "w") as f:
     f.write("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-  args = dict(ref_checkpoint=ref, aligned_checkpoint=None, output_file=str(out), lambdas=[1.0],
+  args = dict(ref_checkpoint=ref, method=DeRa(lambdas=[1.0]), output_file=str(out),
               prompt_file=prompts, input_length=32, batch_size=2, sampling=SAMPLING,
               progress=False)
   args.update(kw)
@@ -274,7 +276,7 @@ def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
 def test_decode_refuses_bad_settings_before_loading(tmp_path, monkeypatch, kw, needles):
   def no_compute(*args, **kwargs):
     raise AssertionError("a checkpoint was loaded before the settings were checked")
-  monkeypatch.setattr(decode_bin, "load_component", no_compute)
+  monkeypatch.setattr(inference_components, "load_component", no_compute)
   (tmp_path / "outdir").mkdir()
   kw = {k: str(tmp_path / "outdir") if v == "DIR" else v for k, v in kw.items()}
   needles = [str(tmp_path / "outdir") if n == "DIR" else n for n in needles]

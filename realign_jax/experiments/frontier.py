@@ -54,7 +54,6 @@ from typing import Optional, Sequence
 import numpy as np
 
 from realign_jax import gin_utils
-from realign_jax import paths
 from realign_jax.errors import UserError
 from realign_jax.evaluation import optimum as opt
 from realign_jax.experiments import report as rep
@@ -118,9 +117,14 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
              split: str = "validation", seed: int = 0, compilation_cache: bool = True,
              progress: bool = True) -> dict:
   """Runs (or resumes) the study in `model_dir`; returns the results dict."""
-  from realign_jax import decode as decode_bin
   from realign_jax.decoding import controlled
   from realign_jax.decoding.transfer_q import ALPHA_CONVENTIONS, TQConfig
+  from realign_jax.inference import run as run_lib
+  from realign_jax.inference.method import reward_label
+  from realign_jax.inference.methods_cd import BlockwiseCD, TokenwiseCD
+  from realign_jax.inference.methods_dera import DeRa
+  from realign_jax.inference.methods_tq import ARGS, TransferQ
+  from realign_jax.inference.prompts import PromptSource, load_prompts
   from realign_jax.models.api import LanguageModel
   from realign_jax.training.value import CDQValue, FudgeValue
   t_start = time.perf_counter()
@@ -187,9 +191,10 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
   reward = ppo.reward
   sampling = ppo.sampling
   # prompts and the reward, as every decode stage will see them
-  _, prompts, inputs = decode_bin.load_prompts(sft.model.config, ppo.vocab_path, None, ppo.task,
-                                               split, ppo.data_dir, num_prompts,
-                                               ppo.input_length)
+  source = PromptSource(task=ppo.task, split=split, data_dir=ppo.data_dir,
+                        vocab_path=ppo.vocab_path, max_prompts=num_prompts,
+                        input_length=ppo.input_length)
+  _, prompts, inputs = load_prompts(source, sft.model.config)
   if len(prompts) < num_prompts:
     raise UserError(f"frontier.num_prompts is {num_prompts} but task {ppo.task} split {split} "
                     f"holds only {len(prompts)} examples")
@@ -231,27 +236,18 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
                               output_head=cdq_output_head, advantage_l2=cdq_advantage_l2),
         value_steps, value_optimizer, reference_checkpoint=True, init_checkpoint=True)
 
-  # ---- decoding: one call of the decode binary's function per stage ----------------------
+  # ---- decoding: one method of the inference package per stage ----------------------------
   score = _scorer(reward, inputs, sampling.max_new_tokens)
 
-  def decode_stage(name, deps, setting, **kw):
-    n = kw.pop("num_samples", num_samples)
-
+  def decode_stage(name, deps, setting, method, n=num_samples):
     def fn(d):
-      tmp = os.path.join(d, "decode.jsonl")
-      summary = decode_bin.decode(
-          ref_checkpoint=sft_dir, output_file=tmp, task=ppo.task, split=split,
-          data_dir=ppo.data_dir, vocab_path=ppo.vocab_path, max_prompts=num_prompts,
-          input_length=ppo.input_length, batch_size=batch_size, num_samples=n,
-          sampling=sampling, seed=seed, progress=progress, **kw)
-      # NOTE: process 0 wrote the rows; the others read them once it has
-      # (the barrier), and it removes the file once all have read it.
-      stages_lib.on_primary(lambda: None)
-      rows = stages_lib.read_jsonl(tmp)
+      # NOTE: the one loop gives every process every row.
+      rows, summary = run_lib.run(method, ref_checkpoint=sft_dir, prompts=source,
+                                  batch_size=batch_size, num_samples=n, sampling=sampling,
+                                  seed=seed, progress=progress)
       for r, s in zip(rows, score(rows)):
         r["reward"] = s
       stages_lib.write_jsonl(os.path.join(d, SAMPLES), rows)
-      stages_lib.on_primary(lambda: paths.remove(tmp))
       return {k: summary[k] for k in ("compile_s", "decode_s", "tokens_per_s",
                                       "block_latency_s") if k in summary}
     settings = {"eval": ev, "num_samples": n, "setting": setting,
@@ -265,33 +261,34 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
 
   if "best_of_n" in methods:
     add("best_of_n", None, "best_of_n", decode_stage(
-        "best_of_n", ["sft"], {"n_max": best_of_n[-1]}, num_samples=best_of_n[-1]))
+        "best_of_n", ["sft"], {"n_max": best_of_n[-1]}, DeRa(), n=best_of_n[-1]))
   if "ppo" in methods:
     for b in betas:
       st = _name("ppo_beta", b) + "_eval"
       add("ppo", f"beta={b:g}", st, decode_stage(
-          st, [_name("ppo_beta", b)], {"beta": b}, method="dera",
-          aligned_checkpoint=runner.stage_dir(_name("ppo_beta", b)), lambdas=[1.0]))
+          st, [_name("ppo_beta", b)], {"beta": b},
+          DeRa(aligned_checkpoint=runner.stage_dir(_name("ppo_beta", b)), lambdas=[1.0])))
   aligned_dir = runner.stage_dir(_name("ppo_beta", aligned_beta))
   if "dera" in methods:
     add("dera", None, "dera_sweep", decode_stage(
         "dera_sweep", [_name("ppo_beta", aligned_beta)], {"lambdas": lambdas},
-        method="dera", aligned_checkpoint=aligned_dir, lambdas=lambdas))
+        DeRa(aligned_checkpoint=aligned_dir, lambdas=lambdas)))
   for method, value_stage, top_k in ([("cd_token_fudge", "value_fudge", cd_top_k)] +
                                      [("cd_token_q", "value_cdq", k) for k in cd_q_top_ks]):
     if method in methods:
       for b in cd_betas:
         st = _name(f"{method}_k{top_k}_beta", b)
         add(method, f"beta={b:g},k={top_k or 'vocab'}", st, decode_stage(
-            st, [value_stage], {"beta": b, "top_k": top_k}, method="cd_token",
-            value_checkpoint=runner.stage_dir(value_stage), cd_beta=float(b), cd_top_k=top_k))
+            st, [value_stage], {"beta": b, "top_k": top_k},
+            TokenwiseCD(value_checkpoint=runner.stage_dir(value_stage), beta=float(b),
+                        top_k=top_k)))
   if "cd_block" in methods:
     for k in block_candidates:
       st = f"cd_block_K{k}"
       add("cd_block", f"K={k},M={block_length}", st, decode_stage(
-          st, ["value_fudge"], {"K": k, "M": block_length}, method="cd_block",
-          value_checkpoint=runner.stage_dir("value_fudge"), block_candidates=k,
-          block_length=block_length))
+          st, ["value_fudge"], {"K": k, "M": block_length},
+          BlockwiseCD(value_checkpoint=runner.stage_dir("value_fudge"), num_candidates=k,
+                      block_length=block_length)))
   if "tq_direct" in methods:
     authors = tq_alpha_convention == "authors"
     for a in tq_alphas:
@@ -299,14 +296,14 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
       tq = TQConfig(top_k=tq_top_k, horizon=tq_horizon, alpha=float(a), num_rollouts=1,
                     mode="direct", rollout=sampling, alpha_convention=tq_alpha_convention)
       add("tq_direct", f"alpha={a:g}" + (",authors" if authors else ""), st, decode_stage(
-          st, [_name("ppo_beta", aligned_beta)], {"tq": tq}, method="tq_direct",
-          baseline_checkpoint=aligned_dir, reward=reward, tq=tq))
+          st, [_name("ppo_beta", aligned_beta)], {"tq": tq},
+          TransferQ(baseline_checkpoint=aligned_dir, reward=reward, tq=tq)))
   if "args" in methods:
     for w in args_weights:
       st = _name("args_w", w)
       add("args", f"w={w:g}", st, decode_stage(
-          st, ["sft"], {"weight": w, "top_k": args_top_k}, method="args", reward=reward,
-          args_top_k=args_top_k, args_weight=float(w)))
+          st, ["sft"], {"weight": w, "top_k": args_top_k},
+          ARGS(reward=reward, top_k=args_top_k, weight=float(w))))
 
   # ---- results and report ----------------------------------------------------------------
   entries, reference_rows = [], None
@@ -324,7 +321,7 @@ def frontier(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_steps: i
       entries.append(dict(entry(method, setting, rows), **extra))
   results = build_results(entries, settings={
       "task": ppo.task, "split": split, "num_prompts": num_prompts, "num_samples": num_samples,
-      "max_new_tokens": sampling.max_new_tokens, "reward": decode_bin.reward_label(reward),
+      "max_new_tokens": sampling.max_new_tokens, "reward": reward_label(reward),
       "sft_steps": sft_steps, "ppo_steps": ppo_steps, "value_steps": value_steps,
       "aligned_beta": aligned_beta, "cd_top_k": cd_top_k, "cd_q_top_k": cd_q_top_ks,
       "block_length": block_length,

@@ -45,9 +45,11 @@ from realign_jax.data import pipeline
 from realign_jax.errors import UserError
 from realign_jax.evaluation import optimum as opt
 from realign_jax.experiments import report as rep
-from realign_jax.experiments import sampling
 from realign_jax.experiments import stages as stages_lib
+from realign_jax.inference import components, loop
+from realign_jax.inference.methods_policy import PolicySampling
 from realign_jax.models.api import LanguageModel
+from realign_jax.parallel import partitioning
 from realign_jax.rewards.length import LengthReward
 from realign_jax.training import trainer as trainer_lib
 from realign_jax.training.ppo import PPO
@@ -140,16 +142,17 @@ def length_reward(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_ste
                     input_length=ppo.input_length, max_new_tokens=ppo.max_new_tokens)
   inputs = eval_inputs(ev, ppo.vocab, ppo.data_dir)
   lm = LanguageModel(sft.model.config, "lm")
-  mesh, rules = sampling.mesh_and_rules()
-  pol_fn = sampling.policy_fn(lm, ppo.sampling, num_samples)
+  mesh, rules = loop.host_mesh(), partitioning.logical_axis_rules()
+
+  def sample(method, desc):
+    return loop.sample(method, inputs, ppo.vocab, num_samples=num_samples,
+                       batch_size=eval_batch_size, seed=eval_seed, sampling=ppo.sampling,
+                       mesh=mesh, rules=rules, progress=progress, desc=desc)
 
   def decode_policy(stage_dir, policy_dir, desc):
-    ref = sampling.load_lm_params(runner.stage_dir("sft"), lm, mesh, rules)
-    pol = sampling.load_lm_params(policy_dir, lm, mesh, rules)
-    rows = sampling.decode_rows(pol_fn, (pol, ref), inputs, num_samples=num_samples,
-                                lambdas=None, batch_size=eval_batch_size, seed=eval_seed,
-                                reward=ppo.reward, vocab=ppo.vocab, desc=desc, mesh=mesh,
-                                rules=rules, progress=progress)
+    ref = components.load_lm_params(runner.stage_dir("sft"), lm, mesh, rules)
+    pol = components.load_lm_params(policy_dir, lm, mesh, rules)
+    rows = sample(PolicySampling(lm, pol, reference=ref, reward=ppo.reward), desc)
     stages_lib.write_jsonl(os.path.join(stage_dir, SAMPLES), rows)
     return rep.summarize_rows(rows)
 
@@ -190,15 +193,11 @@ def length_reward(*, model_dir: str, sft: SFT, ppo: PPO, sft_steps: int, ppo_ste
   base_set = train_ppo(beta_name(beta), beta)
 
   # ---- DeRa: every lambda in one batched call ----------------------------------------
-  swp_fn = sampling.sweep_fn(lm, ppo.sampling, num_samples)
-
   def dera_stage(d):
-    ref = sampling.load_lm_params(runner.stage_dir("sft"), lm, mesh, rules)
-    aligned = sampling.load_lm_params(runner.stage_dir(beta_name(beta)), lm, mesh, rules)
-    rows = sampling.decode_rows(swp_fn, (ref, aligned), inputs, num_samples=num_samples,
-                                lambdas=lambdas, batch_size=eval_batch_size, seed=eval_seed,
-                                reward=ppo.reward, vocab=ppo.vocab, desc="dera_sweep",
-                                mesh=mesh, rules=rules, progress=progress)
+    ref = components.load_lm_params(runner.stage_dir("sft"), lm, mesh, rules)
+    aligned = components.load_lm_params(runner.stage_dir(beta_name(beta)), lm, mesh, rules)
+    rows = sample(PolicySampling(lm, aligned, reference=ref, reward=ppo.reward,
+                                 lambdas=lambdas), "dera_sweep")
     stages_lib.write_jsonl(os.path.join(d, SAMPLES), rows)
     return {"num_rows": len(rows)}
   runner.run("dera_sweep", {"aligned": base_set, "eval": ev, "reward": ppo.reward,

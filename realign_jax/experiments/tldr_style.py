@@ -51,16 +51,18 @@ from realign_jax import gin_utils
 from realign_jax import paths
 from realign_jax.data import pipeline
 from realign_jax.data import preferences as prefs_lib
-from realign_jax import synthetic_preferences as synth
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
 from realign_jax.evaluation import judges, pairwise, text_metrics
 from realign_jax.evaluation import win_rate as win_rate_lib
 from realign_jax.experiments import length_reward as lr
 from realign_jax.experiments import report as rep
-from realign_jax.experiments import sampling
 from realign_jax.experiments import stages as stages_lib
+from realign_jax.inference import components, loop
+from realign_jax.inference import preferences as synth
+from realign_jax.inference.methods_policy import PolicySampling
 from realign_jax.models.api import LanguageModel
+from realign_jax.parallel import partitioning
 from realign_jax.rewards.learned import LearnedReward
 from realign_jax.training import trainer as trainer_lib
 from realign_jax.training.dpo import DPO
@@ -264,7 +266,10 @@ def tldr_style(*, model_dir: str, sft: SFT, reward_model: RewardModel, pg: Calla
   total = 4 + per_family * (2 if with_dpo else 1) + 1
   runner = stages_lib.StageRunner(model_dir, total=total)
   lm = LanguageModel(sft.model.config, "lm")
-  mesh, rules = sampling.mesh_and_rules()
+  mesh, rules = partitioning.create_mesh(), partitioning.logical_axis_rules()
+  # NOTE: decoding runs through the one loop: on several processes each its own
+  # batches on its own devices, so the decoded params live there (one mesh on one).
+  decode_mesh = loop.host_mesh()
   vocab = sft.vocab
   samp = sampler.SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0)
   ev = lr.EvalSettings(task=sft.task, split=eval_split, num_prompts=num_eval_prompts,
@@ -297,12 +302,11 @@ def tldr_style(*, model_dir: str, sft: SFT, reward_model: RewardModel, pg: Calla
     if comparisons_dir:
       return write_human_pairs(d, comparisons_dir, heldout_split, num_train_pair_prompts,
                                num_heldout_pair_prompts)
-    # NOTE: the builder samples as the decode binary does: on several processes
-    # each its own batches on its own devices (`decode.host_mesh`; on one
-    # process the study's mesh), so its params live there, not on the global mesh.
-    from realign_jax.decode import host_mesh
-    pair_mesh = host_mesh()
-    params = sampling.load_lm_params(sft_dir, lm, pair_mesh, rules)
+    # NOTE: the builder samples in the one loop: on several processes each its
+    # own batches on its own devices (`decode_mesh`; on one process the study's
+    # mesh), so its params live there, not on the global mesh.
+    pair_mesh = decode_mesh
+    params = components.load_lm_params(sft_dir, lm, pair_mesh, rules)
     out = {}
     for split, n, fname in (("train", num_train_pair_prompts, TRAIN_PAIRS),
                             (heldout_split, num_heldout_pair_prompts, HELDOUT_PAIRS)):
@@ -355,16 +359,17 @@ def tldr_style(*, model_dir: str, sft: SFT, reward_model: RewardModel, pg: Calla
   row_reward = JittedReward(learned)
 
   # ---- decoding helpers -----------------------------------------------------------------
-  pol_fn = sampling.policy_fn(lm, samp, num_samples)
-  swp_fn = sampling.sweep_fn(lm, samp, num_samples)
-
-  def decode(d, fn, models, lambdas_, desc):
-    """Samples `models` (run directories) with `fn`, scores them by the gold reward, writes them."""
-    params = tuple(sampling.load_lm_params(m, lm, mesh, rules) for m in models)
-    rows = sampling.decode_rows(
-        fn, params, inputs, num_samples=num_samples, lambdas=lambdas_,
-        batch_size=eval_batch_size, seed=eval_seed, reward=row_reward, vocab=vocab, desc=desc,
-        mesh=mesh, rules=rules, progress=progress)
+  def decode(d, policy_dir, lambdas_, desc):
+    """Samples `policy_dir` (lambdas_: DeRa of pi_ref and it), scored by the gold reward."""
+    if jax.process_count() > 1:
+      # NOTE: each process scores its own batches: the reward's params on its devices.
+      learned.setup(decode_mesh, rules)
+    ref = components.load_lm_params(sft_dir, lm, decode_mesh, rules)
+    pol = components.load_lm_params(policy_dir, lm, decode_mesh, rules)
+    rows = loop.sample(
+        PolicySampling(lm, pol, reference=ref, reward=row_reward, lambdas=lambdas_), inputs,
+        vocab, num_samples=num_samples, batch_size=eval_batch_size, seed=eval_seed,
+        sampling=samp, mesh=decode_mesh, rules=rules, progress=progress, desc=desc)
     gold = gold_scores([eval_refs[r["prompt_index"]] for r in rows], [r["response"] for r in rows])
     for r, g in zip(rows, gold):
       r["gold"] = float(g)
@@ -372,11 +377,11 @@ def tldr_style(*, model_dir: str, sft: SFT, reward_model: RewardModel, pg: Calla
     return rows
 
   def decode_policy(d, policy_dir, desc):
-    rows = decode(d, pol_fn, (policy_dir, sft_dir), None, desc)
+    rows = decode(d, policy_dir, None, desc)
     return rep.summarize_rows(rows, fields=("reward", "gold", "kl", "length"))
 
   def decode_sweep(d, aligned_dir, desc):
-    return {"num_rows": len(decode(d, swp_fn, (sft_dir, aligned_dir), lambdas, desc))}
+    return {"num_rows": len(decode(d, aligned_dir, lambdas, desc))}
 
   eval_common = {"eval": ev, "reward_model": rm_set, "gold": GOLD_NAME}
   runner.run("eval_sft", dict(eval_common, policy=sft_set),
@@ -422,7 +427,7 @@ def tldr_style(*, model_dir: str, sft: SFT, reward_model: RewardModel, pg: Calla
     del d
     rows, _ = prefs_lib.load_preference_jsonl(heldout_file)
     fn = pairwise.make_pair_logprob_fn([lm, lm])
-    ref = sampling.load_lm_params(sft_dir, lm, mesh, rules)
+    ref = components.load_lm_params(sft_dir, lm, mesh, rules)
 
     def acc(other, weights):
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -432,9 +437,9 @@ def tldr_style(*, model_dir: str, sft: SFT, reward_model: RewardModel, pg: Calla
             batch_size=eval_batch_size, where=heldout_file)
     out = {"sft": acc(ref, [1.0, 0.0])}
     for family, names in retrained_names.items():
-      base = sampling.load_lm_params(runner.stage_dir(run_name(family, beta)), lm, mesh, rules)
+      base = components.load_lm_params(runner.stage_dir(run_name(family, beta)), lm, mesh, rules)
       out[family] = {"dera": [acc(base, [1.0 - lam, lam]) for lam in lambdas],
-                     "retrained": [acc(sampling.load_lm_params(runner.stage_dir(names[lam]),
+                     "retrained": [acc(components.load_lm_params(runner.stage_dir(names[lam]),
                                                                lm, mesh, rules), [0.0, 1.0])
                                    for lam in lambdas]}
     return out
