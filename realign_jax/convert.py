@@ -74,6 +74,7 @@ def hf_to_run_dir(hf_dir: str, model_dir: str, *, dtype: str = "float32",
   # NOTE: lazy: argument errors come before JAX loads, and it loads after `startup.configure`.
   import jax
   from realign_jax.checkpoints import manager
+  from realign_jax.checkpoints import run_dir
   from realign_jax.checkpoints.hf import files as hf_files
   from realign_jax.checkpoints.hf import load as hf_load
   from realign_jax.data import hf_tokenizer
@@ -99,7 +100,7 @@ def hf_to_run_dir(hf_dir: str, model_dir: str, *, dtype: str = "float32",
                     "params": params})
     finally:
       ckpt.close()
-    manager.write_model_json(tmp, config, "lm", vocab=vocab)
+    run_dir.write_model_json(tmp, config, "lm", vocab=vocab)
     os.chmod(tmp, 0o755)
     hf_files.replace_dir(tmp, model_dir)
   except BaseException:

@@ -40,14 +40,14 @@ TINY_SFT_LR = 3e-3
 
 
 def _train_tiny_sft(model_dir: str) -> None:
-  from realign_jax.checkpoints import manager as ckpt_lib
+  from realign_jax.checkpoints import run_dir
   from realign_jax.models.api import LanguageModel
   from realign_jax.parallel import partitioning
   from realign_jax.training import optim, trainer
   from realign_jax.training.sft import SFT
   from tests.helpers import TINY_BUILTIN
   cfg = TINY_BUILTIN["t5"]
-  ckpt_lib.write_model_json(model_dir, cfg)
+  run_dir.write_model_json(model_dir, cfg)
   sft = SFT(model=LanguageModel(cfg), batch_size=16, input_length=32, target_length=16,
             num_eval_samples=0, max_eval_examples=16)
   trainer.train(

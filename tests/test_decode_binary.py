@@ -15,6 +15,7 @@ import pytest
 
 from realign_jax import decode as decode_bin
 from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.checkpoints import run_dir
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
@@ -30,7 +31,7 @@ SAMPLING = sampler.SamplingConfig(max_new_tokens=6)
 def _run_dir(path, config, seed):
   lm = LanguageModel(config)
   params = lm.init(jax.random.PRNGKey(seed))[0]
-  ckpt_lib.write_model_json(str(path), config)
+  run_dir.write_model_json(str(path), config)
   ck = ckpt_lib.Checkpointer(str(path), keep=1, async_save=False)
   ck.save(1, {"step": np.int32(1), "params": params})
   ck.close()

@@ -32,6 +32,7 @@ import pytest
 
 from realign_jax import decode as decode_bin
 from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.checkpoints import run_dir
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import sampler
 from realign_jax.decoding.transfer_q import TQConfig
@@ -67,7 +68,7 @@ def _run_dir(path, config, seed, head="lm", transform=None):
   params = _init_fn(config, head)(jax.random.PRNGKey(seed))
   if transform is not None:
     params = transform(params)
-  ckpt_lib.write_model_json(str(path), config, head)
+  run_dir.write_model_json(str(path), config, head)
   ck = ckpt_lib.Checkpointer(str(path), keep=1, async_save=False)
   ck.save(1, {"step": np.int32(1), "params": params})
   ck.close()
@@ -76,7 +77,7 @@ def _run_dir(path, config, seed, head="lm", transform=None):
 
 def _model_json_only(path, config):
   """Enough for the checks that refuse a directory before loading any params."""
-  ckpt_lib.write_model_json(str(path), config, "scalar")
+  run_dir.write_model_json(str(path), config, "scalar")
   return str(path)
 
 

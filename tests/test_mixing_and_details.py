@@ -26,7 +26,7 @@ import pytest
 
 from realign_jax import decode as decode_bin
 from realign_jax import evaluate as evaluate_bin
-from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.checkpoints import run_dir
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
@@ -56,7 +56,7 @@ def dirs(tmp_path_factory):
   prompts = root / "prompts.jsonl"
   prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n")
   other = root / "other"
-  ckpt_lib.write_model_json(str(other), replace(CFG, vocab_size=4096))  # model.json only
+  run_dir.write_model_json(str(other), replace(CFG, vocab_size=4096))  # model.json only
   out = {k: _run_dir(root / k, CFG, s) for k, s in SEEDS.items()}
   out.update(other=str(other), prompts=str(prompts))
   return out

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.checkpoints import run_dir
 from realign_jax.data import pipeline
 from realign_jax.data import preferences
 from realign_jax import synthetic_preferences as synth
@@ -193,7 +194,7 @@ def reward_run(separable_dir, tmp_path_factory):
   alg = RewardModel(model=LanguageModel(TINY_BUILTIN["t5"], "scalar"), data_dir=separable_dir,
                     batch_size=16, input_length=12, target_length=10, eval_batch_size=64)
   _train(alg, model_dir, 50, mesh=_one_device_mesh(), eval_every=50)
-  ckpt_lib.write_model_json(str(model_dir), alg.model.config, "scalar")
+  run_dir.write_model_json(str(model_dir), alg.model.config, "scalar")
   return str(model_dir)
 
 

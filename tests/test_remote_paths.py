@@ -134,9 +134,9 @@ def test_local_atomic_write_is_unchanged(tmp_path):
 def test_run_records_on_a_bucket(bucket, caplog):
   from tests.helpers import TINY_BUILTIN
   cfg = TINY_BUILTIN["t5"]
-  ckpt_lib.check_run_dir(RUN)  # absent: fine
+  run_dir.check_run_dir(RUN)  # absent: fine
   vocab = run_dir.vocabulary_identity(None)
-  ckpt_lib.write_model_json(RUN, cfg, vocab=vocab)
+  run_dir.write_model_json(RUN, cfg, vocab=vocab)
   assert json.loads(bucket.file(f"{RUN}/model.json").read_text())["family"] == cfg.family
   assert ckpt_lib.read_model_json(RUN) == (cfg, "lm")
   assert run_dir.recorded_vocabulary(RUN) == vocab
@@ -167,7 +167,7 @@ def test_run_records_on_a_bucket(bucket, caplog):
   # a file where MODEL_DIR should be
   bucket.file("gs://bucket/afile").write_text("x")
   with pytest.raises(UserError, match="MODEL_DIR gs://bucket/afile exists and is not a dir"):
-    ckpt_lib.check_run_dir("gs://bucket/afile")
+    run_dir.check_run_dir("gs://bucket/afile")
 
 
 def test_metrics_and_tensorboard_on_a_bucket(bucket, monkeypatch):
@@ -245,7 +245,7 @@ def test_train_and_decode_into_a_bucket(bucket, monkeypatch):
   rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
   assert len(_names(run / "tb")) == 1
-  assert sorted(train_bin._listdir(f"{RUN}/checkpoints")) == ["1", "2"]
+  assert run_dir.RunDir(RUN).checkpoint_steps() == [1, 2]
   assert ckpt_lib._step_problem(f"{RUN}/checkpoints/2") is None
   (run / "checkpoints" / "3").mkdir()
   assert ckpt_lib._step_problem(f"{RUN}/checkpoints/3") == "is an empty directory, not a checkpoint"

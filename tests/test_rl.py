@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.checkpoints import run_dir
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import replace
@@ -144,7 +144,7 @@ def _rl_kwargs(**kw):
 @pytest.fixture(scope="module")
 def ppo_run(sft_dir, tmp_path_factory):
   d = str(tmp_path_factory.mktemp("ppo"))
-  ckpt_lib.write_model_json(d, T5, "lm+scalar")  # as the train binary does
+  run_dir.write_model_json(d, T5, "lm+scalar")  # as the train binary does
   alg = PPO(init_checkpoint=sft_dir, num_epochs=2, num_minibatches=2, **_rl_kwargs())
   _train(d, alg, RL_STEPS, eval_every=RL_STEPS)
   return d

@@ -156,3 +156,38 @@ def test_train_binary_locks_records_and_refuses(tmp_path):
   rows = [json.loads(x) for x in (d / run_dir.CONFIG_CHANGES).read_text().splitlines()]
   assert rows[0]["step"] == 2 and rows[0]["changes"][0]["binding"] == (
       "make_optimizer.learning_rate")
+
+
+RECORDS = ("model.json", run_dir.RUN_CONFIG, run_dir.OPERATIVE_CONFIG, run_dir.CHECKPOINT_SUBDIR)
+
+
+def test_a_refused_start_leaves_model_dir_as_it_was(tmp_path):
+  """A wrong INIT_CHECKPOINT writes nothing, so the corrected command is not refused."""
+  from realign_jax import train as train_bin
+  base = tmp_path / "base"
+  assert train_bin.main(_tiny_sft_args(base, "--gin.TRAIN_STEPS=1")) == 0
+  d = tmp_path / "run"
+  init = lambda path: f"--gin.INIT_CHECKPOINT='{path}'"
+  # missing: refused before anything is built; MODEL_DIR was not there and is not now
+  with pytest.raises(UserError, match=r"INIT_CHECKPOINT .*nope does not exist"):
+    train_bin.main(_tiny_sft_args(d, "--gin.TRAIN_STEPS=1", init(tmp_path / "nope")))
+  assert not d.exists()
+  # a model of another size: named by its setting, in a MODEL_DIR that exists already
+  d.mkdir()
+  with pytest.raises(UserError, match=r"INIT_CHECKPOINT .*base holds a model of another size: "
+                                      r"d_model=16 there, 32 in this run's model config"):
+    train_bin.main(_tiny_sft_args(d, "--gin.TRAIN_STEPS=1", "--gin.T5Config.d_model=32",
+                                  init(base)))
+  assert os.listdir(d) == []
+  # a run directory without checkpoints: found when the trainer loads it, still before the start
+  empty = tmp_path / "no_checkpoints"
+  empty.mkdir()
+  (empty / "model.json").write_text((base / "model.json").read_text())
+  with pytest.raises(UserError, match=r"no checkpoint directory at .*no_checkpoints"):
+    train_bin.main(_tiny_sft_args(d, "--gin.TRAIN_STEPS=1", init(empty)))
+  assert os.listdir(d) == []
+  # the corrected command starts, and records the run
+  assert train_bin.main(_tiny_sft_args(d, "--gin.TRAIN_STEPS=1", init(base))) == 0
+  assert all((d / name).exists() for name in RECORDS)
+  assert sorted(os.listdir(d / "checkpoints")) == ["1"]
+  assert not (d / run_dir.CONFIG_CHANGES).exists()

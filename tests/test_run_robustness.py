@@ -30,6 +30,7 @@ from realign_jax import config_check
 from realign_jax import decode as decode_bin
 from realign_jax import evaluate as evaluate_bin
 from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.checkpoints import run_dir
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
@@ -65,7 +66,7 @@ def _run_dir(path, *, steps=(1,), nan=False, config=CFG):
   params = LanguageModel(config).init(jax.random.PRNGKey(0))[0]
   if nan:
     params = jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), params)
-  ckpt_lib.write_model_json(str(path), config)
+  run_dir.write_model_json(str(path), config)
   ck = ckpt_lib.Checkpointer(str(path), keep=10, async_save=False)
   for step in steps:
     ck.save(step, {"step": np.int32(step), "params": params})

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.checkpoints import run_dir
 from realign_jax.decoding import controlled, sampler
 from realign_jax.errors import UserError
 from realign_jax.models import layout
@@ -229,7 +230,7 @@ def test_sharded_scanned_gradients_equal_single_device(unrolled, grads):
 
 # ---- checkpoints ----------------------------------------------------------------
 def _write_run(model_dir, cfg, params):
-  ckpt_lib.write_model_json(str(model_dir), cfg)
+  run_dir.write_model_json(str(model_dir), cfg)
   ck = ckpt_lib.Checkpointer(str(model_dir), keep=1, async_save=False)
   ck.save(3, {"params": params})
   ck.wait()

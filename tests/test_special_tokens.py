@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.checkpoints import run_dir
 from realign_jax.checkpoints.hf import load as hf_load
 from realign_jax.data import chat
 from realign_jax.data import pipeline
@@ -83,7 +84,7 @@ def test_sampler_and_policy_logprobs_with_llama_ids():
 
 def test_model_json_records_the_ids(tmp_path):
   config = DecoderConfig(vocab_size=16, tokens=LLAMA_IDS)
-  ckpt_lib.write_model_json(str(tmp_path), config)
+  run_dir.write_model_json(str(tmp_path), config)
   doc = json.loads((tmp_path / "model.json").read_text())
   assert doc["special_tokens"] == {"pad_id": 0, "eos_id": 2, "bos_id": 1}
   assert "tokens" not in doc["config"]

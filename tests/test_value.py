@@ -191,6 +191,7 @@ def test_value_vocab_mismatch_and_nan_reward(mdp, tmp_path):
     (value.CDQValue, DUELING_Q, ("logits_dense", "scalar_head"))])
 def test_value_init_checkpoint(tmp_path, cls, head, head_keys):
   from realign_jax.checkpoints import manager as ckpt_lib
+  from realign_jax.checkpoints import run_dir
   from realign_jax.models.api import LanguageModel
   from realign_jax.models.config import replace
   from realign_jax.parallel import partitioning
@@ -199,7 +200,7 @@ def test_value_init_checkpoint(tmp_path, cls, head, head_keys):
   cfg = replace(TINY_BUILTIN["t5"], dropout_rate=0.0)
   run = tmp_path / "sft"
   sft = jax.jit(lambda r: LanguageModel(cfg).init(r)[0])(jax.random.PRNGKey(7))
-  ckpt_lib.write_model_json(str(run), cfg, "lm")
+  run_dir.write_model_json(str(run), cfg, "lm")
   ck = ckpt_lib.Checkpointer(str(run), keep=1, async_save=False)
   ck.save(1, {"step": np.int32(1), "params": sft})
   ck.close()

@@ -1,8 +1,9 @@
 """The one checkpoint path: orbax CheckpointManager under `MODEL_DIR/checkpoints`.
 
-A run directory also holds `model.json` (the family, config and parameter
-layout, unrolled or scanned, of the model its checkpoints belong to), so the decoder and later stages can rebuild the
-model from the directory alone and refuse mismatching ones before compute.
+Saving (`Checkpointer`, which the trainer drives) and loading (`load_params`,
+for every later use of a run's params). The rest of a run directory, its lock,
+`model.json` and configs, is `run_dir.RunDir`'s; `load_params` reads the
+layout a checkpoint was saved in from its model.json.
 
 Orbax writes each step to a temporary directory and renames it when complete,
 so a run killed mid-save leaves the previous checkpoint as the latest.
@@ -19,7 +20,6 @@ through `realign_jax.paths`.
 """
 
 import contextlib
-import dataclasses
 import gc
 import json
 import logging
@@ -35,24 +35,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from realign_jax import paths
+from realign_jax.checkpoints.hf import files as hf_files
+from realign_jax.checkpoints.run_dir import CHECKPOINT_SUBDIR, MODEL_JSON, read_model_json
 from realign_jax.errors import UserError
 from realign_jax.models import layout as layout_lib
-from realign_jax.models.config import DecoderConfig, ModelConfig, SpecialTokens, T5Config
 
-CHECKPOINT_SUBDIR = "checkpoints"
 BROKEN_SUBDIR = "broken_checkpoints"
-MODEL_JSON = "model.json"
 # orbax's item directory inside a step (one unnamed item) and its tree metadata
 _ITEM_DIR = "default"
 _TREE_METADATA = "_METADATA"
-
-
-def check_run_dir(model_dir: str) -> None:
-  """Refuses a MODEL_DIR (or its checkpoint directory) that exists but is not a directory."""
-  for path, what in ((model_dir, "MODEL_DIR"),
-                     (os.path.join(model_dir, CHECKPOINT_SUBDIR), "the checkpoint directory")):
-    if paths.exists(path) and not paths.isdir(path):
-      raise UserError(f"{what} {path} exists and is not a directory")
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -63,52 +54,6 @@ def atomic_write_text(path: str, text: str) -> None:
 def atomic_write_jsonl(path: str, rows) -> None:
   """One JSON object per line, written atomically (see `atomic_write_text`)."""
   atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-# ---- model description ------------------------------------------------------
-def write_model_json(model_dir: str, config: ModelConfig, output_head: str = "lm",
-                     vocab: Optional[dict] = None) -> None:
-  """`vocab`: the vocabulary's identity (`run_dir.vocabulary_identity`), when known."""
-  paths.makedirs(model_dir)
-  fields = dataclasses.asdict(config)
-  # NOTE: the special token ids sit next to the config: they belong to the
-  # model/tokenizer pair, not to the architecture.
-  special = fields.pop("tokens")
-  doc = {"family": config.family, "output_head": output_head,
-         "layout": layout_lib.layout(config), "config": fields, "special_tokens": special}
-  if vocab is not None:
-    doc["vocab"] = vocab
-  atomic_write_text(os.path.join(model_dir, MODEL_JSON), json.dumps(doc, indent=2))
-
-
-def read_model_json(model_dir: str) -> tuple[ModelConfig, str]:
-  """(config, output_head) of a run directory, or of a Hugging Face directory ("lm")."""
-  from realign_jax.checkpoints import hf_import  # NOTE: lazy (it imports this module's users)
-  if hf_import.is_hf_dir(model_dir):
-    return hf_import.hf_model_config(model_dir), "lm"
-  path = os.path.join(model_dir, MODEL_JSON)
-  if not paths.exists(path):
-    raise UserError(f"{path} not found: not a run directory written by realign_jax.train")
-  try:
-    with paths.open(path) as f:
-      doc = json.load(f)
-    cls = {"t5": T5Config, "decoder": DecoderConfig}[doc["family"]]
-    fields = dict(doc["config"])
-    # NOTE: written before layouts existed: unrolled.
-    layout = doc.get("layout", "scanned" if fields.get("scan_layers") else "unrolled")
-    if layout not in layout_lib.LAYOUTS:
-      raise ValueError(f"layout {layout!r} is not one of {', '.join(layout_lib.LAYOUTS)}")
-    fields["scan_layers"] = layout == "scanned"
-    # NOTE: written before the ids were recorded: T5's (the only ids then supported).
-    special = doc.get("special_tokens", fields.pop("tokens", None)) or {}
-    fields.pop("tokens", None)
-    if not isinstance(special, dict):
-      raise ValueError(f"special_tokens must be an object, got {special!r}")
-    return cls(**fields, tokens=SpecialTokens(**special)), doc.get("output_head", "lm")
-  except UserError as e:
-    raise UserError(f"{path}: {e}") from None
-  except (KeyError, TypeError, ValueError) as e:
-    raise UserError(f"{path} is malformed: {e}") from e
 
 
 # ---- shape checks -----------------------------------------------------------
@@ -331,14 +276,18 @@ def _quiet_orbax() -> None:
 
 # ---- manager ----------------------------------------------------------------
 class Checkpointer:
-  """Save every N steps and at the end, keep K, restore the latest."""
+  """Save every N steps and at the end, keep K, restore the latest.
+
+  `model_dir` is a run directory (`run_dir.RunDir` checks it); `checkpoints/`
+  in it is made by `RunDir.start`, or by the first save.
+  """
 
   def __init__(self, model_dir: str, *, keep: int = 3, async_save: bool = True):
-    check_run_dir(model_dir)
     _quiet_orbax()
     self.model_dir = paths.abspath(model_dir)
     self.directory = os.path.join(self.model_dir, CHECKPOINT_SUBDIR)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    # NOTE: create=False: nothing is written into MODEL_DIR before the run starts.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False,
                                            enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
@@ -493,9 +442,9 @@ def load_params(model_dir: str, abstract_params: Any, *, step: Optional[int] = N
     abstract_params: tree of jax.ShapeDtypeStruct (with shardings) to restore into.
     step: which step; None = latest.
   """
-  from realign_jax.checkpoints import hf_import  # NOTE: lazy, as in read_model_json
-  if hf_import.is_hf_dir(model_dir):
-    return hf_import.hf_params(model_dir, abstract_params)
+  if hf_files.is_hf_dir(model_dir):
+    from realign_jax.checkpoints.hf import load as hf_load  # NOTE: lazy: the tensor maps
+    return hf_load.hf_params(model_dir, abstract_params)
   ckpt_dir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
   if not paths.isdir(ckpt_dir):
     raise UserError(f"no checkpoint directory at {ckpt_dir}")

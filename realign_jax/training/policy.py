@@ -17,14 +17,13 @@ inside a response is an ordinary token, scored like any other.
 """
 
 import dataclasses
-import os
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
-from realign_jax import paths
 from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.checkpoints import run_dir
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
@@ -156,16 +155,7 @@ def check_init_checkpoint(init_checkpoint: str, config: Optional[ModelConfig] = 
   Raises UserError if the directory or its model.json is missing, or if it
   holds another architecture than `config`.
   """
-  if not init_checkpoint:
-    raise UserError(f"{what} is empty")
-  if not paths.isdir(init_checkpoint):  # NOTE: a gs:// run directory too
-    raise UserError(f"{what} {init_checkpoint} does not exist")
-  from realign_jax.checkpoints import hf_import  # NOTE: lazy, as the binaries import it
-  if (not paths.exists(os.path.join(init_checkpoint, ckpt_lib.MODEL_JSON)) and
-      not hf_import.is_hf_dir(init_checkpoint)):
-    raise UserError(f"{what} {init_checkpoint} has no {ckpt_lib.MODEL_JSON}: not a run "
-                    "directory written by realign_jax.train (nor a Hugging Face directory)")
-  found, head = ckpt_lib.read_model_json(init_checkpoint)
+  found, head = run_dir.read_run_model(init_checkpoint, what)
   if config is not None:
     if found.family != config.family:
       raise UserError(f"{what} {init_checkpoint} holds a {found.family} model but this run's "

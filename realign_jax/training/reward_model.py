@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.checkpoints.run_dir import RunRecord
 from realign_jax.data import pipeline
 from realign_jax.data import preferences
 from realign_jax.data import vocab as vocab_lib
@@ -156,6 +157,10 @@ class PreferenceAlgorithm(Algorithm):
       policy_lib.check_init_checkpoint(self.init_checkpoint, self.model.config)
     _ = self.vocab
     self.split_arrays("train")  # read and validate the training data before any compute
+
+  def run_record(self) -> RunRecord:
+    return RunRecord(model=self.model, vocab_path=self.vocab_path,
+                     init_checkpoint=self.init_checkpoint, batch_size=self.batch_size)
 
   # ---- data -----------------------------------------------------------------
   def _rows(self, split: str) -> list:

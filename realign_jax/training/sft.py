@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.checkpoints.run_dir import RunRecord
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
 from realign_jax.models.api import LanguageModel
@@ -73,6 +74,10 @@ class SFT(Algorithm):
     _ = self.vocab
     if self.batch_size % jax.process_count():
       raise UserError(f"batch_size {self.batch_size} not divisible by {jax.process_count()} hosts")
+
+  def run_record(self) -> RunRecord:
+    return RunRecord(model=self.model, vocab_path=self.vocab_path,
+                     init_checkpoint=self.init_checkpoint, batch_size=self.batch_size)
 
   def init(self, rng):
     return self.model.init(rng)

@@ -17,7 +17,7 @@ import logging
 import math
 import signal
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -26,8 +26,8 @@ import numpy as np
 import optax
 
 from realign_jax import config_check
-from realign_jax import paths
 from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.checkpoints import run_dir
 from realign_jax.errors import UserError
 from realign_jax.models import api as model_api
 from realign_jax.parallel import multihost
@@ -123,6 +123,14 @@ class Algorithm(abc.ABC):
     """
     del params, step, aux
     return {}, []
+
+  def run_record(self) -> run_dir.RunRecord:
+    """What the run directory records of this algorithm and checks before the start:
+    its model, vocabulary, INIT_CHECKPOINT and batch size (`run_dir.RunRecord`).
+
+    Default: nothing (no model.json).
+    """
+    return run_dir.RunRecord()
 
   def num_tokens(self, batch: Batch) -> int:
     return int(sum(np.sum(np.asarray(v) != 0) for k, v in batch.items()
@@ -220,11 +228,16 @@ def _health_problem(health: dict) -> Optional[str]:
   return None
 
 
-def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
-          optimizer: optax.GradientTransformation, mesh=None, rules=None,
+def train(*, algorithm: Algorithm, model_dir: Union[str, run_dir.RunDir],
+          train_steps: int, optimizer: optax.GradientTransformation, mesh=None, rules=None,
           config: TrainerConfig = TrainerConfig(),
           learning_rate_fn=None) -> dict:
   """Runs `train_steps` steps in total, resuming from MODEL_DIR's latest checkpoint.
+
+  `model_dir`: a path, or the train binary's checked `run_dir.RunDir`. Nothing
+  is written there until the run is sure to start: the algorithm is set up,
+  the state built (resumed, or INIT_CHECKPOINT loaded) and the first batch
+  drawn; then `RunDir.start` records the run and makes `checkpoints/`.
 
   Returns the last logged train metrics and eval metrics, the step reached,
   "evals" (every eval row of the run, resumed ones included) and "converged"
@@ -240,8 +253,8 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
   config_check.check_config(config)
   mesh = mesh or partitioning.create_mesh()
   rules = rules or partitioning.logical_axis_rules()
-  ckpt_lib.check_run_dir(model_dir)
-  paths.makedirs(model_dir)  # NOTE: a gs:// MODEL_DIR too
+  run = model_dir if isinstance(model_dir, run_dir.RunDir) else run_dir.RunDir(model_dir)
+  model_dir = run.path
   ckpt = ckpt_lib.Checkpointer(model_dir, keep=config.keep_checkpoints,
                                async_save=config.async_checkpoint)
   base_rng = jax.random.PRNGKey(config.seed)
@@ -350,11 +363,15 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
     frozen = algorithm.frozen()
     step_jit = jax.jit(train_step, in_shardings=(state_sh, batch_sh, None, None),
                        out_shardings=(state_sh, None, None), donate_argnums=(0,))
+    batches = algorithm.batches(start)
+    # NOTE: drawn before the run is recorded, so that an error in the inputs (a
+    # missing data directory) leaves MODEL_DIR as it was, like every error above.
+    first_batch = next(batches) if start < train_steps else None
+    run.start()
 
     primary = jax.process_index() == 0
     writer = MetricsWriter(model_dir, resume_step=start if start else None, enabled=primary)
     last_train, last_eval = {}, {}
-    batches = algorithm.batches(start)
     bar = None
     step_fn = None
     last_saved = start if start else None
@@ -379,7 +396,8 @@ def train(*, algorithm: Algorithm, model_dir: str, train_steps: int,
       tokens, t0 = 0, time.perf_counter()
       with _SigtermFlag() as sigterm:
         while step < train_steps and not stopped:
-          host_batch = next(batches)
+          host_batch = next(batches) if first_batch is None else first_batch
+          first_batch = None
           if bar is None and config.progress and primary:
             # NOTE: drawn once the data has produced a batch, so an error in
             # the inputs (a missing data directory) is the only line shown.

@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from realign_jax import config_check
+from realign_jax.checkpoints.run_dir import RunRecord
 from realign_jax.data import pipeline
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
@@ -214,6 +215,10 @@ class ValueAlgorithm(Algorithm):
     if self.reward is not None:
       self.reward.setup(mesh, rules)
     self._frozen = None
+
+  def run_record(self) -> RunRecord:
+    return RunRecord(model=self.model, vocab_path=self.vocab_path,
+                     init_checkpoint=self.init_checkpoint, batch_size=self.batch_size)
 
   def init(self, rng):
     return self.model.init(rng)
