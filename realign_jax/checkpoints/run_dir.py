@@ -278,7 +278,8 @@ class RunLock:
           owner = self._owner()
         if owner is None or (owner.get("host") == me["host"] and
                              not _pid_alive(int(owner.get("pid", -1)))):
-          what = "unreadable" if owner is None else f"left by pid {owner.get('pid')}, which has exited"
+          what = ("unreadable" if owner is None
+                  else f"left by pid {owner.get('pid')}, which has exited")
           logging.warning("taking over the stale lock %s (%s)", self.path, what)
           try:
             os.unlink(self.path)
