@@ -26,6 +26,27 @@ passes, then `num_epochs x num_minibatches` (2 x 2) updates, with the length
 reward. DPO: the reference's and the policy's passes over chosen and rejected
 responses (each `target_length` long) of the same prompts.
 
+DeRa (`--algorithm dera`): one DeRa decode of a pair of models of `--size`
+(the reference and the aligned one, lambda 0.5 per row): both prompts'
+prefill over `input_length` tokens, then the one sampler's loop of
+`target_length` new tokens over the mixed logits, jitted whole with the params
+placed by the logical axis rules. `compile_s` and the memory figures are those
+of that program; a run also times it (`step_s` per decode, new tokens/s).
+
+Memory against the device (bad input, before anything is allocated): where the
+backend reports its capacity (`bytes_limit`; GPUs and TPUs, not the CPU) or
+`--device_memory_gib` gives it, a run first compiles the step on abstract
+params (as `--compile_only` does) and stops with one line, exit 2, when its
+per-device requirement (`memory_per_device_net_bytes`: arguments, outputs and
+temporaries, less the donated state updated in place) exceeds the capacity.
+With `--compile_only` the comparison is recorded (`fits`) and nothing stops.
+A persistent compilation cache (`JAX_COMPILATION_CACHE_DIR`) makes the second
+compilation of the same step a cache read. A batch the mesh cannot split is
+refused the same way.
+
+The compiled step's own cost analysis is recorded too (`compiled_tflops`,
+`compiled_gb_accessed`: XLA's count, every op included, per device).
+
 Model FLOPs: with F = encoder params x input tokens + decoder params x target
 tokens (T5, embedding and output matrices counted with the decoder; a
 decoder-only model counts all params over input + target tokens), the usual
@@ -70,6 +91,23 @@ class CompiledOnly(Exception):
   """Raised in place of the first step under --compile_only."""
 
 
+def compiled_figures(compiled) -> tuple:
+  """(memory analysis in bytes per device, cost analysis) of a compiled program."""
+  m = compiled.memory_analysis()
+  memory = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in
+            ("argument", "output", "temp", "alias", "generated_code")}
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
+  return memory, {"compiled_tflops": float(cost.get("flops", 0.0)) / 1e12,
+                  "compiled_gb_accessed": float(cost.get("bytes accessed", 0.0)) / 1e9}
+
+
+def memory_figures(mem: dict) -> dict:
+  total = mem["argument"] + mem["output"] + mem["temp"]
+  return {"memory_per_device_bytes": total,
+          "memory_per_device_net_bytes": total - mem["alias"], "memory_bytes": mem}
+
+
 class StepCompiler:
   """Compiles the trainer's step ahead of time, timed on its own.
 
@@ -86,6 +124,7 @@ class StepCompiler:
     self.compile_s = None
     self.compile_cpu_s = None  # CPU seconds of all the process's threads (robust to load)
     self.memory = None
+    self.cost = None
     self._real_jit = jax.jit
 
   def __enter__(self):
@@ -116,9 +155,7 @@ class StepCompiler:
         c = real.lower(*args).compile()
         self.compile_s = time.perf_counter() - t0
         self.compile_cpu_s = time.process_time() - c0
-        m = c.memory_analysis()
-        self.memory = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in
-                       ("argument", "output", "temp", "alias", "generated_code")}
+        self.memory, self.cost = compiled_figures(c)
         compiled.append(c)
         if self.compile_only:
           raise CompiledOnly()
@@ -233,9 +270,10 @@ def _bool(text):
   raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def main():
+
+def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--algorithm", default="sft", choices=["sft", "ppo", "dpo"])
+  p.add_argument("--algorithm", default="sft", choices=["sft", "ppo", "dpo", "dera"])
   p.add_argument("--size", default="t5_tiny")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--batch", type=int, default=8)
@@ -253,43 +291,47 @@ def main():
   p.add_argument("--attention_impl", default=None, help="einsum|dot_product")
   p.add_argument("--mesh_data", type=int, default=-1)
   p.add_argument("--mesh_model", type=int, default=1)
+  p.add_argument("--device_memory_gib", type=float, default=None,
+                 help="the device's capacity; default: what the backend reports (none on CPU)")
   p.add_argument("--json", action="store_true")
-  a = p.parse_args()
+  return p.parse_args(argv)
 
-  try:
-    overrides = {"dtype": a.dtype}
-    for key in ("scan_layers", "remat_policy", "attention_impl"):
-      if getattr(a, key) is not None:
-        overrides[key] = getattr(a, key)
-    cfg = sizes.load(a.size, **overrides)
-    mesh = partitioning.create_mesh(a.mesh_data, a.mesh_model)
-    mb = a.batch // 2 if a.algorithm == "ppo" else a.batch
-    partitioning.check_batch_divides(a.batch, mesh, "--batch")
-    partitioning.check_batch_divides(mb, mesh, "the PPO minibatch (--batch / 2)")
-  except UserError as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-    return 2
-  model = LanguageModel(cfg)
+
+def _algorithm(a, model, abstract):
   common = dict(model=model, batch_size=a.batch, input_length=a.input_length,
-                abstract=a.compile_only)
+                abstract=abstract)
   if a.algorithm == "sft":
-    alg = RandomSFT(target_length=a.target_length, num_eval_samples=0, **common)
-  elif a.algorithm == "dpo":
-    alg = RandomDPO(target_length=a.target_length, **common)
-  else:
-    alg = RandomPPO(reward=LengthReward(min_length=4, max_length=16),
-                    max_new_tokens=a.target_length, num_epochs=2, num_minibatches=2, **common)
+    return RandomSFT(target_length=a.target_length, num_eval_samples=0, **common)
+  if a.algorithm == "dpo":
+    return RandomDPO(target_length=a.target_length, **common)
+  return RandomPPO(reward=LengthReward(min_length=4, max_length=16),
+                   max_new_tokens=a.target_length, num_epochs=2, num_minibatches=2, **common)
+
+
+def _timing_figures(timings, flops, tokens) -> dict:
+  dev = jax.devices()[0]
+  peak = next((v for k, v in PEAK_FLOPS.items() if k in dev.device_kind), None)
+  step_s = float(statistics.median(timings))
+  stats = dev.memory_stats() or {}
+  return {"steps_timed": len(timings), "step_s": step_s, "step_s_min": float(np.min(timings)),
+          "tokens_per_s": tokens / step_s,
+          "mfu": (flops / step_s / (peak * jax.device_count())) if peak else None,
+          "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30 if stats else None}
+
+
+def train_figures(a, cfg, mesh, rules, compile_only: bool) -> dict:
+  """Compiles (and unless `compile_only` runs) the trainer's step: its figures."""
+  model = LanguageModel(cfg)
+  alg = _algorithm(a, model, compile_only)
   opt = optim.make_optimizer(name=a.optimizer, learning_rate=1e-4)
-  steps = 1 if a.compile_only else a.steps
   result = None
-  with tempfile.TemporaryDirectory() as d, StepCompiler(a.compile_only) as comp:
+  with tempfile.TemporaryDirectory() as d, StepCompiler(compile_only) as comp:
     cfg_t = trainer.TrainerConfig(checkpoint_every=10**9, eval_every=0, log_every=1,
                                   progress=False, async_checkpoint=False)
     t0 = time.perf_counter()
     try:
-      result = trainer.train(algorithm=alg, model_dir=d, train_steps=steps, optimizer=opt,
-                             mesh=mesh, rules=partitioning.logical_axis_rules(a.fsdp),
-                             config=cfg_t)
+      result = trainer.train(algorithm=alg, model_dir=d, train_steps=1 if compile_only
+                             else a.steps, optimizer=opt, mesh=mesh, rules=rules, config=cfg_t)
     except CompiledOnly:
       pass
     wall = time.perf_counter() - t0
@@ -297,36 +339,125 @@ def main():
   enc, dec = _split_params(model, abstract_params)
   flops = model_flops(a.algorithm, model.family, enc, dec, a.batch, a.input_length,
                       a.target_length)
-  dev = jax.devices()[0]
-  kind = dev.device_kind
-  peak = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
-  mem = comp.memory
-  out = {
-      "algorithm": a.algorithm, "device": f"{dev.platform}:{kind}",
-      "num_devices": jax.device_count(), "mesh": dict(mesh.shape), "fsdp": a.fsdp,
-      "size": a.size, "dtype": a.dtype, "scan_layers": cfg.scan_layers,
-      "remat_policy": cfg.remat_policy, "attention_impl": cfg.attention_impl,
-      "params": enc + dec, "batch": a.batch, "input_length": a.input_length,
-      "target_length": a.target_length, "optimizer": a.optimizer,
-      "compile_s": comp.compile_s, "compile_cpu_s": comp.compile_cpu_s,
-      "memory_per_device_bytes": mem["argument"] + mem["output"] + mem["temp"],
-      "memory_per_device_net_bytes": mem["argument"] + mem["output"] + mem["temp"]
-                                     - mem["alias"],
-      "memory_bytes": mem, "model_tflops_per_step": flops / 1e12,
-  }
-  if not a.compile_only:
-    steps_t = np.diff(alg.timings)[1:]  # drop the first step (compilation)
-    step_s = float(statistics.median(steps_t))
+  out = {"params": enc + dec, "optimizer": a.optimizer, "compile_s": comp.compile_s,
+         "compile_cpu_s": comp.compile_cpu_s, **memory_figures(comp.memory), **comp.cost,
+         "model_tflops_per_step": flops / 1e12}
+  if not compile_only:
     tokens = a.batch * (a.input_length + a.target_length * (2 if a.algorithm == "dpo" else 1))
-    stats = dev.memory_stats() or {}
-    out.update({
-        "steps_timed": len(steps_t), "step_s": step_s, "step_s_min": float(np.min(steps_t)),
-        "tokens_per_s": tokens / step_s,
-        "mfu": (flops / step_s / (peak * jax.device_count())) if peak else None,
-        "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30 if stats else None,
-        "final_loss": result["train"].get("loss"),
-    })
+    out.update(_timing_figures(np.diff(alg.timings)[1:], flops, tokens))  # compile excluded
+    out["final_loss"] = result["train"].get("loss")
   out["wall_s"] = wall
+  return out
+
+
+def dera_figures(a, cfg, mesh, rules, compile_only: bool) -> dict:
+  """Compiles (and unless `compile_only` runs) one DeRa decode of a pair of `cfg` models."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from realign_jax.decoding import dera, sampler
+  from realign_jax.parallel.abstract import sharded_abstract
+  lm = LanguageModel(cfg)
+  config = sampler.with_tokens(sampler.SamplingConfig(max_new_tokens=a.target_length),
+                               sampler.tokens_of(lm))
+  eos = config.eos
+
+  def decode(ref_params, aligned_params, inputs, rng):
+    comps = [dera.Component(lm, ref_params), dera.Component(lm, aligned_params)]
+    step = dera.mixed_step(comps, dera.dera_weights(jnp.full((inputs.shape[0],), 0.5)))
+
+    def no_eos(tokens, cache):  # NOTE: every decode runs all target_length steps
+      out, cache = step(tokens, cache)
+      return out._replace(logits=out.logits.at[:, eos].set(-jnp.inf)), cache
+    return sampler.sample_loop(no_eos, dera.prefill(comps, inputs, a.target_length),
+                               jnp.zeros((inputs.shape[0],), jnp.int32), rng, config,
+                               reference_index=dera.REF, with_components=True)
+
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract = sharded_abstract(lm, mesh, rules)
+    param_sh = jax.tree_util.tree_map(lambda s: s.sharding, abstract)
+    in_sh = partitioning.batch_sharding(mesh)
+    fn = jax.jit(decode, in_shardings=(param_sh, param_sh, in_sh, None))
+    inputs = jax.ShapeDtypeStruct((a.batch, a.input_length), jnp.int32, sharding=in_sh)
+    rng = jax.random.PRNGKey(0)
+    c0, t1 = time.process_time(), time.perf_counter()
+    compiled = fn.lower(abstract, abstract, inputs, rng).compile()
+    compile_s, compile_cpu_s = time.perf_counter() - t1, time.process_time() - c0
+    memory, cost = compiled_figures(compiled)
+    n = count_params(abstract)
+    # Two models, each a forward pass over the prompt and the new tokens (see model_flops).
+    enc, dec = _split_params(lm, abstract)
+    flops = 2 * 2.0 * a.batch * (enc * a.input_length + dec * a.target_length
+                                 if lm.family == "t5" else dec * (a.input_length + a.target_length))
+    out = {"params": n, "models": 2, "lambda": 0.5, "compile_s": compile_s,
+           "compile_cpu_s": compile_cpu_s, **memory_figures(memory), **cost,
+           "model_tflops_per_step": flops / 1e12}
+    if not compile_only:
+      ref = reward_model.init_params_sharded(lm, mesh, rules, 0)
+      aligned = reward_model.init_params_sharded(lm, mesh, rules, 1)
+      ids = np.random.default_rng(0).integers(2, lm.vocab_size, (a.batch, a.input_length),
+                                              dtype=np.int32)
+      ids = jax.device_put(ids, in_sh)
+      times = []
+      for _ in range(max(a.steps, 2)):
+        t2 = time.perf_counter()
+        jax.block_until_ready(compiled(ref, aligned, ids, rng))
+        times.append(time.perf_counter() - t2)
+      out.update(_timing_figures(times[1:], flops, a.batch * a.target_length))
+  out["wall_s"] = time.perf_counter() - t0
+  return out
+
+
+def _capacity(a) -> int:
+  """The device's memory in bytes: --device_memory_gib, else the backend's figure, else 0."""
+  if a.device_memory_gib is not None:
+    return int(a.device_memory_gib * 2**30)
+  return int((jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0))
+
+
+def main(argv=None):
+  a = parse_args(argv)
+  try:
+    overrides = {"dtype": a.dtype}
+    for key in ("scan_layers", "remat_policy", "attention_impl"):
+      if getattr(a, key) is not None:
+        overrides[key] = getattr(a, key)
+    cfg = sizes.load(a.size, **overrides)
+    mesh = partitioning.create_mesh(a.mesh_data, a.mesh_model)
+    partitioning.check_batch_divides(a.batch, mesh, "--batch")
+    if a.algorithm == "ppo":
+      partitioning.check_batch_divides(a.batch // 2, mesh, "the PPO minibatch (--batch / 2)")
+    rules = partitioning.logical_axis_rules(a.fsdp)
+    partitioning.check_params_divide(*LanguageModel(cfg).abstract_init(), mesh, rules, a.size)
+  except UserError as e:
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    return 2
+  bench = dera_figures if a.algorithm == "dera" else train_figures
+  capacity = _capacity(a)
+  preflight = None
+  if capacity and not a.compile_only:
+    # NOTE: compiled on abstract params first, so a size that cannot fit stops
+    # before anything is allocated; the run's own compile then reads the cache.
+    preflight = bench(a, cfg, mesh, rules, compile_only=True)
+    need = preflight["memory_per_device_net_bytes"]
+    if need > capacity:
+      print(f"error: the {a.algorithm} step of {a.size} (batch {a.batch}, {a.input_length}/"
+            f"{a.target_length} tokens) needs {need / 2**30:.3g} GiB per device, the device has "
+            f"{capacity / 2**30:.3g} GiB; use a smaller --batch, --remat_policy=full, --fsdp or "
+            f"more devices", file=sys.stderr)
+      return 2
+  dev = jax.devices()[0]
+  out = {"algorithm": a.algorithm, "device": f"{dev.platform}:{dev.device_kind}",
+         "num_devices": jax.device_count(), "mesh": dict(mesh.shape), "fsdp": a.fsdp,
+         "size": a.size, "dtype": a.dtype, "scan_layers": cfg.scan_layers,
+         "remat_policy": cfg.remat_policy, "attention_impl": cfg.attention_impl,
+         "batch": a.batch, "input_length": a.input_length, "target_length": a.target_length}
+  out.update(bench(a, cfg, mesh, rules, compile_only=a.compile_only))
+  if preflight:  # the first compilation's time (the run's may have read the cache)
+    out["preflight_compile_s"] = preflight["compile_s"]
+  if capacity:
+    out["device_memory_bytes"] = capacity
+    out["fits"] = out["memory_per_device_net_bytes"] <= capacity
   print(json.dumps(out) if a.json else json.dumps(out, indent=2))
   return 0
 

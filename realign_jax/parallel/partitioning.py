@@ -97,3 +97,27 @@ def shard_batch(batch, mesh: Mesh):
   """Places a host batch (dict of numpy arrays) on the mesh, split over `data`."""
   sharding = batch_sharding(mesh)
   return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), batch)
+
+
+def check_params_divide(abstract_params, axes, mesh: Mesh, rules,
+                        what: str = "the model") -> None:
+  """One-line UserError naming the first parameter dimension the mesh cannot split evenly.
+
+  abstract_params: the params (anything with `.shape`); axes: their logical
+  PartitionSpecs (e.g. a mesh `model` axis of 8 over a model with 2 kv heads).
+  """
+  from realign_jax.errors import UserError
+  shardings = logical_to_mesh_sharding(axes, mesh, rules)
+  flat_axes = jax.tree_util.tree_structure(abstract_params).flatten_up_to(axes)
+  for (path, x), names, sh in zip(jax.tree_util.tree_leaves_with_path(abstract_params),
+                                  flat_axes, jax.tree_util.tree_leaves(shardings)):
+    for dim, part in enumerate(tuple(sh.spec)[:len(x.shape)]):
+      mesh_axes = part if isinstance(part, tuple) else (part,)
+      n = int(np.prod([mesh.shape[a] for a in mesh_axes if a]))
+      if x.shape[dim] % n:
+        name = names[dim] if dim < len(names) else None
+        raise UserError(
+            f"{what}'s parameter {jax.tree_util.keystr(path)} has {x.shape[dim]} along its "
+            f"'{name}' axis, which the mesh's {'x'.join(a for a in mesh_axes if a)} axis "
+            f"({n} devices) cannot split evenly; use a mesh axis size that divides "
+            f"{x.shape[dim]}")
