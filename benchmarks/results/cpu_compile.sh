@@ -24,7 +24,8 @@ run() {  # NAME ARGS...
       2>"$err" | tail -1)
   rc=$?
   if [ $rc -eq 0 ]; then  # the figures, with the command that made them
-    python -c 'import json, sys; print(json.dumps(dict(json.loads(sys.argv[1]), command=sys.argv[2])))' \
+    python -c 'import json, sys
+print(json.dumps(dict(json.loads(sys.argv[1]), command=sys.argv[2])))' \
         "$line" "bash benchmarks/results/cpu_compile.sh $name  # train_step.py $*" \
         > "$out/$name.json"
   elif [ $rc -eq 2 ]; then  # refused (bad input): its one line
