@@ -32,6 +32,65 @@ def pytest_configure(config):
   assert len(jax.devices()) == 8, "tests expect 8 simulated CPU devices"
 
 
+def run_temp_root(tmp_path_factory):
+  """The temporary directory of this test run that every pytest-xdist worker shares.
+
+  NOTE: under xdist each worker's basetemp is <run>/popen-gwN; without xdist
+  the parent is shared by every pytest run of this user, so stay in basetemp.
+  """
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+# ---- one compilation cache for the whole test run -----------------------------------
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """JAX's persistent compilation cache in the run's shared directory, for this
+  process and (through the environment) every subprocess of the run.
+
+  NOTE: compiling dominates the suite: the same tiny programs (an SFT step, the
+  sampler) are compiled again by each trainer.train call (fresh jitted
+  closures), each test module, each pytest-xdist worker and each binary run
+  in a subprocess. Measured on tests/test_run_robustness.py's in-process tests:
+  87 CPU-s without the cache, 48 with it. Set before any test compiles
+  (session scope, autouse); the settings are tests.helpers.compilation_cache_env.
+  """
+  from tests.helpers import compilation_cache_env
+  directory = run_temp_root(tmp_path_factory) / "jax_cache"
+  directory.mkdir(exist_ok=True)
+  env = compilation_cache_env(directory)
+  os.environ.update(env)  # NOTE: the binaries run by the tests inherit it
+  jax.config.update("jax_compilation_cache_dir", env["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+  jax.config.update("jax_compilation_cache_max_size",
+                    int(env["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+  return str(directory)
+
+
+def _once_per_run(tmp_path_factory, name: str, make) -> str:
+  """`make(path)` run once per test run into <run>/name; returns the path.
+
+  Under pytest-xdist (session fixtures are per worker) the first worker to ask
+  makes it while holding a file lock; the others wait on the lock and reuse
+  it. A `make` that raises leaves nothing marked done: the next one tries again.
+  """
+  import fcntl
+  import shutil
+  root = run_temp_root(tmp_path_factory)
+  path, done = root / name, root / f"{name}.done"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not done.exists():
+        shutil.rmtree(path, ignore_errors=True)  # a failed attempt's leftovers
+        make(path)
+        done.write_text("ok\n")
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return str(path)
+
+
 # ---- a tiny SFT start shared by the tests that align from one ----------------------
 # NOTE: the RL (PPO, PG) and DPO tests start from this run; its thresholds were
 # measured against it (see those tests). Changing these settings means re-measuring.
@@ -63,26 +122,40 @@ def _train_tiny_sft(model_dir: str) -> None:
 def tiny_sft_dir(tmp_path_factory):
   """A run directory of TINY_BUILTIN["t5"] trained by SFT on the built-in corpus.
 
-  Trained once per test run: under pytest-xdist (session fixtures are per
-  worker) the first worker to ask trains it into the run's shared temporary
-  directory while holding a file lock; the others wait on the lock and reuse
-  it. Treat it as read-only (start other runs from it; do not train in it).
+  Trained once per test run (in process, see `_once_per_run`), in the run's
+  shared temporary directory. Treat it as read-only (start other runs from it;
+  do not train in it).
   """
-  import fcntl
-  import shutil
-  base = tmp_path_factory.getbasetemp()
-  # NOTE: under xdist each worker's basetemp is <run>/popen-gwN; without xdist
-  # the parent is shared by every pytest run of this user, so stay in basetemp.
-  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-  model_dir = root / "shared_tiny_sft"
-  done = root / "shared_tiny_sft.done"
-  with open(root / "shared_tiny_sft.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      if not done.exists():
-        shutil.rmtree(model_dir, ignore_errors=True)  # a failed attempt's leftovers
-        _train_tiny_sft(str(model_dir))
-        done.write_text("ok\n")
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
-  return str(model_dir)
+  return _once_per_run(tmp_path_factory, "shared_tiny_sft", lambda p: _train_tiny_sft(str(p)))
+
+
+# ---- the train binary's uninterrupted run, shared ---------------------------------------
+class TrainRun:
+  """A finished run of the train binary: its directory and what it printed."""
+
+  def __init__(self, model_dir: str):
+    self.model_dir = model_dir
+    with open(f"{model_dir}.out") as f:
+      self.stdout = f.read()
+    with open(f"{model_dir}.err") as f:
+      self.stderr = f.read()
+
+
+def _run_train_binary(model_dir) -> None:
+  from tests.helpers import (TRAIN_RUN_DEVICES, BinaryRun, binary_env, REPO_ROOT,
+                             train_run_args)
+  run = BinaryRun(train_run_args(model_dir), env=binary_env(TRAIN_RUN_DEVICES), cwd=REPO_ROOT,
+                  log_prefix=str(model_dir)).wait(timeout=600)
+  if run.returncode != 0:
+    raise RuntimeError(f"the shared train binary run failed:\n{run.describe()}")
+
+
+@pytest.fixture(scope="session")
+def train_run(tmp_path_factory):
+  """The train binary's uninterrupted run of tests.helpers.train_run_args (a TrainRun).
+
+  Run once per test run (see `_once_per_run`): the SIGKILL test of
+  tests/test_train_binary.py and the two-process SIGTERM test of
+  tests/test_multihost.py compare their resumed runs with it. Read-only.
+  """
+  return TrainRun(_once_per_run(tmp_path_factory, "shared_train_run", _run_train_binary))

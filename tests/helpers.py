@@ -1,4 +1,8 @@
-"""Small shared factories for tests (tiny models, random batches, binary subprocesses)."""
+"""Small shared factories for tests: the tiny models, random batches, and the binaries
+run in a subprocess (`BinaryRun`, `binary_env`) or in this process (`run_main`).
+
+The two-process scenarios have their own harness, tests/multiprocess.py.
+"""
 
 import os
 import shutil
@@ -9,6 +13,9 @@ import numpy as np
 
 from realign_jax.models.config import DecoderConfig, T5Config
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Tiny models over a 64-piece vocabulary, for model-level tests on random token ids.
 TINY = {
     "t5": T5Config(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=64,
                    num_encoder_layers=2, num_decoder_layers=2),
@@ -32,16 +39,46 @@ def random_batch(rng: np.random.Generator, batch: int, li: int, lt: int, vocab: 
   return inputs, targets
 
 
-# Tiny models over the built-in 2048-piece vocabulary, for trainer tests on the
-# built-in corpus. Head counts divide the test mesh's model axis (2). The
+# THE tiny models of the suite: over the built-in 2048-piece vocabulary, for
+# every test on the built-in corpus (the shared tiny SFT run of conftest.py is
+# TINY_BUILTIN["t5"]). Head counts divide the test mesh's model axis (2). The
 # decoder has dropout, so resume and sharding tests cover the per-step dropout
 # RNG; the T5 one has none (T5's dropout more than doubles its step's compile time).
+# NOTE: tests that use one of these shapes compile the same programs, which the
+# run's one compilation cache (conftest.py) then holds once for all of them.
 TINY_BUILTIN = {
     "t5": T5Config(vocab_size=2048, d_model=32, num_heads=2, head_dim=16, d_ff=64,
                    num_encoder_layers=1, num_decoder_layers=1),
     "decoder": DecoderConfig(vocab_size=2048, d_model=32, num_heads=4, num_kv_heads=2,
                              head_dim=8, d_ff=64, num_layers=1, dropout_rate=0.1),
 }
+
+# The overrides that make the shipped tiny configs' model (gin/models/t5_tiny.gin)
+# TINY_BUILTIN["t5"], for binaries run by the tests (a run that starts from the
+# shared tiny SFT run needs its architecture).
+TINY_T5_GIN = ["--gin.T5Config.d_model=32", "--gin.T5Config.num_heads=2",
+               "--gin.T5Config.head_dim=16", "--gin.T5Config.d_ff=64",
+               "--gin.T5Config.num_encoder_layers=1", "--gin.T5Config.num_decoder_layers=1",
+               "--gin.T5Config.dropout_rate=0.0"]
+
+
+# ---- the train binary's uninterrupted run (conftest.train_run) ------------------------
+# The tiny SFT config on TINY_BUILTIN["t5"] for 12 steps on 1 process x 4 devices:
+# the interruption tests (a SIGKILL in tests/test_train_binary.py, a SIGTERM to one of
+# two processes in tests/test_multihost.py) must end equal to it, and the binary's
+# end-to-end checks read its files and output. Evaluated at steps 0 and 12.
+TRAIN_RUN_STEPS = 12
+TRAIN_RUN_DEVICES = 4
+
+
+def train_run_args(model_dir) -> list:
+  """The arguments (`python ARGS...`) of the train binary's run into `model_dir`."""
+  return ["-m", "realign_jax.train", "--gin_file=configs/sft/builtin_tiny.gin",
+          f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={TRAIN_RUN_STEPS}",
+          *TINY_T5_GIN, "--gin.SFT.batch_size=8", "--gin.SFT.input_length=32",
+          "--gin.SFT.target_length=8", "--gin.SFT.max_eval_examples=16",
+          "--gin.TrainerConfig.log_every=1", "--gin.TrainerConfig.checkpoint_every=3",
+          f"--gin.TrainerConfig.eval_every={TRAIN_RUN_STEPS}"]
 
 
 class BinaryRun:
@@ -97,20 +134,83 @@ def load_run_params(model_dir):
 
 # A size bound large enough never to evict anything the suite compiles.
 _CACHE_MAX_BYTES = 1 << 36
+# Programs that compile faster than this are not cached (see compilation_cache_env).
+_CACHE_MIN_COMPILE_S = 0.1
 
 
 def compilation_cache_env(directory) -> dict:
-  """Environment for subprocesses that share one persistent compilation cache.
+  """The settings of the test run's one persistent compilation cache, as environment
+  variables (conftest.py exports them, so every subprocess shares the cache).
 
   NOTE: JAX writes a cache entry in place, without a lock, unless the cache
   has a size bound; then reads and writes go through a file lock. Processes
   started together compile the same programs, and without the lock one of
   them can read another's half-written entry (a warning on stderr, where the
-  binaries must print nothing but their own lines).
+  binaries must print nothing but their own lines). With the bound, each
+  write lists the whole directory (JAX's LRU eviction): at a few thousand
+  entries a write takes 0.1 s, so programs that compile in under
+  _CACHE_MIN_COMPILE_S (the eager ops: four in five entries at 0) stay out.
   """
   return {"JAX_COMPILATION_CACHE_DIR": str(directory),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": str(_CACHE_MIN_COMPILE_S),
           "JAX_COMPILATION_CACHE_MAX_SIZE": str(_CACHE_MAX_BYTES)}
+
+
+# Multi-host settings of an outer job that a binary run by the tests must not see.
+_HOST_VARIABLES = ("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "TPU_",
+                   "MEGASCALE_")
+
+
+def binary_env(devices: int = 1, optimize: bool = False, extra: dict = None) -> dict:
+  """The environment of a binary run in a subprocess: a user's (no test-only logging
+  settings: the binaries must be quiet on their own), on the CPU with `devices`
+  simulated devices (see subprocess_xla_flags), this checkout importable, the test
+  run's compilation cache (exported by conftest.py) and `extra` on top.
+  """
+  env = {k: v for k, v in os.environ.items() if not k.startswith(_HOST_VARIABLES)}
+  env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+  env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
+             XLA_FLAGS=subprocess_xla_flags(devices, optimize),
+             PYTHONPATH=os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH"))
+                                        if p))
+  env.update(extra or {})
+  return env
+
+
+def run_main(main, argv) -> int:
+  """A binary's `main(argv)` in this process, as `python -m` runs it: through
+  `gin_utils.run_main` (a UserError is one `error:` line on stderr and exit 2);
+  returns the exit code. Gin's bindings are cleared before and after.
+
+  NOTE: the binaries' error paths run here (no subprocess: about 6 CPU-s of
+  imports each); tests/test_startup.py runs every binary as a subprocess.
+  """
+  import gin  # pylint: disable=g-import-not-at-top
+  from realign_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  saved = sys.argv
+  sys.argv = ["binary"] + [str(a) for a in argv]
+  gin.clear_config()
+  try:
+    gin_utils.run_main(main)
+  except SystemExit as e:
+    return e.code
+  finally:
+    sys.argv = saved
+    gin.clear_config()
+  raise AssertionError("gin_utils.run_main returned without exiting")
+
+
+def assert_one_line_error(returncode, stdout: str, stderr: str, needles=()) -> str:
+  """Exit 2, stderr exactly one `error: ...` line naming every needle, no error on stdout."""
+  where = f"rc={returncode}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+  assert returncode == 2, where
+  assert "Traceback" not in stderr, where
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), where
+  for needle in needles:
+    assert needle in lines[0], (needle, lines[0])
+  assert "error" not in stdout.lower(), where
+  return lines[0]
 
 
 def subprocess_xla_flags(devices: int = 1, optimize: bool = False) -> str:

@@ -5,19 +5,18 @@ Every case ends in one line: an `error: ...` naming the step, path or value
 naming the step it skipped and why. Nothing non-finite is ever saved or used.
 
 In-process runs use the trainer directly (tiny T5, one device); the binaries'
-exit codes and one-line errors run as subprocesses, started together in the
-background when the module's first subprocess test needs them.
+exit codes and one-line errors run through their main(argv) in this process, but
+for the full disk in the train binary, which runs as a subprocess.
 """
 
 import dataclasses
 import errno
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -27,22 +26,23 @@ import orbax.checkpoint as ocp
 import pytest
 
 from realign_jax import config_check
+from realign_jax import startup
 from realign_jax import decode as decode_bin
 from realign_jax import evaluate as evaluate_bin
+from realign_jax import train as train_bin
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.checkpoints import run_dir
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
-from realign_jax.models.api import LanguageModel
 from realign_jax.inference import components as inference_components
 from realign_jax.inference.methods_dera import DeRa
+from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import replace
 from realign_jax.training.sft import SFT
-from tests.helpers import TINY_BUILTIN, BinaryRun
-from tests.test_train_binary import FAST, _check_one_line_error, _Launcher, _model_dir_arg
+from tests.helpers import (REPO_ROOT, TINY_BUILTIN, TRAIN_RUN_DEVICES, BinaryRun,
+                           assert_one_line_error, binary_env, run_main, train_run_args)
 from tests.test_training import _checkpoint_steps, _max_abs_diff, _metrics, _sft, _train
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = replace(TINY_BUILTIN["t5"], dropout_rate=0.0)
 SAMPLING = sampler.SamplingConfig(max_new_tokens=4)
 PROMPTS = ["Return the number of items in a container.",
@@ -318,6 +318,73 @@ def test_config_check_names_setting_and_value():
 
 
 # ---- the binaries: exit 2 and one line ----------------------------------------------------
+# NOTE: in this process, through each binary's main(argv) (tests.helpers.run_main), but
+# for the one error that arises while training runs, with checkpoint threads at work:
+# there only a process of its own shows that nothing else reaches stderr.
+def _train_args(model_dir, *extra) -> list:
+  return train_run_args(model_dir)[2:] + list(extra)  # NOTE: without `-m realign_jax.train`
+
+
+def _decode_args(root, ref, out) -> list:
+  return ["--gin_file=configs/decode/dera_builtin_tiny.gin", "--gin.ALIGNED_CHECKPOINT=None",
+          f"--gin.decode.prompt_file='{root / 'prompts.jsonl'}'", "--gin.decode.batch_size=2",
+          "--gin.decode.progress=False", f"--gin.REF_CHECKPOINT='{ref}'",
+          f"--gin.OUTPUT_FILE='{out}'"]
+
+
+def _cases(root):
+  """name -> (binary's main, argv, strings the error line must name, model dir or None)."""
+  (root / "a_file").write_text("not a directory\n")
+  os.makedirs(_step_dir(root / "stray", 7))
+  ref = _run_dir(root / "ref")
+  broken = _run_dir(root / "broken", steps=(1, 2))
+  _break(broken, 2, "truncated_array")
+  (root / "outdir").mkdir()
+  (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+  (root / "d.jsonl").write_text("")
+  train = train_bin.main
+  return {
+      "train_steps_str": (train, _train_args(root / "a", "--gin.TRAIN_STEPS='ten'"),
+                          ["must be an integer", "'ten'"], root / "a"),
+      "batch_size_str": (train, _train_args(root / "b", "--gin.SFT.batch_size='8'"),
+                         ["SFT.batch_size", "'8'"], root / "b"),
+      "model_dir_is_file": (train, _train_args(root / "a_file"),
+                            [str(root / "a_file"), "not a directory"], None),
+      "only_a_stray_empty_step": (train, _train_args(root / "stray"),
+                                  [_step_dir(root / "stray", 7), "is an empty directory",
+                                   "no intact checkpoint"], None),
+      "decode_broken_step": (decode_bin.main, _decode_args(root, broken, root / "broken.jsonl"),
+                             [f"checkpoint step 2 at {_step_dir(broken, 2)} cannot be read"], None),
+      "decode_output_is_dir": (decode_bin.main, _decode_args(root, ref, root / "outdir"),
+                               [f"OUTPUT_FILE {root / 'outdir'} is a directory"], None),
+      "evaluate_output_is_dir": (
+          evaluate_bin.main, ["--gin_file=configs/evaluate/default.gin",
+                              f"--gin.DECODE_FILES=['{root / 'd.jsonl'}']",
+                              f"--gin.OUTPUT_FILE='{root / 'outdir'}'"],
+          [f"OUTPUT_FILE {root / 'outdir'} is a directory"], None),
+  }
+
+
+CASES = ["train_steps_str", "batch_size_str", "model_dir_is_file", "only_a_stray_empty_step",
+         "decode_broken_step", "decode_output_is_dir", "evaluate_output_is_dir"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_binary_prints_one_line_error_and_exits_2(tmp_path, capsys, caplog, name):
+  main, argv, needles, model_dir = _cases(tmp_path)[name]
+  capsys.readouterr()
+  code = run_main(main, argv)
+  out, err = capsys.readouterr()
+  assert_one_line_error(code, out, err, needles)
+  # NOTE: what the binary run as a process would print besides its line: a warning
+  # logged on the way that start-up's filter lets through (tests/test_startup.py)
+  noise = startup._DropNoise()  # pylint: disable=protected-access
+  assert [r.getMessage() for r in caplog.records
+          if r.levelno >= logging.WARNING and noise.filter(r)] == []
+  if model_dir is not None:  # refused before anything was written
+    assert not os.path.exists(model_dir)
+
+
 _ENOSPC_WRAPPER = textwrap.dedent('''\
     """The train binary with checkpoint step FAIL_STEP's commit failing with ENOSPC."""
     import errno, os, runpy, sys
@@ -335,80 +402,17 @@ _ENOSPC_WRAPPER = textwrap.dedent('''\
 ''')
 
 
-def _Proc(cmd, *, env, cwd, log_prefix) -> BinaryRun:
-  """A binary subprocess (`python -m module` or a script) at a lower CPU priority."""
-  return BinaryRun(cmd, env=env, cwd=cwd, log_prefix=log_prefix, nice=True)
-
-
-@pytest.fixture(scope="module")
-def binaries(tmp_path_factory):
-  """Starts every subprocess case at once; yields {name: (process, needles, extra)}."""
-  root = tmp_path_factory.mktemp("binaries")
-  launcher = _Launcher(root)
-  env = launcher.env()
-  procs, cases = [], {}
-
-  def start(name, cmd, needles, **extra):
-    proc = _Proc(cmd, env=dict(env, **extra.pop("env", {})), cwd=REPO_ROOT,
-                 log_prefix=str(root / name))
-    procs.append(proc)
-    cases[name] = (proc, needles, extra)
-
-  train = ["-m", "realign_jax.train"] + FAST
-  start("train_steps_str", train + [_model_dir_arg(root / "a"), "--gin.TRAIN_STEPS='ten'"],
-        ["must be an integer", "'ten'"], model_dir=root / "a")
-  start("batch_size_str", train + [_model_dir_arg(root / "b"), "--gin.SFT.batch_size='8'"],
-        ["SFT.batch_size", "'8'"], model_dir=root / "b")
-  (root / "a_file").write_text("not a directory\n")
-  start("model_dir_is_file", train + [_model_dir_arg(root / "a_file")],
-        [str(root / "a_file"), "not a directory"])
-  os.makedirs(_step_dir(root / "stray", 7))
-  start("only_a_stray_empty_step", train + [_model_dir_arg(root / "stray")],
-        [_step_dir(root / "stray", 7), "is an empty directory", "no intact checkpoint"])
-  (root / "enospc_train.py").write_text(_ENOSPC_WRAPPER)
-  start("full_disk", [str(root / "enospc_train.py")] + FAST
-        + [_model_dir_arg(root / "full"), "--gin.TRAIN_STEPS=6",
-           "--gin.TrainerConfig.checkpoint_every=2"],
-        [f"could not write checkpoint step 4 to {_step_dir(root / 'full', 4)}",
-         "No space left on device", "latest: step 2"],
-        env={"FAIL_STEP": "4"}, model_dir=root / "full")
-
-  ref = _run_dir(root / "ref")
-  broken = _run_dir(root / "broken", steps=(1, 2))
-  _break(broken, 2, "truncated_array")
-  (root / "outdir").mkdir()
-  (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-  decode = ["-m", "realign_jax.decode", "--gin_file=configs/decode/dera_builtin_tiny.gin",
-            "--gin.ALIGNED_CHECKPOINT=None", f"--gin.decode.prompt_file='{root / 'prompts.jsonl'}'",
-            "--gin.decode.batch_size=2", "--gin.decode.progress=False"]
-  start("decode_broken_step", decode + [f"--gin.REF_CHECKPOINT='{broken}'",
-                                        f"--gin.OUTPUT_FILE='{root / 'broken.jsonl'}'"],
-        [f"checkpoint step 2 at {_step_dir(broken, 2)} cannot be read"])
-  start("decode_output_is_dir", decode + [f"--gin.REF_CHECKPOINT='{ref}'",
-                                          f"--gin.OUTPUT_FILE='{root / 'outdir'}'"],
-        [f"OUTPUT_FILE {root / 'outdir'} is a directory"])
-  (root / "d.jsonl").write_text("")
-  start("evaluate_output_is_dir",
-        ["-m", "realign_jax.evaluate", "--gin_file=configs/evaluate/default.gin",
-         f"--gin.DECODE_FILES=['{root / 'd.jsonl'}']", f"--gin.OUTPUT_FILE='{root / 'outdir'}'"],
-        [f"OUTPUT_FILE {root / 'outdir'} is a directory"])
-  yield cases
-  for proc in procs:
-    if proc.proc.poll() is None:
-      proc.proc.kill()  # only processes this fixture started
-      proc.proc.wait()
-
-
-CASES = ["train_steps_str", "batch_size_str", "model_dir_is_file", "only_a_stray_empty_step",
-         "full_disk", "decode_broken_step", "decode_output_is_dir", "evaluate_output_is_dir"]
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_binary_prints_one_line_error_and_exits_2(binaries, name):
-  proc, needles, extra = binaries[name]
-  _check_one_line_error(proc.wait(), needles)
-  model_dir = extra.get("model_dir")
-  if name == "full_disk":
-    assert sorted(os.listdir(os.path.join(str(model_dir), ckpt_lib.CHECKPOINT_SUBDIR))) == ["2"]
-  elif model_dir is not None:  # refused before anything was written
-    assert not os.path.exists(model_dir)
+def test_full_disk_in_the_binary_is_one_line_and_exits_2(tmp_path):
+  # NOTE: the shared train run's settings (tests.helpers.train_run_args): its programs are
+  # in the run's compilation cache; checkpoints every 2 steps, the commit of step 4 fails.
+  (tmp_path / "enospc_train.py").write_text(_ENOSPC_WRAPPER)
+  model_dir = tmp_path / "full"
+  args = _train_args(model_dir, "--gin.TrainerConfig.checkpoint_every=2",
+                     "--gin.TrainerConfig.eval_every=0", "--gin.TrainerConfig.progress=False")
+  run = BinaryRun([str(tmp_path / "enospc_train.py")] + args,
+                  env=binary_env(TRAIN_RUN_DEVICES, extra={"FAIL_STEP": "4"}), cwd=REPO_ROOT,
+                  log_prefix=str(tmp_path / "full")).wait()
+  assert_one_line_error(run.returncode, run.stdout, run.stderr, [
+      f"could not write checkpoint step 4 to {_step_dir(model_dir, 4)}",
+      "No space left on device", "latest: step 2"])
+  assert sorted(os.listdir(os.path.join(str(model_dir), ckpt_lib.CHECKPOINT_SUBDIR))) == ["2"]

@@ -215,6 +215,13 @@ class StageRunner:
     self._log(f"{count} {name}: done in {doc['seconds']:.0f} s")
     return doc["result"]
 
+  def train(self, name: str, settings: Any, algorithm, steps: int, optimizer: "OptimizerSpec",
+            trainer_config) -> dict:
+    """Stage `name` trains `algorithm` (`train_stage`), recording `settings` (often
+    `train_settings` of the same, with stage paths written as layout)."""
+    return self.run(name, settings, lambda d: train_stage(d, algorithm, steps, optimizer,
+                                                          trainer_config))
+
   def _log(self, line: str) -> None:
     if is_primary():  # NOTE: one progress line per stage, not one per process
       self.log(line)
@@ -237,6 +244,28 @@ def _at(tree: Any, path: Optional[str]) -> Any:
     except (KeyError, IndexError, TypeError, ValueError):
       return "<absent>"
   return node
+
+
+def layout_free(settings: Any, root: str) -> Any:
+  """Canonical settings with paths inside `root` (MODEL_DIR) written relative to it.
+
+  NOTE: stage outputs depend on which stage a path points to, not on where
+  MODEL_DIR lives; a moved study directory still resumes.
+  """
+  settings = canonical(settings)
+  if isinstance(settings, dict):
+    return {k: layout_free(v, root) for k, v in settings.items()}
+  if isinstance(settings, list):
+    return [layout_free(v, root) for v in settings]
+  if isinstance(settings, str) and paths.is_remote(root):
+    # NOTE: a URI is absolute already; os.path.abspath would make it a local path.
+    prefix = root.rstrip("/") + "/"
+    return "<MODEL_DIR>/" + settings[len(prefix):] if settings.startswith(prefix) else settings
+  prefix = os.path.abspath(root) + os.sep
+  if isinstance(settings, str) and not paths.is_remote(settings) and \
+      os.path.abspath(settings).startswith(prefix) and os.path.isabs(settings):
+    return "<MODEL_DIR>/" + os.path.relpath(settings, root)
+  return settings
 
 
 def write_jsonl(path: str, rows: list) -> None:
@@ -336,9 +365,12 @@ def enable_compilation_cache(directory: str) -> None:
   NOTE: a study trains several PPO runs whose train steps are the same
   program (beta lives in the checkpointed aux state, not in the code), and a
   rerun compiles everything again; the persistent cache turns those
-  recompilations into reads.
+  recompilations into reads. A cache the environment already names
+  (JAX_COMPILATION_CACHE_DIR, e.g. the test suite's one cache) is kept.
   """
   import jax
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
   os.makedirs(directory, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
