@@ -34,10 +34,12 @@ while [ $# -gt 0 ]; do
   shift
 done
 export TF_CPP_MIN_LOG_LEVEL=3
+# NOTE: settings already in the environment win (the test suite's one cache).
 : "${JAX_COMPILATION_CACHE_DIR:=runs/jax_cache_accelerator}"
-export JAX_COMPILATION_CACHE_DIR
-export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
-export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+: "${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:=0}"
+: "${JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES:=0}"
+export JAX_COMPILATION_CACHE_DIR JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS
+export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES
 if [ $smoke -eq 1 ]; then
   # NOTE: tiny programs compile for far longer than they run: skip LLVM's
   # optimisation (as the test suite does; the semantics are the same). One CPU
