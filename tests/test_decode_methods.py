@@ -38,11 +38,11 @@ from realign_jax.decoding import sampler
 from realign_jax.decoding.transfer_q import TQConfig
 from realign_jax.errors import UserError
 from realign_jax.evaluation import best_of_n_theory
-from realign_jax.models.api import LanguageModel
 from realign_jax.inference import components
 from realign_jax.inference.methods_cd import BlockwiseCD, TokenwiseCD
 from realign_jax.inference.methods_tq import ARGS, TransferQ
 from realign_jax.inference.prompts import encode_prompts
+from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import replace
 from realign_jax.rewards.base import Reward
 from realign_jax.rewards.length import LengthReward
@@ -413,6 +413,49 @@ def test_two_processes_split_the_batches_and_write_one_process_rows(dirs, tmp_pa
   assert summary["prompts_here"] == 2 and next(from_1, None) is None
   assert [r["prompt_index"] for r in two] == [0, 1, 2]
   assert two == one
+
+
+def test_policy_sampling_on_two_processes_gives_the_one_process_rows(dirs, monkeypatch):
+  """PolicySampling (the studies' method) with a reward, 3 prompts in batches of 1, P = 2.
+
+  Process 1 has no batch in the last round (zeros of the scored outputs stand in);
+  process 0, handed what process 1 sent, makes exactly the one-process rows.
+  """
+  from realign_jax.inference import loop
+  from realign_jax.inference.methods_policy import PolicySampling
+  from realign_jax.parallel import multihost
+  mesh, rules = _mesh_and_rules()
+  ref = components.load_component(dirs["ref"], mesh, rules)
+  pol = components.load_component(dirs["baseline"], mesh, rules)
+  vocab = vocab_lib.load_vocabulary(None)
+  inputs = encode_prompts(vocab, PROMPTS, 32)
+
+  def sample():
+    method = PolicySampling(ref.lm, pol.params, reference=ref.params, reward=LEN)
+    return loop.sample(method, inputs, vocab, num_samples=2, batch_size=1, seed=0,
+                       sampling=SAMPLING, mesh=mesh, rules=rules, progress=False)
+  one = sample()
+  assert [(r["prompt_index"], r["sample"]) for r in one] == [(p, j) for p in range(3)
+                                                             for j in range(2)]
+  assert list(one[0]) == ["prompt_index", "sample", "lam", "tokens", "length", "reward", "kl",
+                          "log_ratio", "response"]
+  for r in one:  # the length reward of the response's tokens, EOS not counted
+    assert r["length"] == len([t for t in r["tokens"] if t != 1])
+    assert r["reward"] == pytest.approx(LEN.score_ids(["p"], [r["response"]], [r["tokens"]])[0])
+  sent = []
+
+  def gather_on_1(tree):
+    sent.append(tree)
+    return jax.tree_util.tree_map(lambda a: np.stack([a, a]), tree)
+
+  monkeypatch.setattr(multihost, "process_slot", lambda: (2, 1))
+  monkeypatch.setattr(multihost, "gather", gather_on_1)
+  sample()
+  from_1 = iter(sent)
+  monkeypatch.setattr(multihost, "process_slot", lambda: (2, 0))
+  monkeypatch.setattr(multihost, "gather", lambda tree: jax.tree_util.tree_map(
+      lambda a, b: np.stack([a, b]), tree, next(from_1)))
+  assert sample() == one
 
 
 def test_the_flat_form_is_refused_with_one_line(dirs, tmp_path):
