@@ -195,7 +195,10 @@ class RunDir:
     """
     failed = None
     try:
-      paths.makedirs(self.checkpoint_dir)  # NOTE: MODEL_DIR too; a gs:// one as well
+      # NOTE: process 0 alone makes them (MODEL_DIR too, a gs:// one as well); the
+      # agreement below is the barrier after which the others' checkpoint writes land.
+      if jax.process_index() == 0:
+        paths.makedirs(self.checkpoint_dir)
       if jax.process_index() == 0 and self._plan is not None:
         plan = self._plan
         if plan.config_diffs is not None:
