@@ -1,11 +1,12 @@
-"""Multi-host runs on localhost: 2 processes x 2 simulated CPU devices, started as SLURM starts them.
+"""Multi-host runs on localhost: 2 processes x 2 simulated CPU devices, started as SLURM
+starts them, against the same command on 1 process x 4 devices (tests/multiprocess.py).
 
-The coordinator listens on 127.0.0.1 only, on a port that the test makes free
-(SLURM's port is derived from SLURM_JOB_ID, so the test picks the job id). One
-run of the tiny SFT config is stopped by a SIGTERM sent to process 1 alone,
-then resumed; its final parameters must match a 1-process run over 4 devices
-with the same global batch and seed, and every file of the run must have been
-written once (no duplicated metrics record).
+The train binary's shared run (conftest.train_run: the tiny SFT config, 1 process x
+4 devices) is run again on 2 processes, stopped by a SIGTERM sent to process 1 alone,
+then resumed; its final parameters must match the shared run's (the same global batch
+and seed), and every file of the run must have been written once (no duplicated
+metrics record). The decode binary's sweep and PPO, DPO and value training run the
+same way.
 """
 
 import json
@@ -21,94 +22,15 @@ import jax
 import numpy as np
 import pytest
 
+from realign_jax import train as train_bin
 from realign_jax.errors import UserError
 from realign_jax.parallel import multihost
-from tests.helpers import (BinaryRun, compilation_cache_env, load_run_params,
-                           subprocess_xla_flags)
+from tests import multiprocess
+from tests.helpers import (REPO_ROOT, TINY_T5_GIN, TRAIN_RUN_STEPS, assert_one_line_error,
+                           binary_env, load_run_params, run_main, train_run_args)
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SFT_GIN = "configs/sft/builtin_tiny.gin"
-STEPS = 12
 TIMEOUT_S = 240
-
-
-def _slurm_job_ids(n: int) -> list:
-  """n SLURM_JOB_IDs whose coordinator ports (61440 + id % 4096) differ and are free.
-
-  NOTE: all n are drawn in one call: a port is free until its coordinator
-  listens, so two separate calls made before then could return the same one.
-  """
-  rng = random.Random(os.getpid() * 7919 + 1)
-  ports = []
-  for _ in range(400):
-    port = multihost.SLURM_PORT_BASE + rng.randrange(multihost.SLURM_PORT_RANGE)
-    with socket.socket() as s:
-      try:
-        s.bind(("127.0.0.1", port))
-      except OSError:
-        continue
-    if port not in ports:
-      ports.append(port)
-    if len(ports) == n:
-      return [str(p - multihost.SLURM_PORT_BASE + 4096 * rng.randrange(1, 100)) for p in ports]
-  raise RuntimeError("no free ports in SLURM's coordinator range")
-
-
-def _free_slurm_job_id() -> str:
-  """A SLURM_JOB_ID whose coordinator port (61440 + id % 4096) is free on 127.0.0.1."""
-  return _slurm_job_ids(1)[0]
-
-
-def _env(devices: int, cache, slurm: dict = None) -> dict:
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES",
-                              "JAX_PROCESS_ID", "TPU_", "MEGASCALE_"))}
-  env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
-             XLA_FLAGS=subprocess_xla_flags(devices),
-             **compilation_cache_env(cache),
-             PYTHONPATH=os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH"))
-                                        if p))
-  env.update(slurm or {})
-  return env
-
-
-def _slurm(job_id: str, rank: int) -> dict:
-  return {"SLURM_JOB_ID": job_id, "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
-          "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}
-
-
-def _train_args(model_dir) -> list:
-  return ["-m", "realign_jax.train", f"--gin_file={SFT_GIN}",
-          f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={STEPS}",
-          "--gin.TrainerConfig.log_every=1", "--gin.TrainerConfig.eval_every=0",
-          "--gin.TrainerConfig.checkpoint_every=1000", "--gin.TrainerConfig.async_checkpoint=False",
-          # NOTE: a smaller model than the config's (the compiles and steps of 5 processes
-          # on 2 cores); the global batch still splits into 2 processes x 2 devices.
-          "--gin.T5Config.d_model=32", "--gin.T5Config.num_heads=2", "--gin.T5Config.head_dim=16",
-          "--gin.T5Config.d_ff=64", "--gin.SFT.batch_size=8", "--gin.SFT.input_length=32",
-          "--gin.SFT.target_length=8"]
-
-
-def _start_two(tmp, name, model_dir, cache) -> list:
-  job = _free_slurm_job_id()
-  return [BinaryRun(_train_args(model_dir), env=_env(2, cache, _slurm(job, rank)),
-                    cwd=REPO_ROOT, log_prefix=str(tmp / f"{name}.p{rank}"))
-          for rank in (0, 1)]
-
-
-def _wait_all(runs, timeout=TIMEOUT_S):
-  deadline = time.monotonic() + timeout
-  try:
-    for r in runs:
-      r.wait(timeout=max(1.0, deadline - time.monotonic()))
-  except subprocess.TimeoutExpired:
-    for r in runs:
-      if r.running():
-        r.proc.kill()  # only the processes this test started
-        r.proc.wait()
-    pytest.fail("a multi-host run did not finish in time:\n" +
-                "\n".join(r.wait().describe() for r in runs))
-  return runs
+STEPS = TRAIN_RUN_STEPS
 
 
 def _records(model_dir) -> list:
@@ -116,16 +38,25 @@ def _records(model_dir) -> list:
     return [json.loads(line) for line in f]
 
 
+def _rows_up_to(rows, step) -> list:
+  return [r for r in rows if r["step"] <= step]
+
+
+def _preemptible_args(model_dir) -> list:
+  # NOTE: no periodic checkpoint and no evaluation: the SIGTERM's is the one checkpoint
+  # before the end; saved synchronously.
+  return train_run_args(model_dir) + [
+      "--gin.TrainerConfig.checkpoint_every=1000", "--gin.TrainerConfig.async_checkpoint=False",
+      "--gin.TrainerConfig.eval_every=0"]
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """(1-process run dir, 2-process run dir, the SIGTERM'd processes, the resumed processes)."""
+def runs(train_run, tmp_path_factory):
+  """(the shared 1-process run, the 2-process run dir, the SIGTERM'd processes, their
+  records then, the resumed processes)."""
   tmp = tmp_path_factory.mktemp("multihost")
-  cache = tmp / "jax_cache"
-  one, two = tmp / "one", tmp / "two"
-  # NOTE: the reference runs at a lower priority alongside the 2-process run.
-  ref = BinaryRun(_train_args(one), env=_env(4, cache), cwd=REPO_ROOT,
-                  log_prefix=str(tmp / "one"), nice=True)
-  first = _start_two(tmp, "first", two, cache)
+  two = tmp / "two"
+  first = multiprocess.start_two(_preemptible_args(two), str(tmp / "first"))
   metrics = two / "metrics.jsonl"
   deadline = time.monotonic() + TIMEOUT_S
   while time.monotonic() < deadline and all(r.running() for r in first):
@@ -133,34 +64,46 @@ def runs(tmp_path_factory):
       first[1].proc.send_signal(signal.SIGTERM)  # one host only
       break
     time.sleep(0.05)
-  _wait_all(first)
-  resumed = _wait_all(_start_two(tmp, "resumed", two, cache))
-  _wait_all([ref])
-  assert ref.returncode == 0, ref.describe()
-  return one, two, first, resumed
+  multiprocess.wait_all(first, TIMEOUT_S)
+  term_rows = _records(two)
+  resumed = multiprocess.wait_all(
+      multiprocess.start_two(_preemptible_args(two), str(tmp / "resumed")), TIMEOUT_S)
+  return train_run.model_dir, two, first, term_rows, resumed
+
+
+def _saved_step(first) -> int:
+  line = first[0].stderr.strip().splitlines()[-1]
+  return int(line.split("saved checkpoint at step ")[1].split()[0])
 
 
 def test_sigterm_on_one_host_saves_the_same_step_on_every_host(runs):
-  _, two, first, _ = runs
+  _, two, first, term_rows, _ = runs
   codes = [r.returncode for r in first]
   assert codes == [143, 143], "\n".join(r.describe() for r in first)
   saved = {r.stderr.strip().splitlines()[-1] for r in first}
   assert len(saved) == 1 and "SIGTERM: saved checkpoint at step" in saved.pop()
+  assert not any("Traceback" in r.stderr for r in first)
+  # The checkpoint is of the step the run had reached (its last logged step).
+  step = _saved_step(first)
+  assert step == max(r["step"] for r in term_rows if r["split"] == "train") < STEPS
   # NOTE: written when training started: the preempted run never reached its end.
   assert (two / "config.gin").read_text().strip()
 
 
 def test_resumed_two_process_run_matches_one_process(runs):
-  one, two, _, resumed = runs
+  one, two, first, term_rows, resumed = runs
   assert [r.returncode for r in resumed] == [0, 0], "\n".join(r.describe() for r in resumed)
   a, b = load_run_params(one), load_run_params(two)
   diffs = jax.tree_util.tree_map(lambda x, y: float(np.max(np.abs(x - y))), a, b)
   worst = max(jax.tree_util.tree_leaves(diffs))
   assert worst < 1e-5, diffs
+  # The rerun kept the preempted run's rows up to its checkpoint: it resumed from there.
+  step = _saved_step(first)
+  assert _rows_up_to(_records(two), step) == _rows_up_to(term_rows, step)
 
 
 def test_every_record_written_once_by_process_zero(runs):
-  one, two, first, resumed = runs
+  one, two, first, _, resumed = runs
   rows = _records(two)
   steps = [r["step"] for r in rows if r["split"] == "train"]
   assert steps == list(range(1, STEPS + 1))
@@ -199,15 +142,14 @@ def test_coordinator_that_never_answers_is_one_line(tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]  # NOTE: closed again: nothing listens there
-  env = _env(2, tmp_path / "cache")
   start = time.monotonic()
   proc = subprocess.run(
-      [sys.executable, *_train_args(tmp_path / "run"), f"--coordinator_address=127.0.0.1:{port}",
-       "--num_processes=2", "--process_id=1", "--initialization_timeout=3"],
-      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 2, proc.stderr
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and f"coordinator 127.0.0.1:{port} did not answer within 3 s" in lines[0]
+      [sys.executable, *train_run_args(tmp_path / "run"),
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=1",
+       "--initialization_timeout=3"],
+      cwd=REPO_ROOT, env=binary_env(2), capture_output=True, text=True, timeout=120)
+  assert_one_line_error(proc.returncode, proc.stdout, proc.stderr,
+                        [f"coordinator 127.0.0.1:{port} did not answer within 3 s"])
   assert time.monotonic() - start < 60
   assert not (tmp_path / "run").exists()
 
@@ -218,9 +160,8 @@ def test_dera_sweep_on_two_processes_matches_one(tiny_sft_dir, tmp_path):
   8 prompts in batches of 3: batches 0 and 2 (5 prompts) on process 0, batch 1
   (3 prompts) on process 1, which sits the second round out.
   """
-  cache = tmp_path / "jax_cache"
-
-  def args(out):
+  def args(slot):
+    out = tmp_path / ("one.jsonl" if slot == "one" else "two.jsonl")
     return ["-m", "realign_jax.decode", "--gin_file=configs/decode/dera_builtin_tiny.gin",
             f"--gin.REF_CHECKPOINT='{tiny_sft_dir}'", f"--gin.ALIGNED_CHECKPOINT='{tiny_sft_dir}'",
             f"--gin.OUTPUT_FILE='{out}'", "--gin.LAMBDAS=[0.0, 1.0]", "--gin.decode.max_prompts=8",
@@ -229,14 +170,10 @@ def test_dera_sweep_on_two_processes_matches_one(tiny_sft_dir, tmp_path):
   # NOTE: each process decodes on its own 2 devices; the one-process run on 2 devices
   # too runs the very same program, so the rows match to the last bit (on 4 devices
   # a batch of 3 is laid out otherwise and log-probs move in the last float32 place).
-  one = BinaryRun(args(tmp_path / "one.jsonl"), env=_env(2, cache), cwd=REPO_ROOT,
-                  log_prefix=str(tmp_path / "one"), nice=True)
-  job = _free_slurm_job_id()
-  two = [BinaryRun(args(tmp_path / "two.jsonl"), env=_env(2, cache, _slurm(job, rank)),
-                   cwd=REPO_ROOT, log_prefix=str(tmp_path / f"two.p{rank}")) for rank in (0, 1)]
-  _wait_all(two + [one])
-  for r in two + [one]:
-    assert r.returncode == 0, r.describe()
+  one, two = multiprocess.start_one_and_two(args, str(tmp_path / "dera"), one_devices=2,
+                                            nice_one=True)
+  multiprocess.wait_all(two + [one], TIMEOUT_S)
+  multiprocess.assert_all_succeeded(two + [one])
   with open(tmp_path / "one.jsonl") as f:
     rows_one = [json.loads(line) for line in f]
   with open(tmp_path / "two.jsonl") as f:
@@ -251,28 +188,24 @@ def test_dera_sweep_on_two_processes_matches_one(tiny_sft_dir, tmp_path):
   assert "LAMBDAS = [0.0, 1.0]" in config.splitlines() and "DeRa.lambdas = %LAMBDAS" in config
 
 
-def test_batch_not_divisible_by_the_processes_is_one_line(tmp_path):
-  job = _free_slurm_job_id()
+def test_batch_not_divisible_by_the_processes_is_one_line(tmp_path, monkeypatch, capsys):
+  # NOTE: in this process, as process 0 of 2 would see it; the check comes before the
+  # run directory or any collective (tests/test_study_multihost.py runs a refusal on
+  # two processes).
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
   model_dir = tmp_path / "run"
-  args = _train_args(model_dir) + ["--gin.SFT.batch_size=7"]
-  runs = _wait_all([BinaryRun(args, env=_env(2, tmp_path / "cache", _slurm(job, rank)),
-                              cwd=REPO_ROOT, log_prefix=str(tmp_path / f"p{rank}"))
-                    for rank in (0, 1)], timeout=120)
-  for r in runs:
-    assert r.returncode == 2, r.describe()
-    lines = r.stderr.strip().splitlines()
-    assert lines == ["error: SFT.batch_size=7 is not divisible by the 2 processes of this run; "
-                     "use a multiple of 2"], r.describe()
+  capsys.readouterr()
+  code = run_main(train_bin.main, train_run_args(model_dir)[2:] + ["--gin.SFT.batch_size=7"])
+  out, err = capsys.readouterr()
+  line = assert_one_line_error(code, out, err)
+  assert line == ("error: SFT.batch_size=7 is not divisible by the 2 processes of this run; "
+                  "use a multiple of 2")
   assert not model_dir.exists() or os.listdir(model_dir) == []
 
 
 # ---- PPO, DPO and value training: 2 processes x 2 devices against 1 process x 4 -------------
-# NOTE: the shared tiny SFT run's architecture (tests/helpers.TINY_BUILTIN["t5"]), which the
-# configs' model (gin/models/t5_tiny.gin) is overridden to, so that it starts every run.
-_TINY_T5 = ["--gin.T5Config.d_model=32", "--gin.T5Config.num_heads=2",
-            "--gin.T5Config.head_dim=16", "--gin.T5Config.d_ff=64",
-            "--gin.T5Config.num_encoder_layers=1", "--gin.T5Config.num_decoder_layers=1",
-            "--gin.T5Config.dropout_rate=0.0"]
+# NOTE: the configs' model is the shared tiny SFT run's (tests.helpers.TINY_T5_GIN), which
+# starts every run.
 _ALGO_STEPS = 2
 _COMMON = [f"--gin.TRAIN_STEPS={_ALGO_STEPS}", "--gin.TrainerConfig.log_every=1",
            "--gin.TrainerConfig.eval_every=0", "--gin.TrainerConfig.checkpoint_every=1000",
@@ -304,7 +237,7 @@ def _algorithm_args(name, model_dir, sft_dir, pref_dir) -> list:
   # the global mesh, spread over the processes, that every process has to read whole.
   evals = {"ppo": ["--gin.PPO.max_eval_examples=8", f"--gin.TrainerConfig.eval_every={_ALGO_STEPS}"],
            "dpo": [f"--gin.TrainerConfig.eval_every={_ALGO_STEPS}"]}.get(name, [])
-  return ["-m", "realign_jax.train", f"--gin.MODEL_DIR='{model_dir}'", *extra, *_TINY_T5,
+  return ["-m", "realign_jax.train", f"--gin.MODEL_DIR='{model_dir}'", *extra, *TINY_T5_GIN,
           *_COMMON, *evals]
 
 
@@ -313,7 +246,6 @@ def algorithm_runs(tmp_path_factory, tiny_sft_dir):
   """{name: (1-process run dir, 2-process run dir)} for PPO, DPO and CD-FUDGE value training."""
   from realign_jax.data import preferences
   tmp = tmp_path_factory.mktemp("multihost_algorithms")
-  cache = tmp / "jax_cache"
   pref_dir = tmp / "prefs"
   rng = random.Random(0)
   words = ["alpha", "beta", "gamma", "delta", "sum", "list", "file", "return", "value", "path"]
@@ -324,16 +256,12 @@ def algorithm_runs(tmp_path_factory, tiny_sft_dir):
   out = {}
   for name in ("ppo", "dpo", "value"):
     one, two = tmp / f"{name}_one", tmp / f"{name}_two"
-    # NOTE: not at a lower priority: beside another test worker it would wait too long.
-    ref = BinaryRun(_algorithm_args(name, one, tiny_sft_dir, pref_dir), env=_env(4, cache),
-                    cwd=REPO_ROOT, log_prefix=str(tmp / f"{name}_one"))
-    job = _free_slurm_job_id()
-    pair = [BinaryRun(_algorithm_args(name, two, tiny_sft_dir, pref_dir),
-                      env=_env(2, cache, _slurm(job, rank)), cwd=REPO_ROOT,
-                      log_prefix=str(tmp / f"{name}_two.p{rank}")) for rank in (0, 1)]
-    _wait_all(pair + [ref])
-    for r in pair + [ref]:
-      assert r.returncode == 0, r.describe()
+    # NOTE: the 1-process run not at a lower priority: beside another test worker it
+    # would wait too long.
+    ref, pair = multiprocess.start_one_and_two(
+        lambda slot: _algorithm_args(name, one if slot == "one" else two, tiny_sft_dir,
+                                     pref_dir), str(tmp / name))
+    multiprocess.assert_all_succeeded(multiprocess.wait_all(pair + [ref], TIMEOUT_S))
     out[name] = (one, two)
   return out
 

@@ -1,6 +1,6 @@
 """The synthetic-preference builder and the evaluate binary on 2 processes x 2 CPU devices.
 
-Each is run as SLURM starts it (tests/test_multihost.py's helpers: coordinator
+Each is run as SLURM starts it (the harness of tests/multiprocess.py: coordinator
 on 127.0.0.1) and once on 1 process x 4 devices; the outputs must be the same
 rows in the same order, each written once, by process 0 alone. Process 1 is
 given its own output paths, in a directory of its own that must stay empty:
@@ -17,8 +17,7 @@ import random
 import pytest
 
 from realign_jax.parallel import multihost
-from tests.helpers import BinaryRun
-from tests.test_multihost import REPO_ROOT, _env, _slurm, _slurm_job_ids, _wait_all
+from tests import multiprocess
 
 # NOTE: batches of 4: train's 10 prompts are batches 0 and 2 (6 prompts) on process 0 and
 # batch 1 (4) on process 1; test's 3 prompts are one batch, process 1 sits that round out.
@@ -65,7 +64,6 @@ def _evaluate_args(tmp, out) -> list:
 def runs(tmp_path_factory, tiny_sft_dir):
   """{binary: (1-process run, [process 0, process 1])}, with their output paths in `tmp`."""
   tmp = tmp_path_factory.mktemp("multihost_builders")
-  cache = tmp / "jax_cache"
   (tmp / "p1").mkdir()  # process 1's outputs would land here
   _write_decode_file(tmp / "dera_a.jsonl", LAMS, seed=1)
   _write_decode_file(tmp / "dera_b.jsonl", LAMS, seed=2)
@@ -74,25 +72,20 @@ def runs(tmp_path_factory, tiny_sft_dir):
       json.dumps({"prompt": f"document {i}", "reference": "the cat sat on the mat"}) + "\n"
       for i in range(NUM_DOCS)))
 
-  jobs = _slurm_job_ids(2)
+  jobs = multiprocess.slurm_job_ids(2)
 
   def start(name, args_of, outputs):
     """The 1-process run (4 devices) and the 2 processes (2 devices each) of one binary."""
-    one = BinaryRun(args_of(outputs[0]), env=_env(4, cache), cwd=REPO_ROOT,
-                    log_prefix=str(tmp / f"{name}_one"))
-    job = jobs.pop()
-    two = [BinaryRun(args_of(outputs[1 + rank]), env=_env(2, cache, _slurm(job, rank)),
-                     cwd=REPO_ROOT, log_prefix=str(tmp / f"{name}_two.p{rank}"))
-           for rank in (0, 1)]
-    return one, two
+    out = {"one": outputs[0], 0: outputs[1], 1: outputs[2]}
+    return multiprocess.start_one_and_two(lambda slot: args_of(out[slot]), str(tmp / name),
+                                          job_id=jobs.pop())
 
   builder = start("builder", lambda out: _builder_args(tiny_sft_dir, out),
                   [tmp / "prefs_one", tmp / "prefs_two", tmp / "p1" / "prefs"])
   evaluate = start("evaluate", lambda out: _evaluate_args(tmp, out),
                    [tmp / "eval_one.json", tmp / "eval_two.json", tmp / "p1" / "eval.json"])
-  _wait_all([builder[0], *builder[1], evaluate[0], *evaluate[1]], timeout=TIMEOUT_S)
-  for r in (builder[0], *builder[1], evaluate[0], *evaluate[1]):
-    assert r.returncode == 0, r.describe()
+  everything = [builder[0], *builder[1], evaluate[0], *evaluate[1]]
+  multiprocess.assert_all_succeeded(multiprocess.wait_all(everything, TIMEOUT_S))
   return {"builder": builder, "evaluate": evaluate, "tmp": tmp}
 
 

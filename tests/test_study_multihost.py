@@ -24,10 +24,8 @@ from realign_jax import paths
 from realign_jax.errors import UserError
 from realign_jax.experiments import report as rep
 from realign_jax.experiments import stages as stages_lib
-from tests.helpers import BinaryRun
+from tests import multiprocess
 from tests.test_experiments import LR_GIN, SMOKE
-from tests.test_multihost import REPO_ROOT, _env, _slurm, _wait_all
-from tests.test_multihost import _slurm_job_ids
 from tests.test_remote_paths import bucket  # noqa: F401  (the fixture)
 
 TIMEOUT_S = 300
@@ -95,23 +93,17 @@ def _events(log) -> list:
 def studies(tmp_path_factory):
   """The 1-process and the 2-process study (run at once), then the 2-process refusal."""
   tmp = tmp_path_factory.mktemp("study_multihost")
-  cache = tmp / "jax_cache"
   one_dir, two_dir = tmp / "one", tmp / "two"
-  job, job2 = _slurm_job_ids(2)
-  one = BinaryRun(_hooked(one_dir, tmp / "one.log"), env=_env(4, cache), cwd=REPO_ROOT,
-                  log_prefix=str(tmp / "one"))
-  two = [BinaryRun(_hooked(two_dir, tmp / f"two.p{rank}.log"),
-                   env=_env(2, cache, _slurm(job, rank)), cwd=REPO_ROOT,
-                   log_prefix=str(tmp / f"two.p{rank}")) for rank in (0, 1)]
-  _wait_all([one, *two], timeout=TIMEOUT_S)
-  for r in (one, *two):
-    assert r.returncode == 0, r.describe()
+  job, job2 = multiprocess.slurm_job_ids(2)
+  one, two = multiprocess.start_one_and_two(
+      lambda slot: (_hooked(one_dir, tmp / "one.log") if slot == "one" else
+                    _hooked(two_dir, tmp / f"two.p{slot}.log")), str(tmp / "study"), job_id=job)
+  multiprocess.assert_all_succeeded(multiprocess.wait_all([one, *two], TIMEOUT_S))
   events = {rank: _events(tmp / f"two.p{rank}.log") for rank in (0, 1)}
   # A changed training setting: refused on both processes, with the same line.
-  refused = [BinaryRun(_hooked(two_dir, tmp / f"refused.p{rank}.log", ["PPO_STEPS = 2"]),
-                       env=_env(2, cache, _slurm(job2, rank)), cwd=REPO_ROOT,
-                       log_prefix=str(tmp / f"refused.p{rank}")) for rank in (0, 1)]
-  _wait_all(refused, timeout=TIMEOUT_S)
+  refused = multiprocess.wait_all(multiprocess.start_two(
+      lambda rank: _hooked(two_dir, tmp / f"refused.p{rank}.log", ["PPO_STEPS = 2"]),
+      str(tmp / "refused"), job_id=job2), TIMEOUT_S)
   return {"one": one_dir, "two": two_dir, "events": events, "refused": refused, "tmp": tmp}
 
 
@@ -237,12 +229,11 @@ def test_stages_and_outputs_in_a_bucket(bucket):  # noqa: F811
 
 
 def test_layout_free_settings_under_a_uri():
-  from realign_jax.experiments import tldr_style as ts
   root = "gs://bucket/study"
-  assert ts.layout_free({"a": f"{root}/sft", "b": ["gs://bucket/studyx/sft", "adamw"],
-                         "c": "gs://other/sft", "d": 2}, root) == {
+  assert stages_lib.layout_free({"a": f"{root}/sft", "b": ["gs://bucket/studyx/sft", "adamw"],
+                                 "c": "gs://other/sft", "d": 2}, root) == {
       "a": "<MODEL_DIR>/sft", "b": ["gs://bucket/studyx/sft", "adamw"], "c": "gs://other/sft",
       "d": 2}
   # a local MODEL_DIR keeps its layout-free paths; a URI inside settings stays as it is
-  assert ts.layout_free({"a": "/x/study/sft", "u": "gs://bucket/x"}, "/x/study") == {
+  assert stages_lib.layout_free({"a": "/x/study/sft", "u": "gs://bucket/x"}, "/x/study") == {
       "a": "<MODEL_DIR>/sft", "u": "gs://bucket/x"}
