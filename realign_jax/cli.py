@@ -52,8 +52,11 @@ FLAG_HELP = (
 
 
 def module_name_of_main() -> str:
+  """What `python -m` ran: a module, or a package (its __main__ module stripped)."""
   spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-  return spec.name if spec is not None else os.path.basename(sys.argv[0])
+  if spec is None:
+    return os.path.basename(sys.argv[0])
+  return spec.name[:-len(".__main__")] if spec.name.endswith(".__main__") else spec.name
 
 
 def _doc_summary(module: str) -> str:

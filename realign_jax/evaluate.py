@@ -30,6 +30,7 @@ import numpy as np
 
 from realign_jax import gin_utils
 from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.decoding.lambda_grid import LambdaGrid
 from realign_jax.errors import UserError
 from realign_jax.evaluation import judges as judges_lib
 from realign_jax.evaluation import kl as kl_lib
@@ -246,7 +247,7 @@ def evaluate(*, decode_files: Sequence[str], output_file: str,
     if any(n < 1 for n in orders):
       raise UserError(f"diversity orders must be >= 1, got {orders}")
     if lambdas is not None:
-      lambdas = records.check_lambda_grid(lambdas, "evaluate.lambdas")
+      lambdas = LambdaGrid.of(lambdas, "evaluate.lambdas").list()
     reward_judge = judges_lib.RewardJudge(reward) if reward is not None else None
     if compare_file and judge is None:
       if reward_judge is None:

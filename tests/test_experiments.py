@@ -13,9 +13,13 @@ import pytest
 from realign_jax import gin_utils
 from realign_jax.errors import UserError
 from realign_jax.evaluation import optimum as opt
-from realign_jax.experiments import length_reward as lr
+from realign_jax.decoding.lambda_grid import LambdaGrid
 from realign_jax.experiments import report as rep
 from realign_jax.experiments import stages as stages_lib
+from realign_jax.experiments.length_reward import config as lr_config
+from realign_jax.experiments.length_reward import report as lr_report
+from realign_jax.experiments.length_reward import results as lr_results
+from realign_jax.experiments.length_reward.__main__ import main as lr_main
 from realign_jax.models.api import count_params
 from realign_jax.rewards.length import LengthReward
 from realign_jax.training import trainer as trainer_lib
@@ -167,10 +171,25 @@ def test_disagreements_hold_the_family_wise_level():
 @pytest.mark.parametrize("grid,match", [([0.0, 1.0, 1.0], "duplicates"),
                                         ([0.0, math.inf], "non-finite"),
                                         ([0.0, math.nan], "non-finite"),
-                                        ([1.0, -0.5], "negative"), ([], "empty")])
+                                        ([1.0, -0.5], "must all be >= 0"), ([], "empty"),
+                                        ("0.5", "must be a list of numbers"),
+                                        ([0.5, "1"], "non-numeric")])
 def test_bad_lambda_grid(grid, match):
   with pytest.raises(UserError, match=match):
-    rep.check_lambdas(grid)
+    LambdaGrid.of(grid, minimum=0.0)
+
+
+def test_lambda_grid_keeps_order_and_bounds():
+  grid = LambdaGrid.of([2, 0.5, np.float32(1.0)], "DeRa.lambdas")
+  assert grid.list() == [2.0, 0.5, 1.0] and 0.5 in grid and len(grid) == 3
+  assert LambdaGrid.of(grid, "again") == grid
+  assert LambdaGrid.of([-1.0, 0.5]).list() == [-1.0, 0.5]  # DeRa extrapolates below 0
+  with pytest.raises(UserError, match=r"TldrComparison.lambdas must all be > 0 \(beta / lambda "
+                                      r"is retrained\), got \[0.0, 1.0\]"):
+    LambdaGrid.of([0.0, 1.0], "TldrComparison.lambdas", minimum=0.0, inclusive=False,
+                  why="beta / lambda is retrained")
+  with pytest.raises(UserError, match="evaluate.lambdas has duplicates: \\[0.5\\]"):
+    LambdaGrid.of([0.5, 0.5], "evaluate.lambdas")
 
 
 def _fake_rows(lambdas, rewards_by_lam, n_prompts=4, samples=2, seed=0):
@@ -198,7 +217,7 @@ def _fake_results(tmp_path, dera_means, retrained_means, lambdas=(0.0, 0.5, 1.0,
   by_lam = {lam: [dict(r, lam=None) for r in retr_rows if r["lam"] == lam] for lam in lambdas}
   by_lam[0.0] = [dict(r) for r in dera_rows if r["lam"] == 0.0]  # the reference itself
   by_lam[1.0] = [dict(r) for r in dera_rows if r["lam"] == 1.0]  # the base run itself
-  res = lr.build_results(
+  res = lr_results.build_results(
       lambdas=lambdas, beta=0.1, window=(3, 6), dera_rows=dera_rows, retrained_rows=by_lam,
       sft_in_range=0.125, max_sft_in_range=0.3, stage_seconds={"sft": 3.0, "ppo": 4.0},
       invocation_seconds=9.0, ran=["ppo"], max_new_tokens=16,
@@ -226,11 +245,11 @@ def test_results_and_report_from_fake_stage_outputs(tmp_path):
   lam05 = [r["reward"] for r in dera_rows if r["lam"] == 0.5]
   per_prompt = np.array(lam05).reshape(4, 2).mean(1)
   assert res["dera_reward_se"][1] == pytest.approx(per_prompt.std(ddof=1) / 2)
-  figs = lr.write_figures(str(tmp_path), res, dera_rows, by_lam)
+  figs = lr_report.write_figures(str(tmp_path), res, dera_rows, by_lam)
   for path in figs.values():
     with open(path, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  text = lr.render_report(res)
+  text = lr_report.render_report(res)
   assert f"**{res['pearson']:.3f}**" in text
   assert "12.5%" in text and "fig2a_reward_vs_lambda.png" in text
   for lam, kl in zip(res["lambdas"], res["dera_kl"]):
@@ -255,7 +274,7 @@ def test_results_against_the_exact_optimum(tmp_path):
           2.0: _even_rows(None, 8, 2.2)}   # J = -0.11 vs J* = -0.104: converged
   dera = [dict(r, lam=lam) for lam, h, k in ((0.0, 1, 0.0), (0.5, 2, 0.3), (1.0, 4, 1.0),
                                              (2.0, 6, 1.5)) for r in _even_rows(lam, h, k)]
-  res = lr.build_results(
+  res = lr_results.build_results(
       lambdas=lambdas, beta=0.1, window=(3, 6), dera_rows=dera, retrained_rows=retr,
       sft_in_range=0.125, max_sft_in_range=0.3, stage_seconds={"sft": 1.0},
       invocation_seconds=1.0, ran=[], max_new_tokens=16,
@@ -281,7 +300,7 @@ def test_results_against_the_exact_optimum(tmp_path):
   for key in ("optimum_J", "optimum_reward", "optimum_kl", "dera_J", "retrained_J",
               "retrained_converged"):
     assert len(res[key]) == len(lambdas)
-  text = lr.render_report(res)
+  text = lr_report.render_report(res)
   assert "p0 = **12.5%**" in text and "**2 of 3 retrained models are not at the optimum" in text
   assert "lambda = 0.5 (beta' = 0.2): the retrained model is 0.093 below J*" in text
   # J's shortfall traced to KL beyond the least KL of the model's own reward:
@@ -289,7 +308,7 @@ def test_results_against_the_exact_optimum(tmp_path):
   assert res["retrained_least_kl_for_reward"][1] == pytest.approx(np.log(8.0))
   assert res["retrained_excess_kl"][1] == pytest.approx(2.5 - np.log(8.0))
   assert "spends 2.500 nats for mean reward 0.000, which needs 2.079 at least" in text
-  figs = lr.write_figures(str(tmp_path), res, dera, retr)
+  figs = lr_report.write_figures(str(tmp_path), res, dera, retr)
   assert set(figs) >= {"reward", "kl", "objective", "reward_kl", "length_grid"}
   for path in figs.values():
     with open(path, "rb") as f:
@@ -297,24 +316,24 @@ def test_results_against_the_exact_optimum(tmp_path):
   # a reward the length study cannot have is refused, naming the values
   bad = {**retr, 0.0: [dict(r, reward=0.5) for r in retr[0.0]]}
   with pytest.raises(UserError, match="only -1 and 0"):
-    lr.optimum_columns(lambdas, 0.1, bad[0.0], dera, bad)
+    lr_results.optimum_columns(lambdas, 0.1, bad[0.0], dera, bad)
 
 
 def test_least_kl_for_a_reward_is_the_optimum_curve():
   # pi*_beta spends exactly the least KL of its own mean reward, at every beta
   for beta in (0.4, 0.1, 0.025):
     o = opt.binary_optimum(0.125, beta)
-    assert lr.optimum_kl_for_reward(0.125, o["reward"]) == pytest.approx(o["kl"], rel=1e-9)
-  assert lr.optimum_kl_for_reward(0.125, 0.0) == pytest.approx(np.log(8.0))
-  assert lr.optimum_kl_for_reward(0.125, -0.9) == 0.0  # below pi_ref's reward: free
-  assert lr.optimum_kl_for_reward(0.0, -0.5) == float("inf")
+    assert lr_results.optimum_kl_for_reward(0.125, o["reward"]) == pytest.approx(o["kl"], rel=1e-9)
+  assert lr_results.optimum_kl_for_reward(0.125, 0.0) == pytest.approx(np.log(8.0))
+  assert lr_results.optimum_kl_for_reward(0.125, -0.9) == 0.0  # below pi_ref's reward: free
+  assert lr_results.optimum_kl_for_reward(0.0, -0.5) == float("inf")
 
 
 def test_disagreement_is_reported(tmp_path):
   # Retraining gains nothing beyond lambda = 1 where DeRa gains everything.
   res, _, _ = _fake_results(tmp_path, [-1.0, -0.75, -0.5, 0.0], [-1.0, -0.75, -0.5, -1.0])
   assert res["reward_disagreement_lambdas"] == [2.0]
-  text = lr.render_report(res)
+  text = lr_report.render_report(res)
   assert "**DeRa and retraining disagree**" in text and "lambda = 2" in text
 
 
@@ -355,20 +374,30 @@ def test_every_experiment_config_parses_and_builds(path, clean_gin, tmp_path):
   binary = next(b for b in ("length_reward", "tldr_style", "frontier") if gin.get_bindings(b))
   built = gin.get_bindings(binary)  # evaluates every @Configurable() it references
   assert built["model_dir"] == str(tmp_path / "MODEL_DIR")
-  assert isinstance(built["sft"], SFT)
-  rep.check_lambdas(built["lambdas"])
+  models = built["models"]
+  assert isinstance(models.sft, SFT)
+  grid = built["methods"] if binary == "frontier" else built["comparison"]
+  LambdaGrid.of(grid.lambdas, minimum=0.0)
+  built["evaluation"].check()
   if binary == "frontier":
-    assert built["aligned_beta"] in built["betas"]
-    assert isinstance(built["ppo"], PPO) and built["ppo"].kl_target is None
-  for key, value in built.items():
+    assert grid.aligned_beta in grid.betas
+    assert isinstance(models.ppo, PPO) and models.ppo.kl_target is None
+    from realign_jax.experiments.frontier import config as fr_config
+    fr_config.check_all(models, built["training"], grid, built["evaluation"])
+  # every algorithm and optimizer of every group builds
+  values = [getattr(g, f.name) for g in built.values() if dataclasses.is_dataclass(g)
+            for f in dataclasses.fields(g)]
+  assert any(isinstance(v, stages_lib.OptimizerSpec) for v in values)
+  for value in values:
     if isinstance(value, trainer_lib.Algorithm):
       abstract, _ = value.abstract_init()
       assert count_params(abstract) > 0
     if isinstance(value, stages_lib.OptimizerSpec):
       value.build(10)
   if binary == "length_reward":
-    assert isinstance(built["ppo"], PPO) and isinstance(built["ppo"].reward, LengthReward)
-    assert built["ppo"].reward.max_length < built["ppo"].max_new_tokens
+    assert isinstance(models.ppo, PPO) and isinstance(models.ppo.reward, LengthReward)
+    assert models.ppo.reward.max_length < models.ppo.max_new_tokens
+    lr_config.check_all(models, built["training"], built["evaluation"], grid)
   if required:
     with pytest.raises(UserError, match=required[0]):
       gin_utils.parse([path], [])
@@ -383,9 +412,9 @@ SMOKE = [
     "PPO.batch_size = 8", "PPO.input_length = 32", "PPO.max_new_tokens = 8",
     "PPO.num_epochs = 1", "PPO.num_minibatches = 1",
     "LengthReward.min_length = 2", "LengthReward.max_length = 5",
-    "length_reward.num_eval_prompts = 6", "length_reward.num_samples = 2",
-    "length_reward.eval_batch_size = 4", "length_reward.max_sft_in_range = 1.0",
-    "length_reward.compilation_cache = False", "length_reward.progress = False",
+    "StudyEvaluation.num_prompts = 6", "StudyEvaluation.num_samples = 2",
+    "StudyEvaluation.batch_size = 4", "LengthRewardComparison.max_sft_in_range = 1.0",
+    "StudyOptions.compilation_cache = False", "StudyOptions.progress = False",
     "TrainerConfig.progress = False", "PPO.max_eval_examples = 4",
     "ppo/TrainerConfig.eval_every = 1", "ppo/TrainerConfig.stop_window = 1",
 ]
@@ -394,7 +423,7 @@ SMOKE = [
 def _main(tmp_path, extra=()):
   args = [f"--gin_file={LR_GIN}", f"--gin.MODEL_DIR='{tmp_path}'"]
   args += [f"--gin.{b}" for b in list(SMOKE) + list(extra)]
-  return lr.main(args)
+  return lr_main(args)
 
 
 def test_length_reward_end_to_end_then_resumes(tmp_path, clean_gin, capsys):

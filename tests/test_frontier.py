@@ -10,8 +10,10 @@ import pytest
 from realign_jax.errors import UserError
 from realign_jax.evaluation import best_of_n_theory as bon
 from realign_jax.evaluation import optimum as opt
-from realign_jax.experiments import frontier as fr
 from realign_jax.experiments import stages as stages_lib
+from realign_jax.experiments.frontier import report as fr_report
+from realign_jax.experiments.frontier import results as fr
+from realign_jax.experiments.frontier.__main__ import main as fr_main
 
 GIN = "configs/experiments/frontier_tiny.gin"
 
@@ -92,16 +94,16 @@ def test_optimum_block_and_gaps_by_hand(tmp_path):
       pytest.approx(0.075)
   assert e1["optimum_reward_at_kl"] == pytest.approx(1.0, abs=1e-9)
   assert e1["gap_to_optimum"] == pytest.approx(0.5, abs=1e-9)
-  text = fr.render_report(dict(res, stage_seconds={}, invocation_seconds=1.0,
+  text = fr_report.render_report(dict(res, stage_seconds={}, invocation_seconds=1.0,
                                stages_run_now=[], settings=_fake_settings()))
   assert "self-normalised estimate from the 4 samples" in text
   assert "| 0.275 | 0.075 |" in text
-  fr.plot_frontier(str(tmp_path / "f.png"), res)
+  fr_report.plot_frontier(str(tmp_path / "f.png"), res)
   assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
   # Without samples of the SFT model: no optimum, no gaps, said so.
   none = fr.build_results(_fake_entries(), settings={})
   assert none["optimum"]["kind"] is None and none["entries"][0]["gap_to_optimum"] is None
-  text = fr.render_report(dict(none, stage_seconds={}, invocation_seconds=1.0,
+  text = fr_report.render_report(dict(none, stage_seconds={}, invocation_seconds=1.0,
                                stages_run_now=[], settings=_fake_settings()))
   assert "No optimum: no samples of the SFT model" in text
 
@@ -127,20 +129,24 @@ SMOKE = [
     "PPO.batch_size = 8", "PPO.input_length = 32", "PPO.max_new_tokens = 6",
     "PPO.num_epochs = 1", "PPO.num_minibatches = 1",
     "LengthReward.min_length = 2", "LengthReward.max_length = 4",
-    "frontier.betas = [0.1]", "frontier.lambdas = [0.0, 1.0]", "frontier.best_of_n = [1, 2, 4]",
-    "frontier.cd_betas = [0.1]", "frontier.block_candidates = [2]", "frontier.block_length = 3",
-    "frontier.tq_alphas = [1.0]", "frontier.tq_horizon = 3", "frontier.args_weights = [1.0]",
-    "frontier.cd_top_k = 4", "frontier.cd_q_top_k = 0", "frontier.tq_top_k = 3",
-    "frontier.args_top_k = 4",
-    "frontier.value_batch_size = 8", "frontier.num_prompts = 3", "frontier.batch_size = 2",
-    "frontier.compilation_cache = False", "frontier.progress = False",
+    "FrontierMethods.betas = [0.1]", "FrontierMethods.lambdas = [0.0, 1.0]",
+    "FrontierMethods.best_of_n = [1, 2, 4]",
+    "FrontierMethods.cd_betas = [0.1]", "FrontierMethods.block_candidates = [2]",
+    "FrontierMethods.block_length = 3",
+    "FrontierMethods.tq_alphas = [1.0]", "FrontierMethods.tq_horizon = 3",
+    "FrontierMethods.args_weights = [1.0]",
+    "FrontierMethods.cd_top_k = 4", "FrontierMethods.cd_q_top_k = 0", "FrontierMethods.tq_top_k = 3",
+    "FrontierMethods.args_top_k = 4",
+    "FrontierTraining.value_batch_size = 8", "StudyEvaluation.num_prompts = 3",
+    "StudyEvaluation.batch_size = 2",
+    "StudyOptions.compilation_cache = False", "StudyOptions.progress = False",
     "TrainerConfig.progress = False",
 ]
 
 
 def _main(tmp_path, extra=()):
   args = [f"--gin_file={GIN}", f"--gin.MODEL_DIR='{tmp_path}'"]
-  return fr.main(args + [f"--gin.{b}" for b in list(SMOKE) + list(extra)])
+  return fr_main(args + [f"--gin.{b}" for b in list(SMOKE) + list(extra)])
 
 
 def _response_length(tokens) -> int:
@@ -269,17 +275,22 @@ def test_frontier_end_to_end_then_resumes(tmp_path, clean_gin, capsys):
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["frontier.aligned_beta = 0.5"], r"aligned_beta = 0.5 .* is not one of frontier.betas"),
-    (["frontier.methods = ['best_of_n', 'beam']"], "frontier.methods must be distinct names"),
-    (["frontier.best_of_n = [0, 2]"], r"best_of_n must hold integers >= 1, got 0"),
-    (["frontier.cd_betas = [0.0]"], r"cd_betas must hold numbers > 0"),
-    (["frontier.cd_top_k = 99999"], r"cd_top_k = 99999 is larger than the vocabulary"),
-    (["frontier.tq_horizon = 0"], r"tq_horizon \(H\) must be an integer >= 1"),
+    (["FrontierMethods.aligned_beta = 0.5"],
+     r"FrontierMethods.aligned_beta = 0.5 .* is not one of FrontierMethods.betas"),
+    (["FrontierMethods.methods = ['best_of_n', 'beam']"],
+     "FrontierMethods.methods must be distinct names"),
+    (["FrontierMethods.best_of_n = [0, 2]"], r"best_of_n must hold integers >= 1, got 0"),
+    (["FrontierMethods.cd_betas = [0.0]"], r"FrontierMethods.cd_betas must hold numbers > 0"),
+    (["FrontierMethods.cd_top_k = 99999"], r"cd_top_k = 99999 is larger than the vocabulary"),
+    (["FrontierMethods.tq_horizon = 0"], r"tq_horizon \(H\) must be an integer >= 1"),
     # the paper's alpha is a KL weight (Q / alpha): 0 is not a setting
-    (["frontier.tq_alphas = [0.0, 1.0]"], r"tq_alphas must hold numbers > 0, got 0.0"),
-    (["frontier.tq_alpha_convention = 'inverse'"], "tq_alpha_convention must be one of"),
-    (["frontier.block_length = 0"], r"block_length \(M\) must be an integer >= 1"),
-    (["frontier.args_weights = [1.0, 1.0]"], "args_weights holds duplicates"),
+    (["FrontierMethods.tq_alphas = [0.0, 1.0]"], r"tq_alphas must hold numbers > 0, got 0.0"),
+    (["FrontierMethods.tq_alpha_convention = 'inverse'"], "tq_alpha_convention must be one of"),
+    (["FrontierMethods.block_length = 0"], r"block_length \(M\) must be an integer >= 1"),
+    (["FrontierMethods.args_weights = [1.0, 1.0]"], "args_weights holds duplicates"),
+    (["FrontierMethods.lambdas = [0.0, -1.0]"], r"FrontierMethods.lambdas must all be >= 0"),
+    (["FrontierTraining.value_steps = 0"], r"FrontierTraining.value_steps must be an integer"),
+    (["StudyEvaluation.num_samples = 0"], r"StudyEvaluation.num_samples must be an integer"),
     (["PPO.kl_target = 1.0"], "sweeps a fixed beta"),
 ])
 def test_bad_settings_are_refused_before_any_compute(tmp_path, clean_gin, extra, match):

@@ -25,11 +25,14 @@ FLOORS = [
     # The decoding methods, component and prompt loading, and the one batch loop that every
     # decoder runs through (the binaries, the studies, the synthetic-preference builder).
     ("inference", ["inference"]),
-    # NOTE: the studies and the sweep machinery are binaries too (ARCHITECTURE.md: binaries
-    # sit on the top floor: train, decode, evaluate, convert, sweep, the synthetic-preference
-    # builder, the studies); gin_utils is their gin plumbing (it registers every package).
+    # NOTE: the sweep machinery is a binary too (ARCHITECTURE.md: train, decode, evaluate,
+    # convert, sweep, the synthetic-preference builder); gin_utils is their gin plumbing (it
+    # registers every package).
     ("binaries", ["cli", "decode", "train", "evaluate", "sweep", "convert",
-                  "synthetic_preferences", "experiments", "sweeps", "gin_utils"]),
+                  "synthetic_preferences", "sweeps", "gin_utils"]),
+    # The studies run the binaries' code: each a package (config, pipeline, results, report)
+    # on the shared stage machinery, statistics and figures of experiments/.
+    ("studies", ["experiments"]),
 ]
 
 # The binary modules (each a `main` run by `python -m`): libraries do not import them.
@@ -142,7 +145,9 @@ def test_the_checker_sees_function_level_imports():
                    "if __name__ == '__main__':\n  from realign_jax import gin_utils\n")
   assert imports_of(tree) == [(2, "realign_jax.training")]
   assert floor_of("realign_jax.training.policy") > floor_of("realign_jax.rewards.learned")
-  assert floor_of("realign_jax.decode") == len(FLOORS) - 1
+  assert floor_of("realign_jax.decode") == len(FLOORS) - 2
+  assert floor_of("realign_jax.experiments.length_reward.pipeline") == len(FLOORS) - 1
+  assert floor_of("realign_jax.experiments.stages") == len(FLOORS) - 1
   assert (floor_of("realign_jax.evaluation.kl") < floor_of("realign_jax.inference.loop")
           < floor_of("realign_jax.decode"))
   assert _is_under("realign_jax.decode", BINARIES)

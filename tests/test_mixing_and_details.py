@@ -31,7 +31,7 @@ from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
 from realign_jax.evaluation import best_of_n_theory, stats
-from realign_jax.experiments import frontier as fr
+from realign_jax.experiments.frontier import results as fr
 from realign_jax.experiments import report as rep
 from realign_jax.inference.methods_cd import BlockwiseCD
 from realign_jax.inference.methods_dera import DeRa

@@ -9,7 +9,11 @@ import pytest
 
 from realign_jax.errors import UserError
 from realign_jax.experiments import stages as stages_lib
-from realign_jax.experiments import tldr_style as ts
+from realign_jax.experiments.tldr_style import config as ts_config
+from realign_jax.experiments.tldr_style import gold, pairs
+from realign_jax.experiments.tldr_style import report as ts_report
+from realign_jax.experiments.tldr_style import results as ts_results
+from realign_jax.experiments.tldr_style.__main__ import main as ts_main
 
 TS_GIN = "configs/experiments/tldr_style_tiny.gin"
 
@@ -27,20 +31,20 @@ def test_gold_reward_is_rouge_l_f_by_hand():
   # LCS("the cat sat", ref) = 3: P = 3/3, R = 3/6, F = 2 * 1 * 0.5 / 1.5 = 2/3.
   # "return value" vs "return the value": LCS 2, P = 1, R = 2/3, F = 0.8.
   # no common word: 0.
-  got = ts.gold_scores(refs, ["The cat sat", "return value", "c d"])
+  got = gold.gold_scores(refs, ["The cat sat", "return value", "c d"])
   np.testing.assert_allclose(got, [2 / 3, 0.8, 0.0], atol=1e-12)
-  fn = ts.prompt_gold_fn([{"inputs": "p1", "targets": "a b c"}])
+  fn = gold.prompt_gold_fn([{"inputs": "p1", "targets": "a b c"}])
   np.testing.assert_allclose(fn(["p1", "p1"], ["a b c", "a"]), [1.0, 0.5], atol=1e-12)
   with pytest.raises(UserError, match="no reference summary for prompt 'p2'"):
     fn(["p2"], ["x"])
   with pytest.raises(UserError, match="2 references for 1 responses"):
-    ts.gold_scores(["a", "b"], ["a"])
+    gold.gold_scores(["a", "b"], ["a"])
 
 
 def test_layout_free_settings(tmp_path):
   root = str(tmp_path / "study")
-  s = ts.layout_free({"a": os.path.join(root, "sft"), "b": ["/elsewhere/x", "adamw"], "c": 1.5},
-                     root)
+  s = stages_lib.layout_free(
+      {"a": os.path.join(root, "sft"), "b": ["/elsewhere/x", "adamw"], "c": 1.5}, root)
   assert s == {"a": "<MODEL_DIR>/sft", "b": ["/elsewhere/x", "adamw"], "c": 1.5}
 
 
@@ -58,7 +62,7 @@ def _rows(responses_by_prompt, lam=None, kl=0.0):
       text = " ".join(ref_words[:len(resp.split())]) if resp != BAD else "x"
       rows.append({"prompt_index": p, "sample": j, "lam": lam, "tokens": [len(text), 1],
                    "length": len(text.split()), "reward": float(len(text.split())),
-                   "gold": float(ts.gold_scores([REFS[p]], [text])[0]), "kl": kl,
+                   "gold": float(gold.gold_scores([REFS[p]], [text])[0]), "kl": kl,
                    "log_ratio": kl, "response": text})
   return rows
 
@@ -67,7 +71,7 @@ def _fam(dera_by_lam, retrained_by_lam, base):
   dera = [r for lam, resp in dera_by_lam.items() for r in _rows(resp, lam, kl=lam)]
   return {"dera": dera, "base": _rows(base, kl=1.0),
           "retrained": {lam: _rows(resp, kl=lam) for lam, resp in retrained_by_lam.items()},
-          "names": {lam: ts.run_name("pg", 0.1 / lam) for lam in dera_by_lam}}
+          "names": {lam: ts_config.run_name("pg", 0.1 / lam) for lam in dera_by_lam}}
 
 
 def _pw(values):
@@ -83,7 +87,7 @@ def test_win_rates_and_report_by_hand(tmp_path):
           5.0: [[GOOD, GOOD], [GOOD, GOOD]]}
   retr = {1.0: dera[1.0], 2.0: [[MID, BAD], [MID, MID]], 5.0: [[GOOD, MID], [GOOD, GOOD]]}
   fams = {"pg": _fam(dera, retr, dera[1.0])}
-  res = ts.build_results(
+  res = ts_results.build_results(
       lambdas=lambdas, beta=0.1, sft_rows=_rows(sft), families=fams,
       pairwise_result={"sft": _pw([0.5])[0], "pg": {"dera": _pw([0.6, 0.7, 0.8]),
                                                      "retrained": _pw([0.6, 0.65, 0.9])}},
@@ -119,12 +123,12 @@ def test_win_rates_and_report_by_hand(tmp_path):
   # so the curve cannot tell whether beta is too strong or too weak; and the report says so.
   assert pg["dera_verdict"]["verdict"] == "no alignment gain"
   assert pg["dera_winrate_vs_sft_se"][0] == pytest.approx(0.125)
-  figs = ts.write_figures(str(tmp_path), res)
+  figs = ts_report.write_figures(str(tmp_path), res)
   for path in figs.values():
     with open(path, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   res["figures"] = {k: os.path.basename(v) for k, v in figs.items()}
-  text = ts.render_report(res)
+  text = ts_report.render_report(res)
   assert f"**{res['pearson']:.3f}**" in text and "ROUGE-L F" in text
   assert "fig3a_pg_winrate_vs_sft.png" in text and "no alignment gain" in text
   assert "0.625 ± " in text
@@ -133,7 +137,7 @@ def test_win_rates_and_report_by_hand(tmp_path):
 def test_no_alignment_gain_is_said():
   lambdas = [1.0, 2.0]
   same = {1.0: [[BAD, BAD], [BAD, BAD]], 2.0: [[BAD, BAD], [BAD, BAD]]}
-  out = ts.family_results(lambdas, 0.1, _rows(same[1.0]), _fam(same, same, same[1.0]),
+  out = ts_results.family_results(lambdas, 0.1, _rows(same[1.0]), _fam(same, same, same[1.0]),
                           {"dera": _pw([0.5, 0.5]), "retrained": _pw([0.5, 0.5])}, REFS, 0)
   assert out["dera_winrate_vs_sft"] == [0.5, 0.5]
   assert out["dera_verdict"]["verdict"] == "no alignment gain"
@@ -158,11 +162,11 @@ def test_human_pairs_from_the_comparisons_release(tmp_path):
   data = tmp_path / "comparisons"
   data.mkdir()
   (data / "batch1.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  out = ts.write_human_pairs(str(tmp_path / "stage"), str(data), "validation", 2, 2)
+  out = pairs.write_human_pairs(str(tmp_path / "stage"), str(data), "validation", 2, 2)
   assert out["train"] == {"pairs": 2, "skipped_invalid": 0, "source": "tldr_comparisons"}
   assert out["validation"] == {"pairs": 2, "skipped_invalid": 1, "source": "tldr_comparisons"}
-  train = stages_lib.read_jsonl(str(tmp_path / "stage" / ts.TRAIN_PAIRS))
-  held = stages_lib.read_jsonl(str(tmp_path / "stage" / ts.HELDOUT_PAIRS))
+  train = stages_lib.read_jsonl(str(tmp_path / "stage" / pairs.TRAIN_PAIRS))
+  held = stages_lib.read_jsonl(str(tmp_path / "stage" / pairs.HELDOUT_PAIRS))
   prompt = lambda i: f"SUBREDDIT: r/tifu\nTITLE: Title {i}\nPOST: Post {i}.\nTL;DR:"
   # `choice` names the chosen summary; the leading space after "TL;DR:" is stripped.
   assert train == [{"prompt": prompt(0), "chosen": "second 0", "rejected": "first 0"},
@@ -170,7 +174,7 @@ def test_human_pairs_from_the_comparisons_release(tmp_path):
   assert held == [{"prompt": prompt(1), "chosen": "first 1", "rejected": "second 1"},
                   {"prompt": prompt(4), "chosen": "second 4", "rejected": "first 4"}]
   with pytest.raises(UserError, match="3 preference pairs asked from split validation .* only 2"):
-    ts.write_human_pairs(str(tmp_path / "stage2"), str(data), "validation", 2, 3)
+    pairs.write_human_pairs(str(tmp_path / "stage2"), str(data), "validation", 2, 3)
   assert not (tmp_path / "stage2").exists()
 
 
@@ -179,24 +183,24 @@ def test_t5_large_config_trains_its_reward_model_on_human_comparisons(clean_gin)
   gin_utils.parse(["configs/experiments/tldr_style_t5_large.gin"],
                   ["MODEL_DIR = 'm'", "INIT_CHECKPOINT = 'i'", "VOCAB_PATH = 'v'",
                    "DATA_DIR = 'd'", "COMPARISONS_DIR = 'human'"])
-  assert gin.get_bindings("tldr_style")["comparisons_dir"] == "human"
+  assert gin.get_bindings("TldrPairs")["comparisons_dir"] == "human"
   gin.clear_config()
   gin_utils.parse([TS_GIN], ["MODEL_DIR = 'm'"])  # the toy study: synthetic pairs
-  assert "comparisons_dir" not in gin.get_bindings("tldr_style")
+  assert "comparisons_dir" not in gin.get_bindings("TldrPairs")
 
 
 # ---- bad input, before any compute --------------------------------------------------------
 def _main(tmp_path, extra=()):
   args = [f"--gin_file={TS_GIN}", f"--gin.MODEL_DIR='{tmp_path}'"]
   args += [f"--gin.{b}" for b in list(SMOKE) + list(extra)]
-  return ts.main(args)
+  return ts_main(args)
 
 
 @pytest.mark.parametrize("extra,match", [
     (["LAMBDAS = [0.5, 1.0, 1.0]"], "duplicates"),
     (["LAMBDAS = [0.0, 1.0]"], "must all be > 0"),
     (["LAMBDAS = [1.0, 1e400]"], "non-finite"),
-    (["tldr_style.pg = @PG()"], "PG|reward"),
+    (["TldrModels.pg = @PG()"], "PG|reward"),
     (["rm/LanguageModel.output_head = 'lm'"], "output_head 'scalar'"),
     (["DPO.target_length = 4"], "DPO.target_length is 4"),
     (["BETA = 0.0"], "beta must be a finite number > 0"),
@@ -219,13 +223,13 @@ SMOKE = [
     "SFT.batch_size = 8", "SFT.target_length = 12",
     "RewardModel.batch_size = 8", "RewardModel.target_length = 16",
     "DPO.batch_size = 8", "DPO.target_length = 16", "PG.batch_size = 8",
-    "tldr_style.num_train_pair_prompts = 32", "tldr_style.num_heldout_pair_prompts = 16",
-    "tldr_style.num_eval_prompts = 6", "tldr_style.num_samples = 2",
-    "tldr_style.eval_batch_size = 8",
+    "TldrPairs.num_train_prompts = 32", "TldrPairs.num_heldout_prompts = 16",
+    "StudyEvaluation.num_prompts = 6", "StudyEvaluation.num_samples = 2",
+    "StudyEvaluation.batch_size = 8",
     # NOTE: the DPO half of the study is the same stage code with another trainer (it ran
     # end to end by hand); the test budget keeps it off here.
-    "tldr_style.with_dpo = False",
-    "tldr_style.progress = False", "TrainerConfig.progress = False",
+    "TldrModels.with_dpo = False",
+    "StudyOptions.progress = False", "TrainerConfig.progress = False",
 ]
 
 
@@ -260,7 +264,7 @@ def test_tldr_style_end_to_end_then_resumes(tmp_path, clean_gin, capsys):
   refs = {e["inputs"]: e["targets"] for e in pipeline.text_examples(
       "builtin_summarize", "validation", limit=16)}
   for r in held:
-    c, rj = ts.gold_scores([refs[r["prompt"]]] * 2, [r["chosen"], r["rejected"]])
+    c, rj = gold.gold_scores([refs[r["prompt"]]] * 2, [r["chosen"], r["rejected"]])
     assert c > rj
   rows = stages_lib.read_jsonl(str(tmp_path / "dera_pg" / "samples.jsonl"))
   assert len(rows) == 6 * 2 * 2

@@ -14,6 +14,7 @@ import math
 from typing import Any, Optional, Sequence
 
 from realign_jax import paths
+from realign_jax.decoding.lambda_grid import LambdaGrid
 from realign_jax.errors import UserError
 
 KL_FIELDS = ("kl", "log_ratio")
@@ -97,26 +98,11 @@ def group_by_lam(rows: Sequence[dict]) -> dict:
   return groups
 
 
-def check_lambda_grid(lambdas: Sequence[float], what: str = "lambda grid") -> list:
-  """A list of distinct finite floats, else one-line UserError."""
-  out = []
-  for lam in lambdas:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-      raise UserError(f"{what} holds a non-finite or non-numeric value: {lam!r}")
-    out.append(float(lam))
-  if not out:
-    raise UserError(f"{what} is empty")
-  dup = sorted({x for x in out if out.count(x) > 1})
-  if dup:
-    raise UserError(f"{what} has duplicates: {dup}")
-  return out
-
-
 def select_groups(groups: dict, lambdas: Optional[Sequence[float]], path: str) -> dict:
   """Restricts groups to `lambdas` (all of which must be present), in that order."""
   if lambdas is None:
     return groups
-  grid = check_lambda_grid(lambdas)
+  grid = LambdaGrid.of(lambdas, "evaluate.lambdas").list()
   missing = [lam for lam in grid if lam not in groups]
   if missing:
     have = [g for g in groups]

@@ -16,9 +16,7 @@ import numpy as np
 
 from realign_jax import paths
 from realign_jax.checkpoints.manager import atomic_write_text
-from realign_jax.errors import UserError
 from realign_jax.evaluation import stats
-from realign_jax.evaluation.records import check_lambda_grid
 
 # NOTE: two standard errors of a difference: the threshold for "differs" everywhere.
 Z = 2.0
@@ -26,15 +24,6 @@ Z = 2.0
 # comparisons (several lambdas) is held to it as a whole (`disagreements`).
 ALPHA = math.erfc(Z / math.sqrt(2.0))
 FAMILY_TEXT = f"family-wise level {ALPHA:.3f} over the lambdas compared, Holm's correction"
-
-
-def check_lambdas(lambdas: Sequence[float], what: str = "lambda grid") -> list:
-  """Distinct finite lambdas >= 0, else a one-line UserError."""
-  grid = check_lambda_grid(list(lambdas), what)
-  neg = [lam for lam in grid if lam < 0]
-  if neg:
-    raise UserError(f"{what} holds negative values: {neg}")
-  return grid
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
@@ -191,7 +180,8 @@ def regularisation_verdict(lambdas, reward, reward_se, kl, who: str = "the model
 
 
 # ---- figures --------------------------------------------------------------------
-def _plt():
+def pyplot():
+  """matplotlib.pyplot on the Agg backend (imported on first use: it is slow)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -203,7 +193,7 @@ def _primary() -> bool:
   return multihost.is_primary()
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig, path: str) -> str:
   """Writes the figure as a PNG at `path` (a local path or a URI), process 0 alone."""
   # NOTE: rendered to bytes, then one atomic write: the file (or object)
   # appears only complete, and savefig cannot write to a gs:// URI itself.
@@ -253,7 +243,7 @@ def plot_lambda_curves(path: str, lambdas, curves: dict, *, ylabel: str, title: 
                        base_beta: Optional[float] = None, lines: Optional[dict] = None) -> str:
   """Error-bar curves against lambda on a log axis; `lines` = {label: values} without errors
   (e.g. the optimum at beta / lambda), drawn dashed."""
-  plt = _plt()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(5.6, 4.0))
   xs = lambda_positions(lambdas)
   for label, vals in (lines or {}).items():
@@ -270,7 +260,7 @@ def _finish(plt, fig, ax, path: str, *, ylabel: str, title: str) -> str:
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, title=SE_NOTE, title_fontsize=7)
-  out = _save(fig, path)
+  out = save_figure(fig, path)
   plt.close(fig)
   return out
 
@@ -284,7 +274,7 @@ def plot_reward_kl(path: str, curve: dict, points: dict, *, title: str,
                    ylabel: str = "mean reward") -> str:
   """Reward against KL: the optimum's curve (curve["kl"], curve["reward"]) and, per label,
   points (kl, kl_se, reward, reward_se, annotations) with error bars."""
-  plt = _plt()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(5.6, 4.0))
   ck, cr = list(curve["kl"]), list(curve["reward"])
   # NOTE: beyond its largest KL the optimum's reward stays at its last (the reward's maximum).
@@ -308,7 +298,7 @@ def plot_training_curves(path: str, curves: dict, *, title: str,
 
   curves = {label: (steps, values, standard errors, target or None)}.
   """
-  plt = _plt()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(6.0, 4.2))
   for label, (steps, vals, ses, target) in curves.items():
     line = ax.errorbar(steps, vals, yerr=_yerr(ses), marker=".", capsize=2, linewidth=1.2,
@@ -322,7 +312,7 @@ def plot_training_curves(path: str, curves: dict, *, title: str,
 def plot_histograms(path: str, lengths_by_lam: dict, *, window: Optional[tuple], title: str,
                     max_length: int) -> str:
   """Step histograms of response lengths, one per lambda, the rewarded window shaded."""
-  plt = _plt()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(5.2, 3.6))
   bins = np.arange(0, max_length + 2) - 0.5
   if window is not None:
@@ -335,7 +325,7 @@ def plot_histograms(path: str, lengths_by_lam: dict, *, window: Optional[tuple],
   ax.set_ylabel("density")
   ax.set_title(title)
   ax.legend(fontsize=7)
-  out = _save(fig, path)
+  out = save_figure(fig, path)
   plt.close(fig)
   return out
 
@@ -345,7 +335,7 @@ def plot_length_grid(path: str, lambdas, columns: dict, *, window: Optional[tupl
   """Small multiples of response-length histograms: one row per lambda, one column per
   model (columns = {label: {lambda: [lengths]}}), the rewarded window shaded and the
   responses cut at `max_length` (no EOS) drawn as a separate red bar, with their share."""
-  plt = _plt()
+  plt = pyplot()
   names = list(columns)
   fig, axes = plt.subplots(len(lambdas), len(names), figsize=(2.9 * len(names),
                                                               1.25 * len(lambdas) + 0.8),
@@ -375,7 +365,7 @@ def plot_length_grid(path: str, lambdas, columns: dict, *, window: Optional[tupl
                         f"; green: rewarded [{window[0]}, {window[1]}]") +
                "; red: cut at the length limit", fontsize=8)
   fig.tight_layout()
-  out = _save(fig, path)
+  out = save_figure(fig, path)
   plt.close(fig)
   return out
 
@@ -390,6 +380,36 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
   return "\n".join(lines)
+
+
+def timing_fields(stage_seconds: dict, stage_cpu_seconds: Optional[dict],
+                  invocation_seconds: float, ran: Sequence[str], *,
+                  cpu_total: bool = True) -> dict:
+  """results.json's timings of a study's stages (`StageRunner` timings; NaN: unknown)."""
+  wall, cpu = stage_seconds, stage_cpu_seconds or {}
+  out = {"stage_seconds": wall,
+         "total_stage_seconds": float(sum(v for v in wall.values() if math.isfinite(v))),
+         "stage_cpu_seconds": {k: (v if math.isfinite(v) else None) for k, v in cpu.items()}}
+  if cpu_total:
+    out["total_stage_cpu_seconds"] = (float(sum(cpu.values())) if cpu and all(
+        math.isfinite(v) for v in cpu.values()) else None)
+  out["invocation_seconds"] = invocation_seconds
+  out["stages_run_now"] = ran
+  return out
+
+
+def time_section(res: dict) -> list:
+  """The report's table of stage times (`timing_fields`) and the invocation's."""
+  st, cpu = res["stage_seconds"], res.get("stage_cpu_seconds") or {}
+  lines = [markdown_table(
+      ["stage", "wall seconds", "CPU seconds (all threads)"],
+      [[k, f"{v:.0f}", "n/a" if cpu.get(k) is None else f"{cpu[k]:.0f}"] for k, v in st.items()])]
+  tc = res.get("total_stage_cpu_seconds")
+  lines += ["", f"Sum of stage times: {res['total_stage_seconds']:.0f} s wall"
+            + ("" if tc is None else f", {tc:.0f} s CPU") + f" on {os.cpu_count()} cores. "
+            f"This invocation: {res['invocation_seconds']:.0f} s wall (stages run now: "
+            f"{', '.join(res['stages_run_now']) or 'none, all cached'})."]
+  return lines
 
 
 def write_outputs(model_dir: str, results: dict, figures: dict, render) -> dict:

@@ -18,6 +18,7 @@ import numpy as np
 from realign_jax.checkpoints import run_dir
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import dera
+from realign_jax.decoding.lambda_grid import LambdaGrid
 from realign_jax.errors import UserError
 from realign_jax.inference.method import Context, DecodeMethod, Runner, check_same_tokens
 from realign_jax.inference.method import row_ids
@@ -59,9 +60,8 @@ class DeRa(DecodeMethod):
           raise UserError("DeRa.lambda_vectors weighs several aligned models: give them as "
                           "DeRa.aligned_checkpoints (or use DeRa.lambdas with one "
                           "aligned_checkpoint)")
-        lambdas = dera.check_lambdas((1.0,) if self.lambdas is None else self.lambdas)
-        if len(set(lambdas)) != len(lambdas):
-          raise UserError(f"the lambda list has duplicates: {lambdas}")
+        lambdas = LambdaGrid.of((1.0,) if self.lambdas is None else self.lambdas,
+                                "DeRa.lambdas").list()
         dirs = [self.aligned_checkpoint] if self.aligned_checkpoint else []
       self._checked = (dirs, lambdas, multi)
     return self._checked
