@@ -25,10 +25,12 @@ FLOORS = [
     # The decoding methods, component and prompt loading, and the one batch loop that every
     # decoder runs through (the binaries, the studies, the synthetic-preference builder).
     ("inference", ["inference"]),
+    # The realignment server's engine and ASGI app, on the inference package.
+    ("serving", ["serving"]),
     # NOTE: the sweep machinery is a binary too (ARCHITECTURE.md: train, decode, evaluate,
     # convert, sweep, the synthetic-preference builder); gin_utils is their gin plumbing (it
     # registers every package).
-    ("binaries", ["cli", "decode", "train", "evaluate", "sweep", "convert",
+    ("binaries", ["cli", "decode", "serve", "train", "evaluate", "sweep", "convert",
                   "synthetic_preferences", "sweeps", "gin_utils"]),
     # The studies run the binaries' code: each a package (config, pipeline, results, report)
     # on the shared stage machinery, statistics and figures of experiments/.

@@ -127,6 +127,43 @@ def process_logits(logits, config: SamplingConfig):
   return logits
 
 
+def process_logits_rows(logits, temperature, top_p, greedy):
+  """`process_logits` with the settings PER ROW (the server's slots): [B, V] -> [B, V] float32.
+
+  temperature, top_p: [B] float32; greedy: [B] bool. A row gives what
+  `process_logits` gives it with the same settings as a static config, bit for
+  bit (top-p is applied only where top_p < 1, as there; no top-k).
+  """
+  logits = logits.astype(jnp.float32)
+  scaled = logits / temperature[:, None]
+  sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs
+  keep = before < top_p[:, None]
+  threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  nucleus = jnp.where(scaled < threshold, -jnp.inf, scaled)
+  out = jnp.where((top_p < 1.0)[:, None], nucleus, scaled)
+  return jnp.where(greedy[:, None], logits, out)
+
+
+def step_keys(row_keys, t):
+  """Each row's key at step t (scalar, or [B] per row): fold_in(row key, t)."""
+  if jnp.ndim(t) == 0:
+    return jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
+  return jax.vmap(jax.random.fold_in)(row_keys, t)
+
+
+def draw_rows(keys, logq, greedy):
+  """`_draw` with greedy PER ROW ([B] bool): the argmax where greedy, a sample elsewhere."""
+  return jnp.where(greedy, jnp.argmax(logq, axis=-1).astype(jnp.int32),
+                   _draw(keys, logq, False))
+
+
+def exact_kl(logq, logp):
+  """Full-vocabulary KL(q || p) per row: [B, V] log-probs -> [B] (the loop's per-step KL)."""
+  return _kl(logq, logp)
+
+
 def _kl(logq, logp):
   """Full-vocabulary KL(q || p) per row, safe where q = 0: [B, V] -> [B]."""
   q = jnp.exp(logq)
@@ -195,7 +232,7 @@ def sample_loop(step: Callable[[jax.Array, Any], tuple], cache: Any, first_token
     raw = mask_pad(out.logits if mixed else out, config.pad)
     logits = process_logits(raw, config)
     logq = jax.nn.log_softmax(logits, axis=-1)
-    keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
+    keys = step_keys(row_keys, t)
     new = _draw(keys, logq, config.greedy)
     new = jnp.where(done, config.pad, new)
     live = ~done
