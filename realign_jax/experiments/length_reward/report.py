@@ -16,24 +16,22 @@ def write_figures(model_dir, results, dera_rows, retrained_rows) -> dict:
   lambdas = results["lambdas"]
   beta = results["base_beta"]
   star = "exact KL-regularised optimum at beta / lambda"
+
+  def curves(key, dera="DeRa", retrained="retrained"):
+    return {dera: (results[f"dera_{key}"], results[f"dera_{key}_se"]),
+            retrained: (results[f"retrained_{key}"], results[f"retrained_{key}_se"])}
   figs = {}
   figs["reward"] = rep.plot_lambda_curves(
       os.path.join(model_dir, "fig2a_reward_vs_lambda.png"), lambdas,
-      {"DeRa (one aligned model)": (results["dera_reward"], results["dera_reward_se"]),
-       "retrained at beta / lambda": (results["retrained_reward"],
-                                      results["retrained_reward_se"])},
+      curves("reward", "DeRa (one aligned model)", "retrained at beta / lambda"),
       ylabel="mean length reward", title="Length reward against lambda (Fig. 2a)",
       base_beta=beta, lines={star: results["optimum_reward"]})
   figs["kl"] = rep.plot_lambda_curves(
-      os.path.join(model_dir, "kl_vs_lambda.png"), lambdas,
-      {"DeRa": (results["dera_kl"], results["dera_kl_se"]),
-       "retrained": (results["retrained_kl"], results["retrained_kl_se"])},
+      os.path.join(model_dir, "kl_vs_lambda.png"), lambdas, curves("kl"),
       ylabel="KL(pi || pi_ref), nats", title="KL to the SFT model against lambda",
       base_beta=beta, lines={star: results["optimum_kl"]})
   figs["objective"] = rep.plot_lambda_curves(
-      os.path.join(model_dir, "objective_vs_lambda.png"), lambdas,
-      {"DeRa": (results["dera_J"], results["dera_J_se"]),
-       "retrained": (results["retrained_J"], results["retrained_J_se"])},
+      os.path.join(model_dir, "objective_vs_lambda.png"), lambdas, curves("J"),
       ylabel="J = E[r] - (beta / lambda) KL",
       title="Regularised objective at beta / lambda (J* = its maximum)",
       base_beta=beta, lines={"J* (" + star + ")": results["optimum_J"]})

@@ -1,19 +1,9 @@
-"""The TL;DR-style study (DeRa paper, section 5.3 and appendix D.3: Figures 3, 6, 7).
+"""The TL;DR-style study (DeRa paper, Figures 3, 6, 7); see experiments/__init__.py.
 
-  config.py    its settings, in frozen groups (gin-configurable)
-  pipeline.py  its stage graph and the entry point `tldr_style(model_dir=..., ...)`
-  gold.py      the gold reward (ROUGE-L F against the reference summary)
-  pairs.py     the preference pairs (synthetic, or the human TL;DR comparisons)
-  results.py   the numbers it computes from the stages' outputs
-  report.py    report.md and the figures
-  __main__.py  `python -m realign_jax.experiments.tldr_style --gin_file=...`
+Besides config, pipeline, results and report: gold.py (the gold reward, ROUGE-L
+F against the reference summary) and pairs.py (the preference pairs).
 """
 
+from realign_jax.experiments import entry_point
 
-def __getattr__(name: str):
-  # NOTE: the entry point, imported on first use: `python -m` imports this package
-  # before __main__'s argument precheck, which must come before the heavy imports.
-  if name == "tldr_style":
-    from realign_jax.experiments.tldr_style.pipeline import tldr_style
-    return tldr_style
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = entry_point(__name__, "tldr_style")
