@@ -23,7 +23,35 @@ FAMILIES = ["t5", "decoder"]
 def _model(family, seed, **overrides):
   cfg = replace(TINY[family], **overrides) if overrides else TINY[family]
   lm = LanguageModel(cfg)
-  return dera.Component(lm, lm.init(jax.random.PRNGKey(seed))[0])
+  return dera.Component(lm, _init_fn(lm)(jax.random.PRNGKey(seed)))
+
+
+# NOTE: the programs below are jitted once per model and settings, with params, prompts,
+# lambdas and keys as arguments: a jitted closure over them compiles again for every value
+# (about 2 CPU-s each), and the run's compilation cache cannot reuse it.
+@functools.lru_cache(maxsize=None)
+def _init_fn(lm):
+  return jax.jit(lambda rng: lm.init(rng)[0])  # NOTE: the params (the axes are no arrays)
+
+
+@functools.lru_cache(maxsize=None)
+def _mixture_fn(lms, cfg, num_samples=1):
+  def f(params, inputs, weights, rng):
+    comps = [dera.Component(lm, p) for lm, p in zip(lms, params)]
+    return dera.sample_mixture(comps, weights, inputs, rng, cfg, num_samples=num_samples)
+  return jax.jit(f)
+
+
+@functools.lru_cache(maxsize=None)
+def _generate_fn(lm, cfg, num_samples=1):
+  return jax.jit(lambda params, inputs, rng: sampler.generate(lm, params, inputs, rng, cfg,
+                                                              num_samples=num_samples))
+
+
+def _mixture(comps, weights, inputs, rng, cfg, num_samples=1):
+  """dera.sample_mixture, jitted (see _mixture_fn)."""
+  return _mixture_fn(tuple(c.lm for c in comps), cfg, num_samples)(
+      tuple(c.params for c in comps), inputs, weights, rng)
 
 
 def _prompts(b=3, seed=0):
@@ -108,13 +136,27 @@ def test_bad_sampling_settings():
 # ---- DeRa ---------------------------------------------------------------------
 def _dera(ref, al, inputs, lam, cfg, rng=1):
   lam = jnp.full((inputs.shape[0],), lam, jnp.float32)
-  f = jax.jit(lambda r: dera.sample_mixture([ref, al], dera.dera_weights(lam), inputs, r, cfg))
-  return f(jax.random.PRNGKey(rng))
+  return _mixture([ref, al], dera.dera_weights(lam), inputs, jax.random.PRNGKey(rng), cfg)
 
 
 def _single(c, inputs, cfg, rng=1):
-  return jax.jit(lambda r: sampler.generate(c.lm, c.params, inputs, r, cfg))(
-      jax.random.PRNGKey(rng))
+  return _generate_fn(c.lm, cfg)(c.params, inputs, jax.random.PRNGKey(rng))
+
+
+@functools.lru_cache(maxsize=None)
+def _mixed_step_fn(lms):
+  def f(params, weights, tok, cache):
+    comps = [dera.Component(lm, p) for lm, p in zip(lms, params)]
+    return dera.mixed_step(comps, weights)(tok, cache)
+  return jax.jit(f)
+
+
+@functools.lru_cache(maxsize=None)
+def _prefill_fn(lms, max_new_tokens):
+  def f(params, inputs):
+    comps = [dera.Component(lm, p) for lm, p in zip(lms, params)]
+    return dera.prefill(comps, inputs, max_new_tokens)
+  return jax.jit(f)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -141,8 +183,9 @@ def test_proposition1(family, lam):
   out = _dera(ref, al, inputs, lam, cfg)
   # Replay the sampled tokens through the mixed step and check every step's distribution.
   w = dera.dera_weights(jnp.full((3,), lam))
-  step = jax.jit(dera.mixed_step([ref, al], w))
-  cache = dera.prefill([ref, al], inputs, cfg.max_new_tokens)
+  lms, params = (ref.lm, al.lm), (ref.params, al.params)
+  step = functools.partial(_mixed_step_fn(lms), params, w)
+  cache = _prefill_fn(lms, cfg.max_new_tokens)(params, inputs)
   tok = jnp.zeros((3,), jnp.int32)
   toks = np.asarray(out.tokens)
   for t in range(cfg.max_new_tokens):
@@ -175,8 +218,9 @@ def test_batched_sweep_equals_separate_calls(family):
   inputs = _prompts(3)
   lambdas = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
   cfg = sampler.SamplingConfig(max_new_tokens=8, top_k=20)
-  sweep = jax.jit(lambda r: dera.dera_sweep(ref, al, inputs, jnp.asarray(lambdas), r, cfg))(
-      jax.random.PRNGKey(7))
+  sweep = jax.jit(lambda p0, p1, x, lams, r: dera.dera_sweep(
+      dera.Component(ref.lm, p0), dera.Component(al.lm, p1), x, lams, r, cfg))(
+          ref.params, al.params, inputs, jnp.asarray(lambdas), jax.random.PRNGKey(7))
   toks = np.asarray(sweep.tokens).reshape(3, len(lambdas), -1)
   kl = np.asarray(sweep.kl).reshape(3, len(lambdas), -1)
   for k, lam in enumerate(lambdas):
@@ -193,11 +237,11 @@ def test_cached_decoding_equals_recomputation(family):
   t_max = 7
   cfg = sampler.SamplingConfig(max_new_tokens=t_max)
 
-  def cached(r):
+  def cached(params, r):
     cache, first = lm.prefill(params, inputs, t_max)
     return sampler.sample_loop(lambda t, k: lm.step(params, t, k), cache, first, r, cfg)
 
-  def uncached(r):
+  def uncached(params, r):
     # The "cache" is the response so far; every step recomputes the whole prefix.
     def step(tok, state):
       buf, t = state
@@ -207,8 +251,8 @@ def test_cached_decoding_equals_recomputation(family):
     init = (jnp.zeros((inputs.shape[0], t_max), jnp.int32), jnp.zeros((), jnp.int32))
     return sampler.sample_loop(step, init, jnp.zeros((3,), jnp.int32), r, cfg)
 
-  a = jax.jit(cached)(jax.random.PRNGKey(3))
-  b = jax.jit(uncached)(jax.random.PRNGKey(3))
+  a = jax.jit(cached)(params, jax.random.PRNGKey(3))
+  b = jax.jit(uncached)(params, jax.random.PRNGKey(3))
   np.testing.assert_array_equal(a.tokens, b.tokens)
   np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
@@ -225,11 +269,9 @@ def test_sampled_rows_never_hold_pad_and_teacher_forcing_scores_them_exactly():
   cfg = sampler.SamplingConfig(max_new_tokens=t_max)
   x = jnp.repeat(inputs, n, axis=0)
   # lam = 1: the policy al sampled with the reference's log-probs and the exact KL to it.
-  out = jax.jit(lambda r: dera.sample_mixture([ref, al], dera.dera_weights(jnp.ones(16 * n)),
-                                              inputs, r, cfg, num_samples=n))(
-      jax.random.PRNGKey(0))
-  single = jax.jit(lambda r: sampler.generate(al.lm, al.params, inputs, r, cfg, num_samples=n))(
-      jax.random.PRNGKey(0))
+  out = _mixture([ref, al], dera.dera_weights(jnp.ones(16 * n)), inputs, jax.random.PRNGKey(0),
+                 cfg, num_samples=n)
+  single = _generate_fn(al.lm, cfg, n)(al.params, inputs, jax.random.PRNGKey(0))
   np.testing.assert_array_equal(out.tokens, single.tokens)
   tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
   mask = policy_lib.length_mask(out.lengths, t_max)
@@ -238,8 +280,9 @@ def test_sampled_rows_never_hold_pad_and_teacher_forcing_scores_them_exactly():
   assert not bad, f"rows {bad} of {tokens.shape[0]} sampled the pad id before EOS"
   for row, length in zip(tokens, lengths):
     assert len(bon.trim(row)) == length - (row[length - 1] == sampler.EOS_ID)
-  al_logits = al.lm.forward(al.params, x, out.tokens)["logits"]
-  ref_logits = ref.lm.forward(ref.params, x, out.tokens)["logits"]
+  forward = jax.jit(al.lm.forward)  # NOTE: one program for both models (the same shapes)
+  al_logits = forward(al.params, x, out.tokens)["logits"]
+  ref_logits = forward(ref.params, x, out.tokens)["logits"]
   tf = np.asarray(policy_lib.logprobs_from_logits(al_logits, out.tokens) * mask)
   tf_ref = np.asarray(policy_lib.logprobs_from_logits(ref_logits, out.tokens) * mask)
   kl, _ = policy_lib.full_kl_and_entropy(al_logits, ref_logits)
@@ -258,7 +301,7 @@ def test_sampled_rows_never_hold_pad_and_teacher_forcing_scores_them_exactly():
     lg = al.lm.forward(p, x, out.tokens)["logits"]
     kl, ent = policy_lib.full_kl_and_entropy(lg, ref_logits)
     return jnp.sum(policy_lib.logprobs_from_logits(lg, out.tokens)) + jnp.sum(kl + ent)
-  grad = jax.grad(loss)(al.params)
+  grad = jax.jit(jax.grad(loss))(al.params)
   assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grad))
 
 
@@ -273,7 +316,7 @@ def test_sharded_decoding_equals_single_device(family):
   one = jax.jit(f)(jax.random.PRNGKey(2), ref.params, al.params, inputs, lam)
   mesh = partitioning.create_mesh(data=4, model=2)
   rules = partitioning.logical_axis_rules()
-  axes = ref.lm.init(jax.random.PRNGKey(0))[1]
+  axes = ref.lm.abstract_init()[1]
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     sh = partitioning.logical_to_mesh_sharding(axes, mesh, rules)
     p0, p1 = jax.device_put(ref.params, sh), jax.device_put(al.params, sh)
@@ -333,7 +376,10 @@ def test_best_of_n_argmax_and_single_prefill(family):
   lm = Counting(c.lm.config)
   inputs = _prompts(3)
   cfg = sampler.SamplingConfig(max_new_tokens=6)
-  sample_fn = lambda x, r, n: sampler.generate(lm, c.params, x, r, cfg, num_samples=n)  # noqa
+  # NOTE: jitted (one program; eager it dispatches every op of the prefill): the prefill
+  # is called once per trace, as once per run eagerly.
+  sample_fn = jax.jit(lambda x, r, n: sampler.generate(lm, c.params, x, r, cfg, num_samples=n),
+                      static_argnums=2)
   reward = lambda prompts, responses: [float(len(r)) + 0.01 * sum(r) for r in responses]  # noqa
   res = bon.best_of_n(sample_fn, inputs, jax.random.PRNGKey(0), n=5, reward_fn=reward)
   assert calls == [3]  # one prefill for the 3 prompts, shared by all 15 samples
@@ -355,9 +401,8 @@ def test_best_of_n_with_dera_sampler():
   ref, al = _model("decoder", 0), _model("decoder", 1)
   inputs = _prompts(2)
   cfg = sampler.SamplingConfig(max_new_tokens=5)
-  sample_fn = functools.partial(
-      lambda x, r, n: dera.sample_mixture([ref, al], dera.dera_weights(jnp.full((x.shape[0] * n,), 0.5)),
-                                          x, r, cfg, num_samples=n))
+  sample_fn = lambda x, r, n: _mixture(  # noqa: E731
+      [ref, al], dera.dera_weights(jnp.full((x.shape[0] * n,), 0.5)), x, r, cfg, num_samples=n)
   res = bon.best_of_n(sample_fn, inputs, jax.random.PRNGKey(0), n=4,
                       reward_fn=lambda p, r: [-abs(len(x) - 3) for x in r])
   np.testing.assert_array_equal(res.best_index, np.argmax(res.scores, axis=1))
