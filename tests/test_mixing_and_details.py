@@ -172,7 +172,8 @@ def test_multi_model_mixing_is_the_logit_formula(dirs, tmp_path, capsys):
   for s, r in zip(alone, by[(0.0, 0.0)]):
     assert s["tokens"] == r["tokens"]
     np.testing.assert_allclose(r["logprobs"], r["ref_logprobs"], atol=1e-6)
-    np.testing.assert_allclose(r["logprobs"], s["logprobs"], atol=1e-6)
+    # NOTE: across programs (three models vs one) as above: last-place float32 rounding.
+    np.testing.assert_allclose(r["logprobs"], s["logprobs"], atol=1e-5)
     assert abs(r["kl"]) < 1e-5
 
   # the evaluation binary groups the rows by their weight vector
