@@ -1,5 +1,6 @@
 """Model tests: shapes, heads, KV-cache parity, padding, bf16, logical axes, sharding."""
 
+import functools
 import math
 
 import flax.linen as nn
@@ -21,8 +22,24 @@ FAMILIES = ["t5", "decoder"]
 
 def _params(cfg, head="lm", seed=0):
   lm = LanguageModel(cfg, head)
-  params, axes = lm.init(jax.random.PRNGKey(seed))
-  return lm, params, axes
+  return lm, _jitted(lm).init(jax.random.PRNGKey(seed)), lm.abstract_init()[1]
+
+
+class _Jitted:
+  """A model's programs, each jitted once (eager, every op of a forward pass is
+  dispatched and compiled on its own: 15 to 30 CPU-s a test)."""
+
+  def __init__(self, lm):
+    self.init = jax.jit(lambda rng: lm.init(rng)[0])  # NOTE: the params (the axes are no arrays)
+    self.forward = jax.jit(lm.forward)
+    self.prefill = jax.jit(lm.prefill, static_argnums=2)
+    self.step = jax.jit(lm.step)
+    self.step_outputs = jax.jit(lm.step_outputs)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(lm) -> _Jitted:
+  return _Jitted(lm)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -30,7 +47,7 @@ def _params(cfg, head="lm", seed=0):
 def test_output_shapes(family, head):
   lm, params, _ = _params(TINY[family], head)
   inputs, targets = random_batch(np.random.default_rng(0), 3, 7, 5, 64)
-  out = lm.forward(params, inputs, targets)
+  out = _jitted(lm).forward(params, inputs, targets)
   if "lm" in head:
     assert out["logits"].shape == (3, 5, 64) and out["logits"].dtype == jnp.float32
   else:
@@ -52,9 +69,9 @@ def test_cache_matches_full_forward(family, variant):
     cfg = replace(cfg, sliding_window=3)
   lm, params, _ = _params(cfg, "lm+scalar")
   inputs, targets = random_batch(np.random.default_rng(1), 4, 9, 6, 64)
-  full = jax.jit(lm.forward)(params, inputs, targets)
-  cache, tok = lm.prefill(params, inputs, targets.shape[1])
-  step = jax.jit(lm.step_outputs)
+  full = _jitted(lm).forward(params, inputs, targets)
+  cache, tok = _jitted(lm).prefill(params, inputs, targets.shape[1])
+  step = _jitted(lm).step_outputs
   for t in range(targets.shape[1]):
     out, cache = step(params, tok, cache)
     valid = targets[:, t] != 0
@@ -72,8 +89,8 @@ def test_padding_does_not_change_outputs(family):
   inputs, targets = random_batch(np.random.default_rng(2), 2, 6, 4, 64, min_len=2)
   wide_in = np.pad(inputs, ((0, 0), (0, 5)))
   wide_tg = np.pad(targets, ((0, 0), (0, 3)))
-  a = lm.forward(params, inputs, targets)["logits"]
-  b = lm.forward(params, wide_in, wide_tg)["logits"][:, :4]
+  a = _jitted(lm).forward(params, inputs, targets)["logits"]
+  b = _jitted(lm).forward(params, wide_in, wide_tg)["logits"][:, :4]
   mask = targets != 0
   np.testing.assert_allclose(np.asarray(a)[mask], np.asarray(b)[mask], atol=1e-5)
 
@@ -83,15 +100,15 @@ def test_bfloat16_forward_and_cache(family):
   cfg = replace(TINY[family], dtype="bfloat16")
   lm, params, _ = _params(cfg)
   inputs, targets = random_batch(np.random.default_rng(3), 2, 6, 4, 64)
-  full = lm.forward(params, inputs, targets)["logits"]
+  full = _jitted(lm).forward(params, inputs, targets)["logits"]
   assert full.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(full)))
-  cache, tok = lm.prefill(params, inputs, 4)
+  cache, tok = _jitted(lm).prefill(params, inputs, 4)
   leaves = jax.tree_util.tree_leaves(cache)
   assert any(x.dtype == jnp.bfloat16 for x in leaves)
-  logits, _ = lm.step(params, tok, cache)
+  logits, _ = _jitted(lm).step(params, tok, cache)
   np.testing.assert_allclose(logits, full[:, 0], atol=0.1)
   # and close to the float32 model with the same params
-  f32 = LanguageModel(TINY[family]).forward(params, inputs, targets)["logits"]
+  f32 = _jitted(LanguageModel(TINY[family])).forward(params, inputs, targets)["logits"]
   assert float(jnp.max(jnp.abs(f32 - full))) < 0.25
 
 
@@ -146,7 +163,7 @@ def test_to_left_padding():
 def test_sharded_forward_equals_single_device(family, fsdp):
   lm, params, axes = _params(TINY[family])
   inputs, targets = random_batch(np.random.default_rng(4), 8, 7, 5, 64)
-  ref = jax.jit(lm.forward)(params, inputs, targets)["logits"]
+  ref = _jitted(lm).forward(params, inputs, targets)["logits"]
   mesh = partitioning.create_mesh(data=4, model=2)
   rules = partitioning.logical_axis_rules(fsdp)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
