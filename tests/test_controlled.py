@@ -358,8 +358,9 @@ def _values_tf(value, inputs, prefixes, width):
 
 def _logp_tf(policy, inputs, tokens):
   """Teacher-forced log p(. | x, y^{<t}) [B, T, V] without the pad id, in float64."""
-  logits = np.asarray(policy.lm.forward(policy.params, jnp.asarray(inputs),
-                                        jnp.asarray(tokens))["logits"], np.float64)
+  forward = jax.jit(policy.lm.forward)  # NOTE: eager, every op is compiled on its own
+  logits = np.asarray(forward(policy.params, jnp.asarray(inputs),
+                              jnp.asarray(tokens))["logits"], np.float64)
   logits[..., sampler.PAD_ID] = -np.inf
   m = logits.max(-1, keepdims=True)
   return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))

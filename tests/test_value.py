@@ -57,7 +57,7 @@ def test_dueling_q_by_hand():
 def test_value_index_convention(family):
   """forward(...)["values"][:, t] = the incremental value after t response tokens."""
   lm = LanguageModel(TINY[family], "scalar")
-  params = lm.init(jax.random.PRNGKey(0))[0]
+  params = jax.jit(lambda r: lm.init(r)[0])(jax.random.PRNGKey(0))  # NOTE: eager: op by op
   params = jax.tree_util.tree_map(lambda x: x + 0.1 if x.ndim == 1 else x, params)  # non-zero head
   inputs, targets = random_batch(np.random.default_rng(1), 2, 5, 4, 64)
   fwd = np.asarray(jax.jit(lm.forward)(params, inputs, value.extend(targets))["values"])
@@ -217,7 +217,7 @@ def test_value_init_checkpoint(tmp_path, cls, head, head_keys):
       np.testing.assert_array_equal(a, b, err_msg=k)
   # the value output is zero everywhere before training
   x = jnp.ones((2, 6), jnp.int32)
-  out = alg.model.forward(params, x, jnp.ones((2, 3), jnp.int32))
+  out = jax.jit(alg.model.forward)(params, x, jnp.ones((2, 3), jnp.int32))
   for key in ("values", "logits"):
     if key in out:
       assert float(jnp.max(jnp.abs(out[key]))) == 0.0, key
