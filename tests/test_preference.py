@@ -11,8 +11,6 @@ import json
 import logging
 import math
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +25,8 @@ from realign_jax import synthetic_preferences as synth
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
-from realign_jax.models.api import LanguageModel
 from realign_jax.inference import preferences as synth_lib
+from realign_jax.models.api import LanguageModel
 from realign_jax.parallel import partitioning
 from realign_jax.rewards import learned
 from realign_jax.training import optim, trainer
@@ -37,7 +35,7 @@ from realign_jax.training.reward_model import (RewardModel, bradley_terry_losses
                                                init_params_sharded, load_trunk_params,
                                                preference_metrics,
                                                sequence_rewards)
-from tests.helpers import TINY_BUILTIN
+from tests.helpers import TINY_BUILTIN, assert_one_line_error, run_main
 
 NEUTRAL = "the a of to in and is it for on with as was at by from this that an be".split()
 MARKERS = "good great nice happy clear bright warm kind".split()
@@ -345,14 +343,16 @@ def test_init_checkpoint_errors(separable_dir, reward_run, tmp_path):
     dpo.setup(mesh, rules)
 
 
-def test_train_binary_missing_init_checkpoint_one_line(tmp_path, repo_root, separable_dir):
-  cmd = [sys.executable, "-m", "realign_jax.train", "--gin_file=configs/dpo/builtin_tiny.gin",
-         f"--gin.MODEL_DIR='{tmp_path / 'run'}'", f"--gin.INIT_CHECKPOINT='{tmp_path / 'nope'}'",
-         f"--gin.PREFERENCE_DIR='{separable_dir}'", "--gin.TRAIN_STEPS=1"]
-  proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-  assert errors == [f"error: INIT_CHECKPOINT {tmp_path / 'nope'} does not exist"]
+def test_train_binary_missing_init_checkpoint_one_line(tmp_path, separable_dir, capsys):
+  from realign_jax import train as train_bin
+  argv = ["--gin_file=configs/dpo/builtin_tiny.gin", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+          f"--gin.INIT_CHECKPOINT='{tmp_path / 'nope'}'", f"--gin.PREFERENCE_DIR='{separable_dir}'",
+          "--gin.TRAIN_STEPS=1"]
+  capsys.readouterr()
+  code = run_main(train_bin.main, argv)  # NOTE: in process (tests.helpers.run_main)
+  out, err = capsys.readouterr()
+  line = assert_one_line_error(code, out, err)
+  assert line == f"error: INIT_CHECKPOINT {tmp_path / 'nope'} does not exist"
   ckpts = tmp_path / "run" / "checkpoints"
   assert not ckpts.exists() or not [d for d in os.listdir(ckpts) if d.isdigit()]
 
