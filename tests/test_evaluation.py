@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import TINY_BUILTIN
 from realign_jax import evaluate as evaluate_bin
 from realign_jax import gin_utils
 from realign_jax.data import vocab as vocab_lib
@@ -24,6 +23,7 @@ from realign_jax.evaluation import best_of_n_theory as bon
 from realign_jax.evaluation import judges, kl, pairwise, stats, text_metrics
 from realign_jax.evaluation import win_rate as wr
 from realign_jax.models.api import LanguageModel
+from tests.helpers import TINY_BUILTIN, assert_one_line_error, run_main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -256,7 +256,7 @@ def _manual_logprob(forward, params_list, w, inputs, targets):
 
 
 def test_pair_logprob_fn_matches_a_manual_forward_and_mixes_like_dera(tiny_pair):
-  from helpers import random_batch
+  from tests.helpers import random_batch
   _, p1, p2, fn, forward = tiny_pair
   rng = np.random.default_rng(0)
   inputs, chosen = random_batch(rng, 4, 8, 12, 2048)
@@ -460,7 +460,7 @@ def test_evaluate_configs_parse_and_build(config, clean_gin, tmp_path, monkeypat
     gin_utils.parse(files, bindings[1:])
 
 
-def test_evaluate_binary_end_to_end(tmp_path):
+def test_evaluate_binary_end_to_end(tmp_path, capsys):
   dera, sft = tmp_path / "dera.jsonl", tmp_path / "sft.jsonl"
   _write_decode(dera)
   _write_decode(sft, lams=(None,), seed=1)
@@ -474,8 +474,10 @@ def test_evaluate_binary_end_to_end(tmp_path):
   assert "win rate" in ok.stdout and os.path.exists(tmp_path / "o.json")
   doc = json.load(open(tmp_path / "o.json"))
   assert doc["judge"]["name"] == "length" and doc["reward"] == "length"
-  bad = subprocess.run(base + [f"--gin.DECODE_FILES=['{tmp_path}/missing.jsonl']"],
-                       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert bad.returncode == 2
-  errors = [l for l in bad.stderr.splitlines() if l.startswith("error:")]
-  assert errors == [f"error: decode file {tmp_path}/missing.jsonl not found"]
+  # NOTE: the refusal through main(argv) in this process (tests.helpers.run_main)
+  capsys.readouterr()
+  code = run_main(evaluate_bin.main,
+                  base[3:] + [f"--gin.DECODE_FILES=['{tmp_path}/missing.jsonl']"])
+  out, err = capsys.readouterr()
+  line = assert_one_line_error(code, out, err)
+  assert line == f"error: decode file {tmp_path}/missing.jsonl not found"
