@@ -75,24 +75,26 @@ class _Choice:
     self.sent = ""  # text already streamed
 
 
-def create_app(served: Served) -> Starlette:
-  """The Starlette app over `served` (its engine already started)."""
-  s = served
+class _Api:
+  """The routes over `served` (its engine already started)."""
 
-  def authorized(req: HttpRequest) -> bool:
-    if not s.api_key:
+  def __init__(self, served: Served):
+    self.s = served
+
+  def authorized(self, req: HttpRequest) -> bool:
+    if not self.s.api_key:
       return True
     given = req.headers.get("authorization", "")
-    return hmac.compare_digest(given.encode(), f"Bearer {s.api_key}".encode())
+    return hmac.compare_digest(given.encode(), f"Bearer {self.s.api_key}".encode())
 
-  def answered(resp):
-    s.metrics.requests.labels(str(resp.status_code)).inc()
+  def answered(self, resp):
+    self.s.metrics.requests.labels(str(resp.status_code)).inc()
     return resp
 
-  async def models(req):
-    if not authorized(req):
+  async def models(self, req):
+    if not self.authorized(req):
       return error(401, "a valid API key is required", kind="authentication_error")
-    lim = s.limits
+    lim = self.s.limits
     return JSONResponse({"object": "list", "data": [{
         "id": lim.model, "object": "model", "created": 0, "owned_by": "realign_jax",
         "realign": {"aligned_models": lim.num_aligned,
@@ -100,55 +102,55 @@ def create_app(served: Served) -> Starlette:
                     "default_lambda": list(lim.default_lambda), "max_tokens": lim.max_tokens,
                     "max_n": lim.max_n}}]})
 
-  async def health(req):
-    return JSONResponse({"status": "ok", "active_slots": s.engine.active_slots,
-                         "queue_depth": s.engine.queue_depth})
+  async def health(self, req):
+    return JSONResponse({"status": "ok", "active_slots": self.s.engine.active_slots,
+                         "queue_depth": self.s.engine.queue_depth})
 
-  async def metrics(req):
-    body, ctype = s.metrics.exposition()
+  async def metrics(self, req):
+    body, ctype = self.s.metrics.exposition()
     return Response(body, media_type=ctype)
 
-  async def completions(req):
-    return answered(await _complete(req, chat=False))
+  async def completions(self, req):
+    return self.answered(await self._complete(req, chat=False))
 
-  async def chat_completions(req):
-    return answered(await _complete(req, chat=True))
+  async def chat_completions(self, req):
+    return self.answered(await self._complete(req, chat=True))
 
-  def encode(comp: protocol.Completion) -> tuple:
+  def encode(self, comp: protocol.Completion) -> tuple:
     """(ids [input_length], warnings): as the decode binary encodes its prompts."""
     if comp.messages is None:
       text, param = comp.prompt, "prompt"
     else:
       text, param = "\n\n".join(c for _, c in comp.messages), "messages"
-    if comp.messages is not None and s.chat_template:
-      text = chat_lib.render_prompts(s.vocab_path, [text])[0]
-    chat = s.chat_template and comp.messages is not None
-    n_ids, room = len(vocab_lib.encode(s.vocab, text)), s.input_length - 1
+    if comp.messages is not None and self.s.chat_template:
+      text = chat_lib.render_prompts(self.s.vocab_path, [text])[0]
+    chat = self.s.chat_template and comp.messages is not None
+    n_ids, room = len(vocab_lib.encode(self.s.vocab, text)), self.s.input_length - 1
     warnings = []
-    if n_ids > s.input_length and chat:
+    if n_ids > self.s.input_length and chat:
       # NOTE: a rendered chat prompt ends with the generation prompt: never cut.
       raise protocol.ProtocolError(param, f"'{param}' is {n_ids} tokens after the chat "
                                           f"template, more than the server's input_length "
-                                          f"{s.input_length}")
+                                          f"{self.s.input_length}")
     if n_ids > room and not chat:
       warnings.append(f"the prompt is {n_ids} tokens; it was truncated to its first {room} "
-                      f"(input_length {s.input_length}), as the decode binary does")
+                      f"(input_length {self.s.input_length}), as the decode binary does")
     try:
-      ids = prompts_lib.encode_prompts(s.vocab, [text], s.input_length, chat=chat)[0]
+      ids = prompts_lib.encode_prompts(self.s.vocab, [text], self.s.input_length, chat=chat)[0]
     except UserError as e:
       raise protocol.ProtocolError(param, str(e).splitlines()[0]) from e
     return ids, warnings
 
-  async def _complete(req, chat: bool):
-    if not authorized(req):
+  async def _complete(self, req, chat: bool):
+    if not self.authorized(req):
       return error(401, "a valid API key is required", kind="authentication_error")
     try:
       body = json.loads(await req.body())
     except (ValueError, UnicodeDecodeError):
       return error(400, "the request body is not valid JSON")
     try:
-      comp = protocol.parse(body, s.limits, chat=chat)
-      ids, warnings = encode(comp)
+      comp = protocol.parse(body, self.s.limits, chat=chat)
+      ids, warnings = self.encode(comp)
     except protocol.ProtocolError as e:
       return JSONResponse(e.body(), status_code=400)
     loop = asyncio.get_running_loop()
@@ -161,24 +163,24 @@ def create_app(served: Served) -> Starlette:
     stop_check = None
     if comp.stop:
       def stop_check(j, tokens):
-        return protocol.stop_index(vocab_lib.decode(s.vocab, tokens), comp.stop) >= 0
+        return protocol.stop_index(vocab_lib.decode(self.s.vocab, tokens), comp.stop) >= 0
     request = engine_lib.Request(
         inputs=ids, n=comp.n, max_tokens=comp.max_tokens, temperature=comp.temperature or 1.0,
         top_p=comp.top_p, greedy=comp.greedy, weights=comp.weights(), seed=comp.seed,
         row=comp.row, on_event=on_event, stop_check=stop_check,
-        deadline=None if not s.deadline_s else time.monotonic() + s.deadline_s)
+        deadline=None if not self.s.deadline_s else time.monotonic() + self.s.deadline_s)
     try:
-      s.engine.submit(request)
+      self.s.engine.submit(request)
     except engine_lib.QueueFull as e:
       return error(429, f"{e}; retry later", kind="rate_limit_error",
                    headers={"Retry-After": "1"})
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-            "created": int(time.time()), "model": s.limits.model}
+            "created": int(time.time()), "model": self.s.limits.model}
     if warnings:
       meta["realign"] = {"warnings": warnings}
-    prompt_tokens = int(np.sum(ids != s.engine.tokens.pad_id))
+    prompt_tokens = int(np.sum(ids != self.s.engine.tokens.pad_id))
     if comp.stream:
-      gen = _stream(request, events, choices, comp, chat, meta, prompt_tokens)
+      gen = self._stream(request, events, choices, comp, chat, meta, prompt_tokens)
       return StreamingResponse(gen, media_type="text/event-stream")
     try:
       while any(c.finish is None and c.error is None for c in choices):
@@ -191,9 +193,9 @@ def create_app(served: Served) -> Starlette:
       timeout = "deadline" in failed[0]
       return error(504 if timeout else 500, failed[0], kind="timeout" if timeout else
                    "server_error")
-    return JSONResponse(_response(choices, comp, chat, meta, prompt_tokens))
+    return JSONResponse(self._response(choices, comp, chat, meta, prompt_tokens))
 
-  async def _stream(request, events, choices, comp, chat, meta, prompt_tokens):
+  async def _stream(self, request, events, choices, comp, chat, meta, prompt_tokens):
     obj = "chat.completion.chunk" if chat else "text_completion"
     try:
       if chat:
@@ -208,12 +210,12 @@ def create_app(served: Served) -> Starlette:
           yield _sse({"error": {"message": c.error, "type": "timeout" if "deadline" in
                                 c.error else "server_error", "param": None, "code": None}})
           continue
-        text = _text(c, comp)
+        text = self._text(c, comp)
         delta, c.sent = text[len(c.sent):] if text.startswith(c.sent) else "", text
         part = ({"delta": {"content": delta}} if chat else {"text": delta, "logprobs": None})
         part = dict(part, index=j, finish_reason=c.finish)
         if c.finish is not None:
-          part.update(_choice_extra(c, comp, prompt_tokens))
+          part.update(self._choice_extra(c, comp, prompt_tokens))
         if delta or c.finish is not None:
           yield _sse(dict(meta, object=obj, choices=[part]))
       yield "data: [DONE]\n\n"
@@ -223,15 +225,15 @@ def create_app(served: Served) -> Starlette:
       if any(c.finish is None and c.error is None for c in choices):
         request.cancel()
 
-  def _text(c: _Choice, comp) -> str:
-    text = vocab_lib.decode(s.vocab, c.tokens)
+  def _text(self, c: _Choice, comp) -> str:
+    text = vocab_lib.decode(self.s.vocab, c.tokens)
     if comp.stop:
       cut = protocol.stop_index(text, comp.stop)
       if cut >= 0:
         text = text[:cut]
     return text
 
-  def _choice_extra(c: _Choice, comp, prompt_tokens) -> dict:
+  def _choice_extra(self, c: _Choice, comp, prompt_tokens) -> dict:
     n = len(c.tokens)
     return {"usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
                       "total_tokens": prompt_tokens + n},
@@ -240,8 +242,8 @@ def create_app(served: Served) -> Starlette:
                                                   np.asarray(c.ref_logprobs))) if n else 0.0,
                         "token_ids": list(c.tokens)}}
 
-  def _logprobs(c: _Choice, chat: bool):
-    pieces = [vocab_lib.decode(s.vocab, [t]) for t in c.tokens]
+  def _logprobs(self, c: _Choice, chat: bool):
+    pieces = [vocab_lib.decode(self.s.vocab, [t]) for t in c.tokens]
     if chat:
       return {"content": [{"token": p, "logprob": lp, "bytes": list(p.encode()),
                            "top_logprobs": []} for p, lp in zip(pieces, c.logprobs)]}
@@ -249,37 +251,43 @@ def create_app(served: Served) -> Starlette:
     return {"tokens": pieces, "token_logprobs": list(c.logprobs), "top_logprobs": None,
             "text_offset": offsets}
 
-  def _response(choices, comp, chat, meta, prompt_tokens) -> dict:
+  def _response(self, choices, comp, chat, meta, prompt_tokens) -> dict:
     out = []
     for j, c in enumerate(choices):
-      text = _text(c, comp)
-      lp = _logprobs(c, chat) if comp.logprobs else None
+      text = self._text(c, comp)
+      lp = self._logprobs(c, chat) if comp.logprobs else None
       if chat:
         choice = {"index": j, "message": {"role": "assistant", "content": text},
                   "finish_reason": c.finish, "logprobs": lp}
       else:
         choice = {"index": j, "text": text, "finish_reason": c.finish, "logprobs": lp}
-      choice.update(_choice_extra(c, comp, prompt_tokens))
+      choice.update(self._choice_extra(c, comp, prompt_tokens))
       out.append(choice)
     completion = sum(len(c.tokens) for c in choices)
     return dict(meta, object="chat.completion" if chat else "text_completion", choices=out,
                 usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                        "total_tokens": prompt_tokens + completion})
 
-  async def http_error(req, exc):
+  async def http_error(self, req, exc):
     return error(exc.status_code, str(exc.detail), kind="invalid_request_error")
 
-  async def server_error(req, exc):
+  async def server_error(self, req, exc):
     logging.exception("request failed", exc_info=exc)
     return error(500, "internal server error", kind="server_error")
 
-  routes = [Route("/v1/completions", completions, methods=["POST"]),
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/health", health, methods=["GET"]),
-            Route("/metrics", metrics, methods=["GET"])]
-  return Starlette(routes=routes, exception_handlers={HTTPException: http_error,
-                                                      Exception: server_error})
+  def app(self) -> Starlette:
+    routes = [Route("/v1/completions", self.completions, methods=["POST"]),
+              Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+              Route("/v1/models", self.models, methods=["GET"]),
+              Route("/health", self.health, methods=["GET"]),
+              Route("/metrics", self.metrics, methods=["GET"])]
+    return Starlette(routes=routes, exception_handlers={HTTPException: self.http_error,
+                                                        Exception: self.server_error})
+
+
+def create_app(served: Served) -> Starlette:
+  """The Starlette app over `served` (its engine already started)."""
+  return _Api(served).app()
 
 
 def _apply(choices, event) -> None:
