@@ -166,6 +166,21 @@ def test_queue_full_is_429_and_deadline_is_504(server):
   assert _idle(server)
 
 
+def test_api_key_and_truncation_warning(server, client):
+  """With a key every route but /health needs it; an over-long prompt is cut, and said so."""
+  server.served.api_key = "sk-test"
+  try:
+    assert httpx.get(f"{server.url}/v1/models", timeout=5).status_code == 401
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+      client.models.list()
+    keyed = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-test", max_retries=0)
+    r = keyed.completions.create(model=MODEL, prompt="word " * 200, max_tokens=2)
+  finally:
+    server.served.api_key = None
+  assert "truncated to its first 95" in r.model_extra["realign"]["warnings"][0]
+
+
 def _malformed(rng: random.Random):
   """(body bytes, the field the 400 must name, or None for the body itself)."""
   good = {"model": MODEL, "prompt": "hello there", "max_tokens": 4}

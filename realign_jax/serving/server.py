@@ -10,8 +10,10 @@ flight, return), `start_in_thread` runs it beside the caller (tests,
 benchmarks).
 """
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -122,10 +124,28 @@ def listen(host: str, port: int) -> socket.socket:
   return sock
 
 
+class _Server(uvicorn.Server):
+  """uvicorn's server, but SIGTERM / SIGINT end it with exit 0 (it re-raises them after
+  its graceful shutdown, so the process would die of the signal)."""
+
+  @contextlib.contextmanager
+  def capture_signals(self):
+    if threading.current_thread() is not threading.main_thread():
+      yield
+      return
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    original = {sig: signal.signal(sig, self.handle_exit) for sig in sigs}
+    try:
+      yield
+    finally:
+      for sig, handler in original.items():
+        signal.signal(sig, handler)
+
+
 def _uvicorn(served: app_lib.Served, graceful_s: Optional[float]) -> uvicorn.Server:
   config = uvicorn.Config(app_lib.create_app(served), log_level="warning", access_log=False,
                           timeout_graceful_shutdown=graceful_s, lifespan="off")
-  return uvicorn.Server(config)
+  return _Server(config)
 
 
 def serve_forever(served: app_lib.Served, sock: socket.socket) -> None:
