@@ -273,3 +273,37 @@ def test_binary_start_up_errors_are_one_line(tiny_sft_dir, tmp_path, capsys):
                                         "--port=0"])
   out = capsys.readouterr()
   assert_one_line_error(rc, out.out, out.err, ["nowhere"])
+
+
+def test_binary_serves_and_sigterm_finishes_the_request_in_flight(tiny_sft_dir):
+  """The one subprocess contract test: --port=0 on 127.0.0.1; SIGTERM mid-stream: the
+  stream still ends with [DONE] and the binary exits 0."""
+  import signal
+  import subprocess
+  import sys
+  from tests.helpers import REPO_ROOT, binary_env
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "realign_jax.serve", "--gin_file=configs/serve/dera_builtin_tiny.gin",
+       f"--gin.REF_CHECKPOINT='{tiny_sft_dir}'", f"--gin.ALIGNED_CHECKPOINT='{tiny_sft_dir}'",
+       "--gin.serve.num_slots=2", "--gin.serve.max_n=2", "--port=0"],
+      cwd=REPO_ROOT, env=binary_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    line = proc.stdout.readline()
+    assert line.startswith("serving realign-tiny on http://127.0.0.1:"), (line, proc.stderr.read()
+                                                                          if not line else "")
+    url = line.split()[3]
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 24, "stream": True}
+    lines = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+      for i, event in enumerate(r.iter_lines()):
+        if i == 0:
+          proc.send_signal(signal.SIGTERM)
+        lines.append(event)
+    assert lines[-1] == "data: [DONE]" or "data: [DONE]" in lines, lines[-3:]
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
