@@ -230,10 +230,12 @@ def _register_binaries():
   from realign_jax import decode as decode_bin
   from realign_jax import evaluate as evaluate_bin
   from realign_jax import train as train_bin
+  from realign_jax import serve as serve_bin
   from realign_jax import synthetic_preferences
   from realign_jax.decoding import sampler
   gin_utils.register()
   for name, obj in (("train", train_bin.train), ("decode", decode_bin.decode),
+                    ("serve", serve_bin.serve),
                     ("evaluate", evaluate_bin.evaluate),
                     ("build_preference_dir", synthetic_preferences.build_preference_dir),
                     ("SamplingConfig", sampler.SamplingConfig)):
@@ -269,8 +271,8 @@ def clean_gin():
 
 # The binaries other than train, by their configurable's name (the studies'
 # are registered by `realign_jax.experiments.configurables`).
-_BINARIES = ("decode", "evaluate", "build_preference_dir", "length_reward", "tldr_style",
-             "frontier")
+_BINARIES = ("decode", "serve", "evaluate", "build_preference_dir", "length_reward",
+             "tldr_style", "frontier")
 
 
 def _bindings(name):
