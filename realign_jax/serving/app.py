@@ -184,7 +184,11 @@ class _Api:
       return StreamingResponse(gen, media_type="text/event-stream")
     try:
       while any(c.finish is None and c.error is None for c in choices):
-        _apply(choices, await events.get())
+        try:
+          _apply(choices, await asyncio.wait_for(events.get(), 0.25))
+        except asyncio.TimeoutError:
+          if await req.is_disconnected():
+            return Response(status_code=499)  # NOTE: nobody reads it; the slots are freed below
     finally:
       if any(c.finish is None and c.error is None for c in choices):
         request.cancel()
