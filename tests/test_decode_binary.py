@@ -18,8 +18,8 @@ from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.checkpoints import run_dir
 from realign_jax.decoding import sampler
 from realign_jax.errors import UserError
-from realign_jax.models.api import LanguageModel
 from realign_jax.inference.methods_dera import DeRa
+from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import replace
 from tests.helpers import TINY_BUILTIN, subprocess_xla_flags
 
@@ -51,12 +51,12 @@ def dirs(tmp_path_factory):
           "prompts": str(prompts), "root": root}
 
 
-def _decode(dirs, out, **kw):
 DERA_FIELDS = ("lambdas", "aligned_checkpoint", "mixing")
 
 
-  args = dict(ref_checkpoint=dirs["ref"], aligned_checkpoint=dirs["aligned"],
+def _decode(dirs, out, **kw):
   """The decode binary's function with DeRa; DeRa's settings among `kw` go to the method."""
+  args = dict(ref_checkpoint=dirs["ref"], aligned_checkpoint=dirs["aligned"],
               output_file=str(out), lambdas=[0.0, 0.5, 1.0], prompt_file=dirs["prompts"],
               input_length=32, batch_size=2, sampling=SAMPLING, progress=False)
   args.update(kw)
