@@ -4,7 +4,7 @@ It lists the packages: `realign_jax` and, as package data inside it, the
 top-level `configs/` and `gin/` (installed as `realign_jax/configs` and
 `realign_jax/gin`), so that an installed wheel finds
 `--gin_file=configs/...` and `include 'gin/...'` from any directory
-(see realign_jax/gin_utils.py).
+(see realign_jax/plumbing/gin_utils.py).
 """
 
 import os

@@ -80,7 +80,7 @@ from realign_jax.training.ppo import PPO  # noqa: E402
 from realign_jax.training.dpo import DPO  # noqa: E402
 from realign_jax.training import reward_model  # noqa: E402
 from realign_jax.rewards.length import LengthReward  # noqa: E402
-from realign_jax.errors import UserError  # noqa: E402
+from realign_jax.plumbing.errors import UserError  # noqa: E402
 
 # Dense bf16 peak FLOP/s by device kind (vendor figures, no sparsity).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,

@@ -28,8 +28,8 @@ import sys
 import tempfile
 from typing import Optional
 
-from realign_jax import startup
-from realign_jax.errors import UserError
+from realign_jax.plumbing import startup
+from realign_jax.plumbing.errors import UserError
 
 # Tokenizer files of an HF directory, copied along in both directions.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -52,7 +52,7 @@ each prompt with the chat template of the tokenizer's tokenizer_config.json
 recipe (docs/chat_recipe.md).
 """
 
-from realign_jax import cli
+from realign_jax.plumbing import cli
 
 cli.precheck(__name__)  # NOTE: before the heavy imports (see cli.py)
 
@@ -60,10 +60,10 @@ from typing import Optional
 
 import jax
 
-from realign_jax import config_check
-from realign_jax import gin_utils
+from realign_jax.plumbing import config_check
+from realign_jax.plumbing import gin_utils
 from realign_jax.decoding import sampler
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.inference import loop
 from realign_jax.inference import run as run_lib
 from realign_jax.inference.method import DecodeMethod

@@ -17,7 +17,7 @@ gathered in order, so the summary is a single process's, and process 0 alone
 writes it.
 """
 
-from realign_jax import cli
+from realign_jax.plumbing import cli
 
 cli.precheck(__name__)  # NOTE: before the heavy imports (see cli.py)
 
@@ -28,10 +28,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from realign_jax import gin_utils
+from realign_jax.plumbing import gin_utils
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.decoding.lambda_grid import LambdaGrid
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.evaluation import judges as judges_lib
 from realign_jax.evaluation import kl as kl_lib
 from realign_jax.evaluation import records, stats, text_metrics
@@ -234,7 +234,7 @@ def evaluate(*, decode_files: Sequence[str], output_file: str,
   refused = None
   try:
     # NOTE: gin passes values on as written (seed='0'): types first.
-    from realign_jax import config_check
+    from realign_jax.plumbing import config_check
     config_check.check_args(evaluate, dict(locals()))
     if isinstance(decode_files, str):
       decode_files = [decode_files]

@@ -25,7 +25,7 @@ port in use: one line, exit 2.
 
 import sys
 
-from realign_jax import cli
+from realign_jax.plumbing import cli
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 
@@ -57,8 +57,8 @@ cli.precheck(__name__)  # NOTE: before the heavy imports (see cli.py)
 
 from typing import Optional, Sequence
 
-from realign_jax import config_check
-from realign_jax import gin_utils
+from realign_jax.plumbing import config_check
+from realign_jax.plumbing import gin_utils
 from realign_jax.inference.methods_dera import DeRa
 from realign_jax.serving import server as server_lib
 

@@ -35,8 +35,8 @@ if __name__ == "__main__":
   _flags = {a for a in sys.argv[1:] if a in _FLAGS}
   sys.argv[1:] = [a for a in sys.argv[1:] if a not in _FLAGS]
 
-from realign_jax import cli  # noqa: E402
-from realign_jax import startup  # noqa: E402
+from realign_jax.plumbing import cli  # noqa: E402
+from realign_jax.plumbing import startup  # noqa: E402
 
 cli.precheck(__name__)  # NOTE: before the heavy imports (see cli.py)
 if __name__ == "__main__":
@@ -52,8 +52,8 @@ from typing import Sequence  # noqa: E402
 
 import gin  # noqa: E402
 
-from realign_jax import gin_utils  # noqa: E402
-from realign_jax.errors import UserError  # noqa: E402
+from realign_jax.plumbing import gin_utils  # noqa: E402
+from realign_jax.plumbing.errors import UserError  # noqa: E402
 from realign_jax.sweeps import aggregate as aggregate_lib  # noqa: E402
 from realign_jax.sweeps import executors  # noqa: E402
 from realign_jax.sweeps import plan as plan_lib  # noqa: E402

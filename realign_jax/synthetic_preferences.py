@@ -13,7 +13,7 @@ each samples its share of the batches, every host labels every pair, and
 process 0 alone writes the files, those a single process writes).
 """
 
-from realign_jax import cli
+from realign_jax.plumbing import cli
 
 cli.precheck(__name__)  # NOTE: before the heavy imports (see cli.py)
 
@@ -22,10 +22,10 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 
-from realign_jax import gin_utils
+from realign_jax.plumbing import gin_utils
 from realign_jax.data import pipeline
 from realign_jax.decoding import sampler
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.inference import components, loop
 from realign_jax.inference import preferences as prefs_lib
 from realign_jax.parallel import partitioning

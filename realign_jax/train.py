@@ -18,7 +18,7 @@ files and shows progress. A SIGTERM on any host makes every host save at the
 same step.
 """
 
-from realign_jax import cli
+from realign_jax.plumbing import cli
 
 cli.precheck(__name__)  # NOTE: before the heavy imports (see cli.py)
 
@@ -27,9 +27,9 @@ from typing import Callable, Optional, Union
 import gin
 import optax
 
-from realign_jax import gin_utils
+from realign_jax.plumbing import gin_utils
 from realign_jax.checkpoints import run_dir
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.parallel import multihost
 from realign_jax.parallel import partitioning
 from realign_jax.training import trainer as trainer_lib
@@ -59,7 +59,7 @@ def train(*, model_dir: str, train_steps: int, algorithm: trainer_lib.Algorithm,
   """
   # NOTE: gin passes values on as written (TRAIN_STEPS='ten', batch_size='8'):
   # their types are checked here, before anything is built or written.
-  from realign_jax import config_check
+  from realign_jax.plumbing import config_check
   config_check.check_args(train, dict(
       model_dir=model_dir, train_steps=train_steps, algorithm=algorithm,
       trainer_config=trainer_config, mesh_data=mesh_data, mesh_model=mesh_model, fsdp=fsdp,

@@ -186,7 +186,7 @@ def run_main(main, argv) -> int:
   imports each); tests/test_startup.py runs every binary as a subprocess.
   """
   import gin  # pylint: disable=g-import-not-at-top
-  from realign_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  from realign_jax.plumbing import gin_utils  # pylint: disable=g-import-not-at-top
   saved = sys.argv
   sys.argv = ["binary"] + [str(a) for a in argv]
   gin.clear_config()

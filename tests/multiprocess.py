@@ -8,6 +8,7 @@ Used by tests/test_multihost.py, tests/test_multihost_builders.py and
 tests/test_study_multihost.py.
 """
 
+import json
 import random
 import socket
 import subprocess
@@ -76,6 +77,32 @@ def start_one_and_two(args_of, log_prefix: str, job_id: str = None, one_devices:
   """
   one = start_one(args_of("one"), f"{log_prefix}_one", devices=one_devices, nice=nice_one)
   return one, start_two(args_of, f"{log_prefix}_two", job_id)
+
+
+# Runs binaries' main(argv) one after another in one process: argv[1] is a JSON list of
+# [module, argv] pairs; a failing main ends the process (a traceback, or its exit code).
+_MAINS = """
+import importlib, json, sys
+for module, argv in json.loads(sys.argv[1]):
+  code = importlib.import_module(module).main(argv)
+  if code:
+    sys.exit(code)
+"""
+
+
+def mains_args(runs) -> list:
+  """`python ARGS...` that runs each binary run of `runs` (each `-m MODULE ARGV...`) in turn
+  in one process, through the binary's main(argv).
+
+  NOTE: for a scenario of several runs: each process costs about 7 CPU-s of imports
+  before it computes anything, and a 2-process job three processes' worth. The runs
+  share the process's jax.distributed (initialised once) and compiled programs.
+  """
+  pairs = []
+  for args in runs:
+    assert args[0] == "-m", args
+    pairs.append([args[1], [str(a) for a in args[2:]]])
+  return ["-c", _MAINS, json.dumps(pairs)]
 
 
 def wait_all(runs, timeout: float) -> list:

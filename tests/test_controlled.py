@@ -19,7 +19,7 @@ import pytest
 from realign_jax.decoding import best_of_n as bon
 from realign_jax.decoding import controlled, sampler
 from realign_jax.decoding.dera import Component
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import replace
 from realign_jax.models.heads import DUELING_Q

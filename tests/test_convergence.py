@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.experiments import stages as stages_lib
 from realign_jax.models.api import LanguageModel
 from realign_jax.parallel import partitioning
@@ -115,7 +115,7 @@ def test_train_binary_builds_its_optimizer_over_every_update():
   # binary gives it the run's optimizer updates, so PPO's 2 x 2 updates a step are counted.
   import gin
   import optax
-  from realign_jax import gin_utils
+  from realign_jax.plumbing import gin_utils
   from realign_jax import train as train_bin
   gin.clear_config()
   gin_utils.register()

@@ -28,7 +28,7 @@ from realign_jax.checkpoints.hf import files as hf_files
 from realign_jax.checkpoints.hf import load as hf_load
 from realign_jax.data import hf_tokenizer
 from realign_jax.data import vocab as vocab_lib
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import SpecialTokens
 from tests.test_hf_import import CASES, T5_CONFIG, hf_state, write_hf

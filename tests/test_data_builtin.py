@@ -11,7 +11,7 @@ from realign_jax.data import corpus
 from realign_jax.data import pipeline
 from realign_jax.data import tasks
 from realign_jax.data import vocab as vocab_lib
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 
 TASK = "builtin_summarize"
 

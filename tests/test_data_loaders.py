@@ -12,7 +12,7 @@ from realign_jax.data import pipeline
 from realign_jax.data import preferences
 from realign_jax.data import tasks
 from realign_jax.data import xsum
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 
 # ---------------------------------------------------------------- XSum ----
 

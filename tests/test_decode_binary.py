@@ -17,7 +17,7 @@ from realign_jax import decode as decode_bin
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.checkpoints import run_dir
 from realign_jax.decoding import sampler
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.inference.methods_dera import DeRa
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import replace

@@ -36,7 +36,7 @@ from realign_jax.checkpoints import run_dir
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import sampler
 from realign_jax.decoding.transfer_q import TQConfig
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.evaluation import best_of_n_theory
 from realign_jax.inference import components
 from realign_jax.inference.methods_cd import BlockwiseCD, TokenwiseCD

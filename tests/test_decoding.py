@@ -10,7 +10,7 @@ import pytest
 
 from realign_jax.decoding import best_of_n as bon
 from realign_jax.decoding import dera, sampler
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import replace
 from realign_jax.parallel import partitioning

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from realign_jax import evaluate as evaluate_bin
-from realign_jax import gin_utils
+from realign_jax.plumbing import gin_utils
 from realign_jax.data import vocab as vocab_lib
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.evaluation import best_of_n_theory as bon
 from realign_jax.evaluation import judges, kl, pairwise, stats, text_metrics
 from realign_jax.evaluation import win_rate as wr

@@ -10,8 +10,8 @@ import gin
 import numpy as np
 import pytest
 
-from realign_jax import gin_utils
-from realign_jax.errors import UserError
+from realign_jax.plumbing import gin_utils
+from realign_jax.plumbing.errors import UserError
 from realign_jax.evaluation import optimum as opt
 from realign_jax.decoding.lambda_grid import LambdaGrid
 from realign_jax.experiments import report as rep

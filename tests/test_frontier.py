@@ -7,7 +7,7 @@ import gin
 import numpy as np
 import pytest
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.evaluation import best_of_n_theory as bon
 from realign_jax.evaluation import optimum as opt
 from realign_jax.experiments import stages as stages_lib

@@ -25,7 +25,7 @@ from realign_jax.checkpoints import safetensors as st_codec
 from realign_jax.checkpoints.hf import config as hf_config
 from realign_jax.checkpoints.hf import export as hf_export
 from realign_jax.checkpoints.hf import load as hf_load
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import DecoderConfig, SpecialTokens, T5Config
 

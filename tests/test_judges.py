@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.evaluation import judges
 from realign_jax.evaluation import win_rate as wr
 

@@ -29,7 +29,7 @@ from realign_jax import evaluate as evaluate_bin
 from realign_jax.checkpoints import run_dir
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import sampler
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.evaluation import best_of_n_theory, stats
 from realign_jax.experiments.frontier import results as fr
 from realign_jax.experiments import report as rep

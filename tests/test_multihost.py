@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from realign_jax import train as train_bin
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.parallel import multihost
 from tests import multiprocess
 from tests.helpers import (REPO_ROOT, TINY_T5_GIN, TRAIN_RUN_STEPS, assert_one_line_error,
@@ -241,9 +241,16 @@ def _algorithm_args(name, model_dir, sft_dir, pref_dir) -> list:
           *_COMMON, *evals]
 
 
+ALGORITHMS = ("ppo", "dpo", "value")
+
+
 @pytest.fixture(scope="module")
 def algorithm_runs(tmp_path_factory, tiny_sft_dir):
-  """{name: (1-process run dir, 2-process run dir)} for PPO, DPO and CD-FUDGE value training."""
+  """{name: (1-process run dir, 2-process run dir)} for PPO, DPO and CD-FUDGE value training.
+
+  NOTE: the three runs one after another in each process (multiprocess.mains_args): one
+  1-process job and one 2-process job instead of three of each.
+  """
   from realign_jax.data import preferences
   tmp = tmp_path_factory.mktemp("multihost_algorithms")
   pref_dir = tmp / "prefs"
@@ -253,20 +260,18 @@ def algorithm_runs(tmp_path_factory, tiny_sft_dir):
     preferences.write_preference_jsonl(pref_dir / f"{split}.jsonl", [
         {"prompt": " ".join(rng.choices(words, k=6)), "chosen": " ".join(rng.choices(words, k=3)),
          "rejected": " ".join(rng.choices(words, k=4))} for _ in range(n)])
-  out = {}
-  for name in ("ppo", "dpo", "value"):
-    one, two = tmp / f"{name}_one", tmp / f"{name}_two"
-    # NOTE: the 1-process run not at a lower priority: beside another test worker it
-    # would wait too long.
-    ref, pair = multiprocess.start_one_and_two(
-        lambda slot: _algorithm_args(name, one if slot == "one" else two, tiny_sft_dir,
-                                     pref_dir), str(tmp / name))
-    multiprocess.assert_all_succeeded(multiprocess.wait_all(pair + [ref], TIMEOUT_S))
-    out[name] = (one, two)
-  return out
+  dirs = {name: (tmp / f"{name}_one", tmp / f"{name}_two") for name in ALGORITHMS}
+  # NOTE: the 1-process job not at a lower priority: beside another test worker it would
+  # wait too long.
+  ref, pair = multiprocess.start_one_and_two(
+      lambda slot: multiprocess.mains_args([
+          _algorithm_args(name, dirs[name][0 if slot == "one" else 1], tiny_sft_dir, pref_dir)
+          for name in ALGORITHMS]), str(tmp / "algorithms"))
+  multiprocess.assert_all_succeeded(multiprocess.wait_all(pair + [ref], 2 * TIMEOUT_S))
+  return dirs
 
 
-@pytest.mark.parametrize("name", ["ppo", "dpo", "value"])
+@pytest.mark.parametrize("name", ALGORITHMS)
 def test_algorithm_on_two_processes_matches_one(algorithm_runs, name):
   one, two = algorithm_runs[name]
   a, b = load_run_params(one), load_run_params(two)

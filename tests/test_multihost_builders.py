@@ -193,7 +193,7 @@ def _as_process(monkeypatch, rank, others=None):
 
 
 def test_score_split_blocks_match_one_process_and_errors_reach_every_process(monkeypatch):
-  from realign_jax.errors import UserError
+  from realign_jax.plumbing.errors import UserError
   items = list(range(7))
   tasks = {"squares": (7, lambda part: [x * x for x in items[part]]),
            "none": (0, lambda part: pytest.fail("an empty task is not scored")),
@@ -227,7 +227,7 @@ def test_a_refusal_on_one_process_is_a_one_line_error_on_every_process(monkeypat
   # Process 1 cannot read a decode file that process 0 can (written on host 0 only): both
   # processes end with one line instead of process 0 waiting in the scoring gather.
   from realign_jax import evaluate as evaluate_bin
-  from realign_jax.errors import UserError
+  from realign_jax.plumbing.errors import UserError
   row = {"prompt": "p", "response": "r", "lam": 1.0, "kl": 0.1, "log_ratio": 0.1, "seed": 0}
   (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
   out = str(tmp_path / "eval.json")

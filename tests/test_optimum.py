@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.evaluation import optimum as opt
 
 # A tiny enumerable reference: 5 outcomes, rewards in {-1, 0}, P(r = 0) = 0.3.

@@ -24,7 +24,7 @@ from realign_jax.data import preferences
 from realign_jax import synthetic_preferences as synth
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import sampler
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.inference import preferences as synth_lib
 from realign_jax.models.api import LanguageModel
 from realign_jax.parallel import partitioning

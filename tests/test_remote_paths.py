@@ -8,7 +8,7 @@ a folder named `gs:` (checked after each test).
 Orbax writes the arrays through TensorStore, which talks to GCS itself, not
 through epath: the training and decode tests hand orbax the bucket's local
 folder (`_OrbaxInBucket`), so the checkpoints land in the fake bucket too;
-everything else of the run directory goes through realign_jax.paths as a
+everything else of the run directory goes through realign_jax.plumbing.paths as a
 gs:// URI.
 """
 
@@ -19,11 +19,11 @@ import os
 import numpy as np
 import pytest
 
-from realign_jax import gin_utils
-from realign_jax import paths
+from realign_jax.plumbing import gin_utils
+from realign_jax.plumbing import paths
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.checkpoints import run_dir
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.training import metrics as metrics_lib
 from tests import test_run_dir
 
@@ -276,8 +276,8 @@ def test_train_and_decode_into_a_bucket(bucket, monkeypatch):
 
 def test_output_file_check_accepts_a_bucket_and_refuses_a_folder(bucket):
   # decode and evaluate check OUTPUT_FILE before any compute: a URI needs no local folder.
-  from realign_jax import config_check
-  from realign_jax.errors import UserError
+  from realign_jax.plumbing import config_check
+  from realign_jax.plumbing.errors import UserError
   config_check.check_output_file(f"{RUN}/out/eval.json")
   paths.makedirs(f"{RUN}/out/eval.json")
   with pytest.raises(UserError, match="is a directory"):

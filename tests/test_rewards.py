@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from realign_jax.data import vocab as vocab_lib
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.rewards import base
 from realign_jax.rewards.length import LengthReward, length_reward
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from realign_jax.checkpoints import run_dir
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import replace
 from realign_jax.parallel import partitioning

@@ -9,7 +9,7 @@ import pytest
 
 from realign_jax.checkpoints import run_dir
 from realign_jax.data import vocab as vocab_lib
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 
 
 # ---- lock -------------------------------------------------------------------------

@@ -25,15 +25,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from realign_jax import config_check
-from realign_jax import startup
+from realign_jax.plumbing import config_check
+from realign_jax.plumbing import startup
 from realign_jax import decode as decode_bin
 from realign_jax import evaluate as evaluate_bin
 from realign_jax import train as train_bin
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.checkpoints import run_dir
 from realign_jax.decoding import sampler
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.inference import components as inference_components
 from realign_jax.inference.methods_dera import DeRa
 from realign_jax.models.api import LanguageModel

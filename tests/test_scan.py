@@ -20,7 +20,7 @@ import pytest
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.checkpoints import run_dir
 from realign_jax.decoding import controlled, sampler
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models import layout
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import REMAT_POLICIES, T5Config, replace

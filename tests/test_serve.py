@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.inference.methods_dera import DeRa
 from realign_jax.serving import protocol
 from realign_jax.serving import server as server_lib

@@ -20,7 +20,7 @@ from realign_jax.data import chat
 from realign_jax.data import pipeline
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import sampler
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import DecoderConfig, SpecialTokens
 from realign_jax.rewards import base as rewards_base

@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from realign_jax import startup
-from realign_jax.errors import UserError
+from realign_jax.plumbing import startup
+from realign_jax.plumbing.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -209,7 +209,7 @@ def test_gin_search_paths_and_bindings(tmp_path):
   assert proc.returncode == 2 and "--gin_search_paths: /no/such/dir is not a directory" in err
   # in-process, as the binary does it: the search path and the bindings reach gin
   import gin
-  from realign_jax import gin_utils
+  from realign_jax.plumbing import gin_utils
   from realign_jax import train as train_binary
   try:
     gin_utils.configure_binary(
@@ -226,7 +226,7 @@ def test_verbosity_set_by_precheck_survives_configure_binary(tmp_path):
   # `python -m realign_jax.X --verbosity=0`: cli.precheck takes the flag off sys.argv and
   # sets the level; the binary's configure_binary then sees an argv without it.
   import gin
-  from realign_jax import gin_utils
+  from realign_jax.plumbing import gin_utils
   logger, root = logging.getLogger("absl"), logging.getLogger()
   saved = (startup.verbosity(), logger.level, list(logger.filters), list(root.filters),
            root.level)

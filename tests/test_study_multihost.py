@@ -20,8 +20,8 @@ import os
 
 import pytest
 
-from realign_jax import paths
-from realign_jax.errors import UserError
+from realign_jax.plumbing import paths
+from realign_jax.plumbing.errors import UserError
 from realign_jax.experiments import report as rep
 from realign_jax.experiments import stages as stages_lib
 from tests import multiprocess

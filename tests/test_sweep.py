@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from realign_jax import sweep as sweep_bin
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.sweeps import aggregate as aggregate_lib
 from realign_jax.sweeps import executors
 from realign_jax.sweeps import runner
@@ -25,7 +25,7 @@ from realign_jax.sweeps import runner
 FAKE_BINARY = '''
 import json, os, sys, time
 import gin
-from realign_jax import gin_utils
+from realign_jax.plumbing import gin_utils
 
 def sweepfake(*, model_dir, alpha, beta, seed, start_log, sleep_s=0.0, fail_alpha=None):
   with open(start_log, "a") as f:

@@ -7,7 +7,7 @@ import gin
 import numpy as np
 import pytest
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.experiments import stages as stages_lib
 from realign_jax.experiments.tldr_style import config as ts_config
 from realign_jax.experiments.tldr_style import gold, pairs
@@ -179,7 +179,7 @@ def test_human_pairs_from_the_comparisons_release(tmp_path):
 
 
 def test_t5_large_config_trains_its_reward_model_on_human_comparisons(clean_gin):
-  from realign_jax import gin_utils
+  from realign_jax.plumbing import gin_utils
   gin_utils.parse(["configs/experiments/tldr_style_t5_large.gin"],
                   ["MODEL_DIR = 'm'", "INIT_CHECKPOINT = 'i'", "VOCAB_PATH = 'v'",
                    "DATA_DIR = 'd'", "COMPARISONS_DIR = 'human'"])

@@ -20,10 +20,10 @@ import jax
 import numpy as np
 import pytest
 
-from realign_jax import gin_utils
+from realign_jax.plumbing import gin_utils
 from realign_jax import train as train_bin
 from realign_jax.checkpoints import manager as ckpt_lib
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models import sizes
 from realign_jax.models.api import LanguageModel, count_params
 from realign_jax.models.config import DecoderConfig, T5Config

@@ -19,7 +19,7 @@ import optax
 import pytest
 
 from realign_jax.checkpoints import manager as ckpt_lib
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import replace
 from realign_jax.parallel import partitioning

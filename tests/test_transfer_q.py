@@ -11,7 +11,7 @@ import pytest
 from realign_jax.decoding import sampler
 from realign_jax.decoding import transfer_q as tq
 from realign_jax.decoding.dera import Component
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import replace
 from tests.helpers import TINY, random_batch

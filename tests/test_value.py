@@ -9,7 +9,7 @@ import pytest
 
 from realign_jax.decoding import sampler
 from realign_jax.decoding.dera import Component
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import replace
 from realign_jax.training import trainer, value

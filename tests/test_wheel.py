@@ -60,7 +60,7 @@ def test_wheel_ships_every_config(installed):
 
 def test_installed_binary_finds_its_configs_from_another_directory(installed):
   _, target, elsewhere, env = installed
-  where = subprocess.run([sys.executable, "-c", "import realign_jax.gin_utils as g; "
+  where = subprocess.run([sys.executable, "-c", "import realign_jax.plumbing.gin_utils as g; "
                           "print(g.__file__); print(g.REPO_ROOT)"],
                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
   module_file, root = where.stdout.split()

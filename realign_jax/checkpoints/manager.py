@@ -16,7 +16,7 @@ A failed write (a full disk) is a one-line `UserError` naming the step's path.
 
 MODEL_DIR may be an object-store URI (`gs://bucket/run`): orbax writes there
 itself (through epath and TensorStore); the other files and moves here go
-through `realign_jax.paths`.
+through `realign_jax.plumbing.paths`.
 """
 
 import contextlib
@@ -34,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from realign_jax import paths
+from realign_jax.plumbing import paths
 from realign_jax.checkpoints.hf import files as hf_files
 from realign_jax.checkpoints.run_dir import CHECKPOINT_SUBDIR, MODEL_JSON, read_model_json
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models import layout as layout_lib
 
 BROKEN_SUBDIR = "broken_checkpoints"

@@ -38,7 +38,7 @@ the directory as it was (one it created is removed again), so the corrected
 command is not refused as "started with another config".
 
 MODEL_DIR may be an object-store URI (gs://): the records go through
-`realign_jax.paths`. The lock stays local (see `RunLock`); the vocabulary
+`realign_jax.plumbing.paths`. The lock stays local (see `RunLock`); the vocabulary
 files are read locally.
 """
 
@@ -56,9 +56,9 @@ from typing import Any, Optional
 import gin
 import jax
 
-from realign_jax import paths
+from realign_jax.plumbing import paths
 from realign_jax.checkpoints.hf import files as hf_files
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models import layout as layout_lib
 from realign_jax.models.config import DecoderConfig, ModelConfig, SpecialTokens, T5Config
 from realign_jax.parallel import multihost

@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 import ml_dtypes
 import numpy as np
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 
 # safetensors dtype tag <-> numpy dtype (always little-endian on disk).
 _ST_TO_NP = {

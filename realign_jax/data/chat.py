@@ -24,7 +24,7 @@ import os
 from typing import Sequence
 
 from realign_jax.data import jsonl
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"

@@ -14,7 +14,7 @@ import pathlib
 import zlib
 
 from realign_jax.data.vocab import BUILTIN_DIR
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 
 SPLITS = ("train", "validation", "test")
 

@@ -11,7 +11,7 @@ import os
 from typing import Optional
 
 from realign_jax.data import vocab as vocab_lib
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.config import SpecialTokens
 
 # The vocabulary file of an HF directory, in order of preference.

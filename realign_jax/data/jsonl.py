@@ -1,7 +1,7 @@
 """JSON lines files (one object per non-blank line) and Hugging Face datasets'
 shard files (parquet or JSON lines); errors name the file and the row.
 
-The JSON and JSON-lines readers also take gs:// URIs (`realign_jax.paths`);
+The JSON and JSON-lines readers also take gs:// URIs (`realign_jax.plumbing.paths`);
 shard directories are local (a hub download)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import os
 import pathlib
 from typing import Any, Iterator, Sequence
 
-from realign_jax import paths
-from realign_jax.errors import UserError
+from realign_jax.plumbing import paths
+from realign_jax.plumbing.errors import UserError
 
 
 def read_json_object(path: str | os.PathLike[str]) -> dict:

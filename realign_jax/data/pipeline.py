@@ -38,7 +38,7 @@ import typing
 import numpy as np
 
 from realign_jax.data import vocab as vocab_lib
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.config import SpecialTokens
 
 if typing.TYPE_CHECKING:

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping
 from absl import logging
 
 from realign_jax.data import tldr
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 
 FIELDS = ("prompt", "chosen", "rejected")
 

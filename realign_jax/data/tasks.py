@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 from absl import logging
 import numpy as np
 
-from realign_jax import startup
+from realign_jax.plumbing import startup
 
 tf = startup.import_tensorflow()
 import seqio  # noqa: E402  (after TensorFlow's quiet import)
@@ -44,7 +44,7 @@ from realign_jax.data import preferences
 from realign_jax.data import tldr
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.data import xsum
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 
 SPLITS = ("train", "validation", "test")
 SUMMARY_FEATURES = ("inputs", "targets")

@@ -37,7 +37,7 @@ from typing import Any, Iterator
 
 from realign_jax.data import jsonl
 from realign_jax.data.jsonl import iter_json_lines
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 
 SPLITS = ("train", "validation", "test")
 SFT_FILES = {"train": "train.jsonl", "validation": "valid.jsonl",

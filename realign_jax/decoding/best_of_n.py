@@ -10,7 +10,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import numpy as np
 
 from realign_jax.decoding import sampler
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 
 RewardFn = Callable[[Sequence[Any], Sequence[Any]], Any]  # (prompts, responses) -> scores
 

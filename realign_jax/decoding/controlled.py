@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from realign_jax.decoding import sampler
 from realign_jax.decoding.dera import Component
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.heads import DUELING_Q
 
 POLICY, VALUE = 0, 1

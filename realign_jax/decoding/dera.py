@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from realign_jax.decoding import sampler
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.api import LanguageModel
 
 REF, ALIGNED = 0, 1

@@ -13,7 +13,7 @@ import dataclasses
 import numbers
 from typing import Iterable, Iterator, Optional
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.config import SpecialTokens
 
 # NOTE: T5's ids, the defaults of SpecialTokens (a model's own are config.tokens).

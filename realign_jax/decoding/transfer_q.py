@@ -57,7 +57,7 @@ import jax.numpy as jnp
 
 from realign_jax.decoding import controlled, sampler
 from realign_jax.decoding.dera import Component, shared_tokens
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.config import SpecialTokens
 
 TokenReward = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]

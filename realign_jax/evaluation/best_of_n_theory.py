@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.evaluation import stats
 
 

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 
 # NOTE: ESS below this fraction of the samples: the estimate leans on a few
 # responses and its standard error is unreliable.
@@ -320,5 +320,5 @@ def main(argv: list) -> int:
 
 
 if __name__ == "__main__":
-  from realign_jax import gin_utils
+  from realign_jax.plumbing import gin_utils
   gin_utils.run_main(main)

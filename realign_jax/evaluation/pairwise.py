@@ -23,7 +23,7 @@ import numpy as np
 from realign_jax.data import pipeline
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import sampler
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.evaluation import stats
 
 

@@ -6,16 +6,16 @@ empty), and, where KL is asked for, finite numbers `kl` and `log_ratio`.
 multi-model DeRa, grouped as a tuple) groups the rows; `prompt_index` and `sample`,
 when present, identify a row within its group (otherwise its position does).
 Errors name the file and the 1-based line. The file may be a gs:// URI
-(`realign_jax.paths`), as the decode binary may write it there.
+(`realign_jax.plumbing.paths`), as the decode binary may write it there.
 """
 
 import json
 import math
 from typing import Any, Optional, Sequence
 
-from realign_jax import paths
+from realign_jax.plumbing import paths
 from realign_jax.decoding.lambda_grid import LambdaGrid
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 
 KL_FIELDS = ("kl", "log_ratio")
 

@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 
 
 def mean_and_stderr(values, groups: Optional[Sequence] = None) -> tuple[float, float]:

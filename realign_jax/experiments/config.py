@@ -16,7 +16,7 @@ checked before any compute; a message names the gin parameter
 import dataclasses
 import math
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 
 
 def check_counts(owner: str, **counts) -> None:

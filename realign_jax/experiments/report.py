@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from realign_jax import paths
+from realign_jax.plumbing import paths
 from realign_jax.checkpoints.manager import atomic_write_text
 from realign_jax.evaluation import stats
 

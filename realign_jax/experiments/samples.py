@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from realign_jax.data import pipeline
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.experiments import stages
 from realign_jax.experiments.config import StudyEvaluation
 from realign_jax.inference import components, loop

@@ -20,7 +20,7 @@ join the same collectives) and process 0 alone writes: it decides whether a
 stage is cached and sends its stage.json to the others, so no process runs a
 stage that another skips (that would deadlock), and all get process 0's
 result. ROOT may be an object-store URI (gs://...): files go through
-`realign_jax.paths`.
+`realign_jax.plumbing.paths`.
 """
 
 import dataclasses
@@ -31,9 +31,9 @@ import os
 import time
 from typing import Any, Callable, Optional
 
-from realign_jax import paths
+from realign_jax.plumbing import paths
 from realign_jax.checkpoints.manager import atomic_write_jsonl, atomic_write_text
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 
 STAGE_JSON = "stage.json"
 

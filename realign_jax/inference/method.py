@@ -19,7 +19,7 @@ import numpy as np
 
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import dera, sampler, transfer_q
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.rewards import learned
 from realign_jax.rewards.base import Reward
 

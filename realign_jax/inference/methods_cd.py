@@ -15,7 +15,7 @@ import numpy as np
 
 from realign_jax.checkpoints import run_dir
 from realign_jax.decoding import controlled, dera, sampler
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.evaluation import best_of_n_theory
 from realign_jax.inference.method import Context, SingleRunner, check_same_tokens, temperature
 from realign_jax.models.api import LanguageModel

@@ -19,7 +19,7 @@ from realign_jax.checkpoints import run_dir
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import dera
 from realign_jax.decoding.lambda_grid import LambdaGrid
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.inference.method import Context, DecodeMethod, Runner, check_same_tokens
 from realign_jax.inference.method import row_ids
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import dera, sampler
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.inference.method import DecodeMethod, Runner, row_ids
 from realign_jax.models.api import LanguageModel
 from realign_jax.rewards import base as rewards_base

@@ -14,7 +14,7 @@ from typing import Optional
 
 from realign_jax.checkpoints import run_dir
 from realign_jax.decoding import dera, transfer_q
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.inference.method import SingleRunner, check_same_tokens, resolve_reward
 from realign_jax.inference.method import reward_label, same_reward, temperature
 from realign_jax.models.api import LanguageModel

@@ -26,7 +26,7 @@ from absl import logging
 from realign_jax.data import preferences
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import sampler
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.inference import loop
 from realign_jax.inference.methods_policy import PolicySampling
 from realign_jax.inference.prompts import encode_prompts

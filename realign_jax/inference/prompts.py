@@ -11,11 +11,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from realign_jax import paths
+from realign_jax.plumbing import paths
 from realign_jax.data import chat as chat_lib
 from realign_jax.data import jsonl, pipeline
 from realign_jax.data import vocab as vocab_lib
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

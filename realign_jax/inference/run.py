@@ -15,7 +15,7 @@ import jax
 
 from realign_jax.checkpoints import run_dir
 from realign_jax.decoding import sampler
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.inference import components, loop
 from realign_jax.inference import prompts as prompts_lib
 from realign_jax.inference.method import Context, DecodeMethod

@@ -179,7 +179,7 @@ def build(config: ModelConfig, output_head: str = "lm") -> LanguageModel:
 
 
 def check_same_vocab(a: ModelConfig, b: ModelConfig, what: str = "models") -> None:
-  from realign_jax.errors import UserError
+  from realign_jax.plumbing.errors import UserError
   if a.vocab_size != b.vocab_size:
     raise UserError(f"{what} have different vocabulary sizes: {a.vocab_size} vs {b.vocab_size}")
 

@@ -101,7 +101,7 @@ def to_unrolled(params, config: ModelConfig) -> Any:
 def to_layout(params, config: ModelConfig, name: str) -> Any:
   """`params` (either layout) in layout `name` ("unrolled" | "scanned")."""
   if name not in LAYOUTS:
-    from realign_jax.errors import UserError
+    from realign_jax.plumbing.errors import UserError
     raise UserError(f"unknown parameter layout {name!r}; known: {', '.join(LAYOUTS)}")
   return to_scanned(params, config) if name == "scanned" else to_unrolled(params, config)
 

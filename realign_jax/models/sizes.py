@@ -4,8 +4,8 @@ import os
 
 import gin
 
-from realign_jax import paths
-from realign_jax.errors import UserError
+from realign_jax.plumbing import paths
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.config import ModelConfig
 
 SIZES_DIR = os.path.join(paths.REPO_ROOT, "gin", "models")

@@ -29,7 +29,7 @@ import socket
 import time
 from typing import Mapping, Optional
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 
 # The binaries' command-line flags that belong here (t5x spells them so).
 FLAGS = ("coordinator_address", "num_processes", "process_id", "initialization_timeout")

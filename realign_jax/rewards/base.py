@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from realign_jax.data import vocab as vocab_lib
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.config import SpecialTokens
 
 EOS_ID = vocab_lib.EOS_ID  # NOTE: T5's; a reward reads its vocabulary's (`special_tokens`)

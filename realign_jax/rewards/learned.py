@@ -21,7 +21,7 @@ import numpy as np
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.data import pipeline
 from realign_jax.data import vocab as vocab_lib
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.heads import last_position_values
 from realign_jax.parallel import partitioning

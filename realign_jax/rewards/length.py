@@ -18,9 +18,9 @@ from typing import Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from realign_jax import config_check
+from realign_jax.plumbing import config_check
 from realign_jax.data import vocab as vocab_lib
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.rewards import base
 
 UNITS = ("tokens", "words")

@@ -38,7 +38,7 @@ from starlette.routing import Route
 
 from realign_jax.data import chat as chat_lib
 from realign_jax.data import vocab as vocab_lib
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.inference import prompts as prompts_lib
 from realign_jax.serving import engine as engine_lib
 from realign_jax.serving import protocol

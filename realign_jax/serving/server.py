@@ -27,7 +27,7 @@ from realign_jax.checkpoints import run_dir
 from realign_jax.data import chat as chat_lib
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import dera
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.inference import components, loop
 from realign_jax.inference import run as run_lib
 from realign_jax.inference.method import Context

@@ -12,7 +12,7 @@ import dataclasses
 import os
 from typing import Callable, Optional, Sequence
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.sweeps import runner
 
 Report = Callable[[runner.RunResult], None]

@@ -4,6 +4,10 @@ import gin
 
 
 def register() -> None:
+  from realign_jax.training import optim, sft, trainer
+  gin.external_configurable(sft.SFT, "SFT")
+  gin.external_configurable(optim.make_optimizer, "make_optimizer")
+  gin.external_configurable(trainer.TrainerConfig, "TrainerConfig")
   from realign_jax.training import pg, ppo
   gin.external_configurable(ppo.PPO, "PPO")
   gin.external_configurable(pg.PG, "PG")

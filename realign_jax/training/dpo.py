@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.parallel import multihost
 from realign_jax.training import policy as policy_lib
 from realign_jax.training.reward_model import (PreferenceAlgorithm, init_params_sharded,

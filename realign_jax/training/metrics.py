@@ -1,7 +1,7 @@
 """Metrics to JSONL (`MODEL_DIR/metrics.jsonl`) and TensorBoard (`MODEL_DIR/tb`).
 
 MODEL_DIR may be an object-store URI (gs://): the files go through
-`realign_jax.paths`, the TensorBoard events through epath (`_EpathEventFile`).
+`realign_jax.plumbing.paths`, the TensorBoard events through epath (`_EpathEventFile`).
 """
 
 import io
@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from realign_jax import paths
+from realign_jax.plumbing import paths
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"

@@ -3,8 +3,8 @@
 import jax.numpy as jnp
 import optax
 
-from realign_jax import config_check
-from realign_jax.errors import UserError
+from realign_jax.plumbing import config_check
+from realign_jax.plumbing.errors import UserError
 
 SCHEDULES = ("constant", "rsqrt", "cosine", "linear")
 OPTIMIZERS = ("adafactor", "adamw", "adam", "sgd")

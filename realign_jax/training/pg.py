@@ -13,7 +13,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.training import policy as policy_lib
 from realign_jax.training import rl
 

@@ -27,7 +27,7 @@ from realign_jax.checkpoints.run_dir import RunRecord
 from realign_jax.data import pipeline
 from realign_jax.data import preferences
 from realign_jax.data import vocab as vocab_lib
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.parallel import multihost
 from realign_jax.parallel.abstract import sharded_abstract  # noqa: F401  (re-exported)

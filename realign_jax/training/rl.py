@@ -25,11 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from realign_jax import config_check
+from realign_jax.plumbing import config_check
 from realign_jax.checkpoints.run_dir import RunRecord
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import sampler
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.parallel import partitioning
 from realign_jax.rewards import base as rewards_base

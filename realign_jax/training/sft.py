@@ -11,7 +11,7 @@ import numpy as np
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.checkpoints.run_dir import RunRecord
 from realign_jax.decoding import sampler
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.training.trainer import Algorithm
 

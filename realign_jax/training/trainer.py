@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from realign_jax import config_check
+from realign_jax.plumbing import config_check
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.checkpoints import run_dir
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import Preempted, UserError
 from realign_jax.models import api as model_api
 from realign_jax.parallel import multihost
 from realign_jax.parallel import optimizer_state
@@ -36,11 +36,6 @@ from realign_jax.parallel import partitioning
 from realign_jax.training.metrics import MetricsWriter
 
 Batch = dict
-PREEMPTED_EXIT_CODE = 143
-
-
-class Preempted(Exception):
-  """Raised after a SIGTERM-triggered checkpoint; binaries exit with 143."""
 
 
 class Algorithm(abc.ABC):

@@ -14,7 +14,7 @@ Errors name "config.json"; `load.config_of` puts the file's path in its place.
 
 from typing import Any, Optional
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models.config import DecoderConfig, ModelConfig, SpecialTokens, T5Config
 
 _REQUIRED = object()

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 
 from realign_jax.checkpoints import safetensors
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"

@@ -28,7 +28,7 @@ from realign_jax.checkpoints.hf import config as config_lib
 from realign_jax.checkpoints.hf.tensor_map import (PARAM_DTYPES, Params, Tensor, get_leaf,
                                                    set_leaf, to_param, tree_diff)
 from realign_jax.data import hf_tokenizer
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.models import layout as layout_lib
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.config import ModelConfig, T5Config

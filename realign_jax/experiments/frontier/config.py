@@ -17,7 +17,7 @@ from typing import Sequence, Union
 from realign_jax.decoding import controlled
 from realign_jax.decoding.lambda_grid import LambdaGrid
 from realign_jax.decoding.transfer_q import ALPHA_CONVENTIONS
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.experiments import stages
 from realign_jax.experiments.config import check_counts
 from realign_jax.training import trainer as trainer_lib

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from realign_jax.decoding.transfer_q import TQConfig
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.experiments import report as rep
 from realign_jax.experiments import stages
 from realign_jax.experiments.config import StudyEvaluation, StudyOptions, check_model_dir

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.evaluation import optimum as opt
 from realign_jax.experiments import report as rep
 

@@ -14,7 +14,7 @@ import dataclasses
 from typing import Optional, Sequence
 
 from realign_jax.decoding.lambda_grid import LambdaGrid
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.experiments import stages
 from realign_jax.experiments.config import check_beta, check_counts
 from realign_jax.rewards.length import LengthReward

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.experiments import report as rep
 from realign_jax.experiments import stages
 from realign_jax.experiments.config import StudyEvaluation, StudyOptions, check_model_dir

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from realign_jax.decoding.lambda_grid import LambdaGrid
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.evaluation import optimum as opt
 from realign_jax.experiments import report as rep
 from realign_jax.experiments.length_reward.config import beta_name

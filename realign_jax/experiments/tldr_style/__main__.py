@@ -7,11 +7,11 @@ Its stages: `pipeline.py`; its gold reward: `gold.py`; its settings:
 `config.py`; a rerun with the same MODEL_DIR resumes.
 """
 
-from realign_jax import cli
+from realign_jax.plumbing import cli
 
 cli.precheck(__name__)  # NOTE: before the heavy imports (see cli.py)
 
-from realign_jax import gin_utils
+from realign_jax.plumbing import gin_utils
 from realign_jax.experiments import report as rep
 from realign_jax.experiments.tldr_style.pipeline import tldr_style
 

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.evaluation import judges, text_metrics
 
 GOLD_NAME = "ROUGE-L F against the reference summary"

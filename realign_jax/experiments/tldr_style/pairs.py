@@ -12,10 +12,10 @@ import os
 import flax.linen as nn
 import jax
 
-from realign_jax import paths
+from realign_jax.plumbing import paths
 from realign_jax.data import pipeline
 from realign_jax.data import preferences as prefs_lib
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.experiments import stages
 from realign_jax.experiments.tldr_style.config import TldrPairs
 from realign_jax.experiments.tldr_style.gold import GOLD_NAME, prompt_gold_fn

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from realign_jax import paths
+from realign_jax.plumbing import paths
 from realign_jax.data import pipeline
 from realign_jax.data import preferences as prefs_lib
 from realign_jax.decoding import sampler

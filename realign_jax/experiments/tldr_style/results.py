@@ -8,7 +8,7 @@ curves, where they disagree, and the verdicts on the base beta.
 """
 
 from realign_jax.decoding.lambda_grid import LambdaGrid
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 from realign_jax.evaluation import win_rate as win_rate_lib
 from realign_jax.experiments import report as rep
 from realign_jax.experiments.samples import identical_fraction, keyed, rows_at

@@ -14,7 +14,8 @@ import os
 import shutil
 from typing import IO, Union
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# NOTE: this file is realign_jax/plumbing/paths.py; the package is two levels up.
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PathLike = Union[str, os.PathLike]
 # The object store epath writes to here: with TensorFlow installed (a dependency) it

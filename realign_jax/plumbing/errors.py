@@ -12,3 +12,12 @@ class UserError(Exception):
 
   def __init__(self, message: str):
     super().__init__(" ".join(str(message).split()))
+
+
+# NOTE: the trainer raises it after a SIGTERM-triggered checkpoint; the binaries'
+# `gin_utils.run_main` turns it into this exit status (a preempted job, resumable).
+PREEMPTED_EXIT_CODE = 143
+
+
+class Preempted(Exception):
+  """Raised after a SIGTERM-triggered checkpoint; binaries exit with 143."""

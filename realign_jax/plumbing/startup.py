@@ -3,7 +3,7 @@
 The bottom floor of the package (only `errors` below it): the verbosity, the
 environment the native libraries read when they load, the logging filters and
 `import_tensorflow()`. The binaries' argument precheck, which needs their gin
-plumbing, is `realign_jax.cli.precheck`: every binary calls it before its heavy
+plumbing, is `realign_jax.plumbing.cli.precheck`: every binary calls it before its heavy
 imports (JAX, Flax, orbax, TensorFlow through seqio). When the module runs as
 `__main__` that
 
@@ -38,7 +38,7 @@ import sys
 import tempfile
 from typing import Optional
 
-from realign_jax.errors import UserError
+from realign_jax.plumbing.errors import UserError
 
 # absl's default: warnings and errors only.
 DEFAULT_VERBOSITY = -1

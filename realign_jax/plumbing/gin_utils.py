@@ -18,8 +18,8 @@ from typing import Callable, Optional, Sequence
 
 import gin
 
-from realign_jax import paths
-from realign_jax.errors import UserError
+from realign_jax.plumbing import paths
+from realign_jax.plumbing.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 
 # NOTE: the config root is found on the bottom floor (models/sizes.py reads it too).
 PACKAGE_DIR, REPO_ROOT = paths.PACKAGE_DIR, paths.REPO_ROOT
@@ -28,35 +28,26 @@ _REGISTERED = False
 
 
 def register() -> None:
-  """Makes the library's entry points configurable (idempotent)."""
+  """Makes the library's entry points configurable (idempotent; the binaries call it).
+
+  The one way configurables are registered: each package lists its gin surface in
+  its `configurables.py` (`register()` there). The exceptions are the few that gin
+  files import by module (`from realign_jax.models import config`): the model
+  configs and the partitioning functions decorate themselves, so a size file parses
+  without this (models/sizes.py).
+  """
   global _REGISTERED
   if _REGISTERED:
     return
-  from realign_jax.models import api
-  from realign_jax.models import config  # noqa: F401  (T5Config, DecoderConfig)
-  from realign_jax.parallel import partitioning  # noqa: F401
-  from realign_jax.training import optim, sft, trainer
-  gin.external_configurable(api.LanguageModel, "LanguageModel")
-  gin.external_configurable(sft.SFT, "SFT")
-  gin.external_configurable(optim.make_optimizer, "make_optimizer")
-  gin.external_configurable(trainer.TrainerConfig, "TrainerConfig")
-  # NOTE: each package declares its own gin surface in `configurables.py`
-  # (`register()` there makes its entry points configurable), so the
-  # binaries' configurable names are listed per package, in one place each.
   import importlib
-  for pkg in _CONFIGURABLE_PACKAGES:
-    try:
-      mod = importlib.import_module(f"realign_jax.{pkg}.configurables")
-    except ModuleNotFoundError as e:
-      if e.name != f"realign_jax.{pkg}.configurables":
-        raise
-      continue
-    mod.register()
+  # NOTE: loaded by name at run time: this floor imports no package above it.
+  for pkg in CONFIGURABLE_PACKAGES:
+    importlib.import_module(f"realign_jax.{pkg}.configurables").register()
   _REGISTERED = True
 
 
-_CONFIGURABLE_PACKAGES = ("rewards", "training", "decoding", "evaluation", "inference",
-                          "experiments")
+CONFIGURABLE_PACKAGES = ("models", "parallel", "rewards", "training", "decoding", "evaluation",
+                         "inference", "experiments")
 
 
 def split_args(argv: Sequence[str]) -> tuple[list, list, list]:
@@ -179,7 +170,7 @@ def configure_binary(argv: Sequence[str], name: str, fn: Callable,
   parses the gin files and overrides, and returns the configured callable;
   unknown arguments or no gin file are a UserError.
   """
-  from realign_jax import startup
+  from realign_jax.plumbing import startup
   from realign_jax.parallel import multihost
   given = list(argv)
   argv, level = startup.strip_verbosity(given)
@@ -212,7 +203,7 @@ def configure_binary(argv: Sequence[str], name: str, fn: Callable,
 def write_operative_config(model_dir: str, name: str = "config.gin") -> Optional[str]:
   """Writes gin's operative config into `model_dir` (process 0 only; None elsewhere).
 
-  `model_dir` may be a gs:// URI (see `realign_jax.paths`).
+  `model_dir` may be a gs:// URI (see `realign_jax.plumbing.paths`).
   """
   import jax
   if jax.process_index() != 0:
@@ -231,7 +222,6 @@ def write_operative_config_beside(output_file: str) -> Optional[str]:
 
 def run_main(main: Callable[[list], int]) -> None:
   """Runs a binary's main(argv): one-line errors and exit codes for the user."""
-  from realign_jax.training.trainer import PREEMPTED_EXIT_CODE, Preempted
   try:
     code = main(sys.argv[1:])
   except UserError as e:

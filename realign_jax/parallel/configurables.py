@@ -1,0 +1,7 @@
+"""Gin surface of the parallel package (imported by `gin_utils.register()`)."""
+
+
+def register() -> None:
+  # NOTE: logical_axis_rules and create_mesh decorate themselves (direct calls read
+  # their bindings); importing the module registers them.
+  from realign_jax.parallel import partitioning  # noqa: F401
