@@ -128,7 +128,11 @@ def main(argv=None) -> int:
   p.add_argument("--input_length", type=int, default=96)
   p.add_argument("--think_ms", type=float, default=20.0)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--smoke", action="store_true",
+                 help="a few seconds' check of the whole path (4 clients, 8 requests, 8 tokens)")
   args = p.parse_args(argv)
+  if args.smoke:
+    args.clients, args.requests, args.slots, args.max_tokens = "4", 8, 4, 8
   # NOTE: the built-in prompts are longer than input_length - 1: each response says it
   # was truncated (as the decode binary truncates); the log line per request is noise here.
   logging.getLogger().setLevel(logging.ERROR)

@@ -172,6 +172,9 @@ def test_api_key_and_truncation_warning(server, client):
   try:
     assert httpx.get(f"{server.url}/v1/models", timeout=5).status_code == 401
     assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+    assert httpx.get(f"{server.url}/metrics", timeout=5).status_code == 401
+    assert httpx.get(f"{server.url}/metrics", timeout=5,
+                     headers={"Authorization": "Bearer sk-test"}).status_code == 200
     with pytest.raises(openai.AuthenticationError):
       client.models.list()
     keyed = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-test", max_retries=0)

@@ -107,6 +107,8 @@ class _Api:
                          "queue_depth": self.s.engine.queue_depth})
 
   async def metrics(self, req):
+    if not self.authorized(req):
+      return error(401, "a valid API key is required", kind="authentication_error")
     body, ctype = self.s.metrics.exposition()
     return Response(body, media_type=ctype)
 
