@@ -29,6 +29,7 @@ import tempfile
 from typing import Optional
 
 from realign_jax.plumbing import startup
+from realign_jax.models.config import T5Config
 from realign_jax.plumbing.errors import UserError
 
 # Tokenizer files of an HF directory, copied along in both directions.
@@ -149,9 +150,9 @@ def _recorded_sentencepiece(model_dir: str, config) -> dict[str, str]:
   matches. Anything else is said on stderr, not guessed.
   """
   import hashlib
+  # NOTE: lazy, as in hf_to_run_dir (run_dir loads JAX; vocab numpy).
   from realign_jax.checkpoints import run_dir
   from realign_jax.data import vocab as vocab_lib
-  from realign_jax.models.config import T5Config
 
   recorded = run_dir.recorded_vocabulary(model_dir)
   if not recorded or not recorded.get("path"):
@@ -178,7 +179,7 @@ def _check_tokenizer(files: dict[str, str], model_vocab: int, hf_dir: str) -> No
   """Refuses a tokenizer with more ids than the model's embedding has rows."""
   if not files:
     return
-  from realign_jax.data import vocab as vocab_lib
+  from realign_jax.data import vocab as vocab_lib  # NOTE: lazy: numpy, sentencepiece
   size, where = vocab_lib.tokenizer_size(files)
   if size is not None and size > model_vocab:
     raise UserError(f"{where} has {size} token ids but the model in {hf_dir} has "

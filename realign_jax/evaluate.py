@@ -28,14 +28,18 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from realign_jax.plumbing import config_check
 from realign_jax.plumbing import gin_utils
 from realign_jax.checkpoints import manager as ckpt_lib
+from realign_jax.data import jsonl
+from realign_jax.data import pipeline
 from realign_jax.decoding.lambda_grid import LambdaGrid
 from realign_jax.plumbing.errors import UserError
 from realign_jax.evaluation import judges as judges_lib
 from realign_jax.evaluation import kl as kl_lib
 from realign_jax.evaluation import records, stats, text_metrics
 from realign_jax.evaluation import win_rate as win_rate_lib
+from realign_jax.parallel import multihost
 
 
 def load_references(*, reference_file: Optional[str] = None, reference_task: Optional[str] = None,
@@ -45,7 +49,6 @@ def load_references(*, reference_file: Optional[str] = None, reference_task: Opt
   if reference_file:
     if not os.path.isfile(reference_file):
       raise UserError(f"reference file {reference_file} not found")
-    from realign_jax.data import jsonl
     for i, row in jsonl.iter_json_lines(reference_file):
       if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)
               and isinstance(row.get("reference"), str)):
@@ -53,7 +56,6 @@ def load_references(*, reference_file: Optional[str] = None, reference_task: Opt
                         f"'reference'")
       refs.setdefault(row["prompt"], row["reference"])
   elif reference_task:
-    from realign_jax.data import pipeline
     for e in pipeline.text_examples(reference_task, reference_split, data_dir=data_dir):
       refs.setdefault(e["inputs"], e["targets"])
   return refs
@@ -127,7 +129,6 @@ def _verdicts(judge, prompts, responses_1, responses_2, swap, ids_1, ids_2) -> d
 
 def _share(n: int) -> slice:
   """This process's contiguous block of n items (blocks in process order; sizes differ by 1)."""
-  from realign_jax.parallel import multihost
   procs, me = multihost.process_slot()
   per, extra = divmod(n, procs)
   lo = me * per + min(me, extra)
@@ -141,7 +142,6 @@ def _score_split(tasks: dict) -> tuple:
   (every process gets all, in item order), so the results are a 1-process
   run's. A UserError on any process is raised on every process, as one line.
   """
-  from realign_jax.parallel import multihost
   mine, raised, here = [], None, 0
   try:
     for n, fn in tasks.values():
@@ -167,7 +167,6 @@ def _score_split(tasks: dict) -> tuple:
 
 def _agree(refused: Optional[UserError]) -> None:
   """Raises on every process if the checks refused the run on any one (one line each)."""
-  from realign_jax.parallel import multihost
   gathered = multihost.gather_objects(None if refused is None else
                                       (str(refused).splitlines() or [""])[0])
   if refused is not None:
@@ -234,7 +233,6 @@ def evaluate(*, decode_files: Sequence[str], output_file: str,
   refused = None
   try:
     # NOTE: gin passes values on as written (seed='0'): types first.
-    from realign_jax.plumbing import config_check
     config_check.check_args(evaluate, dict(locals()))
     if isinstance(decode_files, str):
       decode_files = [decode_files]
@@ -286,6 +284,7 @@ def evaluate(*, decode_files: Sequence[str], output_file: str,
   if reward is not None and hasattr(reward, "setup"):
     # NOTE: a learned reward is loaded onto this host's devices: each process
     # scores its own block, so no program may span the other hosts' devices.
+    # NOTE: lazy: Flax (the inference loop, partitioning), only for a learned reward.
     from realign_jax.inference.loop import host_mesh
     from realign_jax.parallel import partitioning
     reward.setup(host_mesh(), partitioning.logical_axis_rules())
@@ -369,7 +368,6 @@ def _print_summary(summary: dict) -> None:
 def main(argv: list) -> int:
   summary = gin_utils.call(gin_utils.configure_binary(argv, "evaluate", evaluate))
   gin_utils.write_operative_config_beside(summary["output_file"])  # OUTPUT_FILE.config.gin
-  from realign_jax.parallel import multihost
   procs, me = multihost.process_slot()
   if procs > 1:
     print(f"process {me} of {procs} scored {summary['scored_here']['items']} of "

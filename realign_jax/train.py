@@ -27,11 +27,13 @@ from typing import Callable, Optional, Union
 import gin
 import optax
 
+from realign_jax.plumbing import config_check
 from realign_jax.plumbing import gin_utils
 from realign_jax.checkpoints import run_dir
 from realign_jax.plumbing.errors import UserError
 from realign_jax.parallel import multihost
 from realign_jax.parallel import partitioning
+from realign_jax.training import optim
 from realign_jax.training import trainer as trainer_lib
 
 
@@ -59,7 +61,6 @@ def train(*, model_dir: str, train_steps: int, algorithm: trainer_lib.Algorithm,
   """
   # NOTE: gin passes values on as written (TRAIN_STEPS='ten', batch_size='8'):
   # their types are checked here, before anything is built or written.
-  from realign_jax.plumbing import config_check
   config_check.check_args(train, dict(
       model_dir=model_dir, train_steps=train_steps, algorithm=algorithm,
       trainer_config=trainer_config, mesh_data=mesh_data, mesh_model=mesh_model, fsdp=fsdp,
@@ -105,7 +106,6 @@ def _built_optimizer(optimizer, algorithm, train_steps: int) -> optax.GradientTr
   if not callable(optimizer):
     raise UserError(f"train.optimizer must be an optimizer or a factory such as @make_optimizer, "
                     f"got {type(optimizer).__name__}")
-  from realign_jax.training import optim
   updates = optim.optimizer_updates(algorithm, train_steps)
   try:
     bound = gin.query_parameter("make_optimizer.total_steps")

@@ -443,7 +443,7 @@ def load_params(model_dir: str, abstract_params: Any, *, step: Optional[int] = N
     step: which step; None = latest.
   """
   if hf_files.is_hf_dir(model_dir):
-    from realign_jax.checkpoints.hf import load as hf_load  # NOTE: lazy: the tensor maps
+    from realign_jax.checkpoints.hf import load as hf_load  # NOTE: lazy: Flax (hf.load imports models.api)
     return hf_load.hf_params(model_dir, abstract_params)
   ckpt_dir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
   if not paths.isdir(ckpt_dir):

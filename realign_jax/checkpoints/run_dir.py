@@ -58,6 +58,8 @@ import jax
 
 from realign_jax.plumbing import paths
 from realign_jax.checkpoints.hf import files as hf_files
+from realign_jax.data import hf_tokenizer
+from realign_jax.data import vocab as vocab_lib
 from realign_jax.plumbing.errors import UserError
 from realign_jax.models import layout as layout_lib
 from realign_jax.models.config import DecoderConfig, ModelConfig, SpecialTokens, T5Config
@@ -395,7 +397,6 @@ def check_resume_config(model_dir: str, config_text: str, *, step: int,
 # ---- the vocabulary ----------------------------------------------------------------
 def vocabulary_identity(vocab_path: Optional[str]) -> dict:
   """{"path", "sha256"} of a sentencepiece model file; None is the built-in one."""
-  from realign_jax.data import vocab as vocab_lib  # NOTE: lazy: it imports sentencepiece
   path = vocab_lib.resolve_vocab_path(vocab_path)
   try:
     with open(path, "rb") as f:
@@ -411,7 +412,6 @@ def recorded_vocabulary(model_dir: str) -> Optional[dict]:
   For a Hugging Face directory: the identity of its tokenizer file.
   """
   if hf_files.is_hf_dir(model_dir):
-    from realign_jax.data import hf_tokenizer  # NOTE: lazy: it imports sentencepiece
     return hf_tokenizer.hf_vocabulary(model_dir)
   try:
     with paths.open(os.path.join(model_dir, MODEL_JSON)) as f:
@@ -433,7 +433,6 @@ def check_vocabulary(model_dir: str, recorded: Optional[dict], vocab_path: Optio
   if mine["sha256"] == recorded.get("sha256"):
     return
   if hf_files.is_hf_dir(model_dir):
-    from realign_jax.data import hf_tokenizer  # NOTE: lazy, as in recorded_vocabulary
     if mine["sha256"] in {v["sha256"] for v in hf_tokenizer.hf_vocabularies(model_dir)}:
       return  # NOTE: any of an HF directory's tokenizer files (tokenizer.json or .model)
   prefix = f"{where}: " if where else ""
@@ -463,7 +462,7 @@ def write_model_json(model_dir: str, config: ModelConfig, output_head: str = "lm
 def read_model_json(model_dir: str) -> tuple[ModelConfig, str]:
   """(config, output_head) of a run directory, or of a Hugging Face directory ("lm")."""
   if hf_files.is_hf_dir(model_dir):
-    from realign_jax.checkpoints.hf import load as hf_load  # NOTE: lazy: the tensor maps
+    from realign_jax.checkpoints.hf import load as hf_load  # NOTE: lazy: Flax (hf.load imports models.api)
     return hf_load.hf_model_config(model_dir), "lm"
   path = os.path.join(model_dir, MODEL_JSON)
   if not paths.exists(path):

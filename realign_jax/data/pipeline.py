@@ -52,7 +52,7 @@ _BATCH_KEYS = {"inputs": "inputs", "targets": "targets", "prompt": "inputs",
 
 
 def _tasks():
-  # NOTE: the task registry pulls in seqio and TensorFlow (seconds to import);
+  # NOTE: lazy: the task registry pulls in seqio and TensorFlow (seconds to import);
   # imported on first use so a binary that never reads a split, or stops on a
   # user error, does not pay for it.
   from realign_jax.data import tasks  # pylint: disable=g-import-not-at-top

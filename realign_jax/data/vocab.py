@@ -33,6 +33,7 @@ if typing.TYPE_CHECKING:
   import seqio
 
 from realign_jax.data import jsonl
+from realign_jax.plumbing import startup
 from realign_jax.plumbing.errors import UserError
 from realign_jax.models.config import SpecialTokens
 
@@ -330,7 +331,6 @@ def _load_hf(path: str):
   tok = _load_hf_tokenizer(path)
   special = hf_special_ids(path)
   tokens = hf_special_tokens(path)
-  from realign_jax.plumbing import startup
   startup.import_tensorflow()
   return _hf_vocabulary_class()(path, tok, special, tokens)
 
@@ -358,7 +358,6 @@ def _load(path: str) -> seqio.SentencePieceVocabulary:
   _sentencepiece_tokens(_load_processor(path), path)  # NOTE: refuses unusable ids up front
   # NOTE: imported here so that modules needing only ids and sentencepiece
   # (rewards, RL) import on hosts without the TensorFlow stack.
-  from realign_jax.plumbing import startup
   startup.import_tensorflow()
   import seqio
   vocab = seqio.SentencePieceVocabulary(path)

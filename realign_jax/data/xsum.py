@@ -27,6 +27,7 @@ import pathlib
 import sys
 
 from realign_jax.data import jsonl
+from realign_jax.plumbing import startup
 from realign_jax.plumbing.errors import UserError
 
 TFDS_NAME = "xsum:1.1.0"
@@ -84,7 +85,6 @@ def prepare_xsum(data_dir: str | os.PathLike[str]) -> str:
   provide_importlib_resources()
   # NOTE: imported here, since TFDS is slow to import and most runs never
   # prepare XSum.
-  from realign_jax.plumbing import startup  # pylint: disable=g-import-not-at-top
   startup.import_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top

@@ -30,6 +30,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from realign_jax.evaluation import stats
+from realign_jax.plumbing import gin_utils
 from realign_jax.plumbing.errors import UserError
 
 # NOTE: ESS below this fraction of the samples: the estimate leans on a few
@@ -312,13 +314,11 @@ def main(argv: list) -> int:
           ("" if res["kind"] == "exact" else
            f" {r['J_se']:>8.4f} {r['ess']:>8.1f}" + (" small ESS" if r["small_ess"] else "")))
   if a.out:
-    from realign_jax.checkpoints.manager import atomic_write_text
-    from realign_jax.evaluation import stats
+    from realign_jax.checkpoints.manager import atomic_write_text  # NOTE: lazy: JAX and orbax
     atomic_write_text(a.out, json.dumps(stats.clean_for_json(res), indent=1) + "\n")
     print(f"wrote {a.out}")
   return 0
 
 
 if __name__ == "__main__":
-  from realign_jax.plumbing import gin_utils
   gin_utils.run_main(main)

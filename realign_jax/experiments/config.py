@@ -65,7 +65,7 @@ class StudyOptions:
 
   def start(self, model_dir: str) -> None:
     """What a study does first, once its settings are checked."""
-    from realign_jax.experiments import stages
+    from realign_jax.experiments import stages  # NOTE: lazy: JAX and orbax
     if self.compilation_cache:
       stages.enable_compilation_cache(stages.compilation_cache_dir(model_dir))
 

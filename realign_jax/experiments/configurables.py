@@ -8,6 +8,7 @@ import gin
 
 
 def register() -> None:
+  # NOTE: lazy: the package loads only when a binary registers it (gin_utils.register()).
   from realign_jax.experiments import config, stages
   from realign_jax.experiments.frontier import config as frontier
   from realign_jax.experiments.frontier.pipeline import frontier as frontier_study

@@ -17,6 +17,7 @@ import numpy as np
 from realign_jax.plumbing import paths
 from realign_jax.checkpoints.manager import atomic_write_text
 from realign_jax.evaluation import stats
+from realign_jax.parallel import multihost
 
 # NOTE: two standard errors of a difference: the threshold for "differs" everywhere.
 Z = 2.0
@@ -189,7 +190,6 @@ def pyplot():
 
 
 def _primary() -> bool:
-  from realign_jax.parallel import multihost
   return multihost.is_primary()
 
 

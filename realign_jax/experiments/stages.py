@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional
 from realign_jax.plumbing import paths
 from realign_jax.checkpoints.manager import atomic_write_jsonl, atomic_write_text
 from realign_jax.plumbing.errors import UserError
+from realign_jax.parallel import multihost
 
 STAGE_JSON = "stage.json"
 
@@ -87,7 +88,6 @@ def _first_difference(a: Any, b: Any, path: str = "") -> Optional[str]:
 
 def is_primary() -> bool:
   """Whether this process writes the study's files (process 0)."""
-  from realign_jax.parallel import multihost
   return multihost.is_primary()
 
 
@@ -98,7 +98,6 @@ def on_primary(fn: Callable[[], Any]) -> Any:
   its message, on the others (rather than leaving them waiting forever).
   A collective: every process calls it, in the same order.
   """
-  from realign_jax.parallel import multihost
   value, error = None, None
   if multihost.is_primary():
     try:
@@ -301,7 +300,7 @@ class OptimizerSpec:
   eps: float = dataclasses.field(default=1e-8, metadata={NEW_FIELD: True})  # Adam's epsilon
 
   def build(self, total_steps: int):
-    from realign_jax.training import optim
+    from realign_jax.training import optim  # NOTE: lazy: optax
     return optim.make_optimizer(name=self.name, learning_rate=self.learning_rate,
                                 schedule=self.schedule, warmup_steps=self.warmup_steps,
                                 total_steps=total_steps, weight_decay=self.weight_decay,
@@ -316,7 +315,7 @@ def train_settings(algorithm, steps: int, optimizer: OptimizerSpec, trainer_conf
 
 def optimizer_updates(algorithm, steps: int) -> int:
   """`training.optim.optimizer_updates` (the schedule's length in updates)."""
-  from realign_jax.training import optim
+  from realign_jax.training import optim  # NOTE: lazy: optax
   return optim.optimizer_updates(algorithm, steps)
 
 
@@ -329,6 +328,7 @@ def train_stage(run_dir: str, algorithm, steps: int, optimizer: OptimizerSpec,
   step reached, whether the stopping rule ended the run, and every eval row
   (the training curve on held-out prompts).
   """
+  # NOTE: lazy: the train binary brings Flax and the algorithms; only a training stage needs it.
   from realign_jax import train as train_bin
   result = train_bin.train(model_dir=run_dir, train_steps=steps, algorithm=algorithm,
                            optimizer=optimizer.build(optimizer_updates(algorithm, steps)),

@@ -32,6 +32,7 @@ from realign_jax.models import layers
 from realign_jax.models.config import DecoderConfig, ModelConfig, T5Config
 from realign_jax.models.decoder import DecoderLM
 from realign_jax.models.t5 import T5
+from realign_jax.plumbing.errors import UserError
 
 Params = Any
 
@@ -179,7 +180,6 @@ def build(config: ModelConfig, output_head: str = "lm") -> LanguageModel:
 
 
 def check_same_vocab(a: ModelConfig, b: ModelConfig, what: str = "models") -> None:
-  from realign_jax.plumbing.errors import UserError
   if a.vocab_size != b.vocab_size:
     raise UserError(f"{what} have different vocabulary sizes: {a.vocab_size} vs {b.vocab_size}")
 

@@ -10,13 +10,14 @@ from typing import Optional, Union
 
 import gin
 
+from realign_jax.plumbing.errors import UserError
+
 ATTENTION_IMPLS = ("einsum", "dot_product")
 REMAT_POLICIES = ("none", "dots_saveable", "full")
 
 
 def check_choice(what: str, value, valid) -> None:
   """One-line UserError unless `value` is one of `valid`."""
-  from realign_jax.plumbing.errors import UserError
   if value not in valid:
     raise UserError(f"{what} {value!r} is not one of: {', '.join(valid)}")
 
@@ -45,7 +46,6 @@ class SpecialTokens:
   bos_id: Optional[int] = None
 
   def __post_init__(self):
-    from realign_jax.plumbing.errors import UserError
     for name in ("pad_id", "eos_id", "bos_id"):
       v = getattr(self, name)
       if v is None and name == "bos_id":
@@ -62,7 +62,6 @@ class SpecialTokens:
 
 
 def _check_tokens(config) -> None:
-  from realign_jax.plumbing.errors import UserError
   if not isinstance(config.tokens, SpecialTokens):
     raise UserError(f"{type(config).__name__}.tokens must be a SpecialTokens, got "
                     f"{config.tokens!r}")
@@ -78,7 +77,6 @@ def _check_execution_fields(config) -> None:
   check_choice(f"{type(config).__name__}.attention_impl", config.attention_impl,
                ATTENTION_IMPLS)
   if not isinstance(config.scan_layers, bool):
-    from realign_jax.plumbing.errors import UserError
     raise UserError(f"{type(config).__name__}.scan_layers must be True or False, got "
                     f"{config.scan_layers!r}")
 

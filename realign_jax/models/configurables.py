@@ -4,6 +4,7 @@ import gin
 
 
 def register() -> None:
+  # NOTE: lazy: the package loads only when a binary registers it (gin_utils.register()).
   from realign_jax.models import api
   # NOTE: T5Config, DecoderConfig and SpecialTokens decorate themselves (gin files
   # import models.config by name); importing it registers them.

@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from realign_jax.models.config import ModelConfig, layout
+from realign_jax.plumbing.errors import UserError
 
 LAYOUTS = ("unrolled", "scanned")
 
@@ -101,7 +102,6 @@ def to_unrolled(params, config: ModelConfig) -> Any:
 def to_layout(params, config: ModelConfig, name: str) -> Any:
   """`params` (either layout) in layout `name` ("unrolled" | "scanned")."""
   if name not in LAYOUTS:
-    from realign_jax.plumbing.errors import UserError
     raise UserError(f"unknown parameter layout {name!r}; known: {', '.join(LAYOUTS)}")
   return to_scanned(params, config) if name == "scanned" else to_unrolled(params, config)
 

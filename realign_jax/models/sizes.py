@@ -23,9 +23,6 @@ def load(name: str, **overrides) -> ModelConfig:
   path = name if name.endswith(".gin") else os.path.join(SIZES_DIR, f"{name}.gin")
   if not os.path.isfile(path):
     raise UserError(f"unknown model size {name!r}; available: {', '.join(available())}")
-  # NOTE: only the model configs' own configurables are needed here, not the
-  # binaries' (gin_utils.register() imports the data stack, TensorFlow included).
-  from realign_jax.models import config as _  # noqa: F401
   gin.clear_config()
   try:
     gin.parse_config_files_and_bindings([path], [], finalize_config=True)

@@ -260,6 +260,7 @@ def process_rows(mesh, global_batch: int) -> slice:
   Every process computes the same global batch (same seed and step) and feeds
   only these rows, so a run's data does not depend on its number of hosts.
   """
+  # NOTE: lazy: JAX and Flax; this module is imported by the argument precheck (cli.py).
   from realign_jax.parallel import partitioning  # pylint: disable=g-import-not-at-top
   check_divides(global_batch, "the global batch size")
   index_map = partitioning.batch_sharding(mesh).addressable_devices_indices_map((global_batch,))

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from realign_jax.plumbing.errors import UserError
+
 DATA, MODEL = "data", "model"
 
 
@@ -49,7 +51,6 @@ def logical_axis_rules(fsdp: bool = False) -> tuple:
 def create_mesh(data: int = -1, model: int = 1,
                 devices: Optional[Sequence[Any]] = None) -> Mesh:
   """A (data, model) mesh over `devices` (default: all). data=-1 takes the rest."""
-  from realign_jax.plumbing.errors import UserError
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   if not isinstance(model, int) or model < 1 or n % model:
@@ -84,7 +85,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def check_batch_divides(batch_size: int, mesh: Mesh, what: str = "batch size") -> None:
   """One-line UserError unless `batch_size` splits evenly over the mesh's `data` axis."""
-  from realign_jax.plumbing.errors import UserError
   n = mesh.shape[DATA]
   if batch_size % n:
     lo = batch_size // n * n
@@ -106,7 +106,6 @@ def check_params_divide(abstract_params, axes, mesh: Mesh, rules,
   abstract_params: the params (anything with `.shape`); axes: their logical
   PartitionSpecs (e.g. a mesh `model` axis of 8 over a model with 2 kv heads).
   """
-  from realign_jax.plumbing.errors import UserError
   shardings = logical_to_mesh_sharding(axes, mesh, rules)
   flat_axes = jax.tree_util.tree_structure(abstract_params).flatten_up_to(axes)
   for (path, x), names, sh in zip(jax.tree_util.tree_leaves_with_path(abstract_params),

@@ -13,6 +13,7 @@ import sys
 import tokenize
 from typing import Optional
 
+from realign_jax.plumbing import gin_utils
 from realign_jax.plumbing.errors import UserError
 from realign_jax.plumbing.startup import configure, strip_verbosity
 
@@ -68,7 +69,6 @@ def _doc_summary(module: str) -> str:
 def required_macros(gin_file: str, seen: Optional[set] = None) -> list[str]:
   """Macros left at %gin.REQUIRED in `gin_file` and its includes, in order of first mention."""
   import re
-  from realign_jax.plumbing import gin_utils
   seen = set() if seen is None else seen
   path = gin_utils.resolve_gin_file(gin_file)
   if path in seen:
@@ -96,7 +96,6 @@ def required_macros(gin_file: str, seen: Optional[set] = None) -> list[str]:
 
 def usage(module: str, argv: list[str]) -> str:
   """`--help`'s text: the flags, then each given config's required macros."""
-  from realign_jax.plumbing import gin_utils
   lines = [f"usage: python -m {module} --gin_file=CONFIG.gin [--gin.NAME=VALUE ...]", "",
            _doc_summary(module), "", "flags:"]
   width = max(len(f) for f, _ in FLAG_HELP)
@@ -117,7 +116,7 @@ def usage(module: str, argv: list[str]) -> str:
 def _check_gin_arguments(argv: list[str]) -> None:
   """Argument syntax, gin files present, gin syntax: no configurable needed."""
   import gin
-  from realign_jax.plumbing import gin_utils
+  # NOTE: lazy: it reaches up a floor (KNOWN in tests/test_layering.py); only binaries call it.
   from realign_jax.parallel import multihost
   argv, host_flags = multihost.split_flags(argv)
   multihost.layout(host_flags)  # NOTE: the flags' values checked; nothing started

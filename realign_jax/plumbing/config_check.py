@@ -17,6 +17,7 @@ import types
 import typing
 from typing import Any, Callable, Optional, Union
 
+from realign_jax.plumbing import paths
 from realign_jax.plumbing.errors import UserError
 
 _NAMES = {int: "an integer", float: "a number", bool: "True or False", str: "a string"}
@@ -116,7 +117,6 @@ def check_output_file(output_file: str) -> None:
   """Refuses, before any compute, an output file that could not be written at the end."""
   if not output_file:
     raise UserError("OUTPUT_FILE is empty")
-  from realign_jax.plumbing import paths
   if paths.is_remote(output_file):
     # NOTE: an object store has no directories to check (an object is written
     # under any prefix), nor a writability test short of writing.

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 import gin
 
 from realign_jax.plumbing import paths
+from realign_jax.plumbing import startup
 from realign_jax.plumbing.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 
 # NOTE: the config root is found on the bottom floor (models/sizes.py reads it too).
@@ -170,7 +171,7 @@ def configure_binary(argv: Sequence[str], name: str, fn: Callable,
   parses the gin files and overrides, and returns the configured callable;
   unknown arguments or no gin file are a UserError.
   """
-  from realign_jax.plumbing import startup
+  # NOTE: lazy: it reaches up a floor (KNOWN in tests/test_layering.py); only binaries call it.
   from realign_jax.parallel import multihost
   given = list(argv)
   argv, level = startup.strip_verbosity(given)

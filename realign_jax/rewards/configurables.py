@@ -4,6 +4,7 @@ import gin
 
 
 def register() -> None:
+  # NOTE: lazy: the package loads only when a binary registers it (gin_utils.register()).
   from realign_jax.rewards import length
   gin.external_configurable(length.LengthReward, "LengthReward")
   # A trained reward model (configs/reward/) as a reward.

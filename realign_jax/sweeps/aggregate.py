@@ -26,6 +26,7 @@ import os
 import re
 from typing import Any, Optional, Sequence
 
+from realign_jax.plumbing import paths as paths_lib
 from realign_jax.plumbing.errors import UserError
 from realign_jax.sweeps import plan as plan_lib
 from realign_jax.sweeps import runner
@@ -202,7 +203,6 @@ def aggregate(spec: plan_lib.Sweep, runs: Sequence[plan_lib.Run]) -> dict:
          "swept": swept, "settings": settings, "missing_runs": missing,
          "run_seconds": seconds,
          "standard_error": "sample standard deviation across seeds / sqrt(n); null for n = 1"}
-  from realign_jax.plumbing import paths as paths_lib
   unseen = [name for name in spec.agree
             if not any(v is not None for g in groups.values() for v in g.get("texts", {})
                        .get(name, []))]

@@ -18,6 +18,7 @@ import shlex
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
+from realign_jax.plumbing import gin_utils
 from realign_jax.plumbing.errors import UserError
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_./]*$")
@@ -214,7 +215,6 @@ def expand(spec: Sweep, *, cwd: Optional[str] = None, python: str = sys.executab
     raise UserError("give both sweep.plot_metric and sweep.plot_x, or neither")
 
   # ---- the runs ------------------------------------------------------------------------
-  from realign_jax.plumbing import gin_utils
   files = [os.path.abspath(gin_utils.resolve_gin_file(f)) for f in spec.gin_files]
   grid_rows = [tuple(zip(grid, vals)) for vals in itertools.product(*grid.values())]
   zip_rows = ([tuple(zip(zipped, vals)) for vals in zip(*zipped.values())] if zipped else [()])

@@ -51,7 +51,7 @@ class RunResult:
 
 
 def atomic_write_json(path: str, obj) -> None:
-  from realign_jax.checkpoints.manager import atomic_write_text
+  from realign_jax.checkpoints.manager import atomic_write_text  # NOTE: lazy: JAX and orbax
   atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 

@@ -4,6 +4,7 @@ import gin
 
 
 def register() -> None:
+  # NOTE: lazy: the package loads only when a binary registers it (gin_utils.register()).
   from realign_jax.training import optim, sft, trainer
   gin.external_configurable(sft.SFT, "SFT")
   gin.external_configurable(optim.make_optimizer, "make_optimizer")

@@ -148,7 +148,7 @@ class PreferenceAlgorithm(Algorithm):
     if self.batch_size < 1 or self.batch_size % jax.process_count():
       raise UserError(f"batch_size {self.batch_size} must be >= 1 and divisible by "
                       f"{jax.process_count()} hosts")
-    # NOTE: imported here: the task registry pulls in seqio and TensorFlow.
+    # NOTE: lazy: the task registry pulls in seqio and TensorFlow.
     from realign_jax.data import tasks  # pylint: disable=g-import-not-at-top
     if not self.train_file and tasks.task_features(self.task) != tasks.PREFERENCE_FEATURES:
       raise UserError(f"task {self.task} holds no preference pairs (features "

@@ -27,10 +27,12 @@ import numpy as np
 
 from realign_jax.plumbing import config_check
 from realign_jax.checkpoints.run_dir import RunRecord
+from realign_jax.data import pipeline
 from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import sampler
 from realign_jax.plumbing.errors import UserError
 from realign_jax.models.api import LanguageModel
+from realign_jax.parallel import multihost
 from realign_jax.parallel import partitioning
 from realign_jax.rewards import base as rewards_base
 from realign_jax.training import policy as policy_lib
@@ -225,8 +227,6 @@ class RLAlgorithm(Algorithm):
 
   # ---- data -------------------------------------------------------------------
   def batches(self, start_step: int) -> Iterator[dict]:
-    from realign_jax.data import pipeline  # NOTE: lazily: TensorFlow (see data/vocab.py)
-    from realign_jax.parallel import multihost
     # NOTE: the same global batch on every process, cut to its rows (as SFT).
     it = pipeline.batch_iterator(
         self.task, "train", batch_size=self.batch_size,
@@ -300,7 +300,6 @@ class RLAlgorithm(Algorithm):
     return jax.jit(run)
 
   def eval_inputs(self) -> np.ndarray:
-    from realign_jax.data import pipeline
     batch = next(pipeline.eval_batches(
         self.task, self.eval_split, batch_size=self.max_eval_examples,
         input_length=self.input_length, target_length=self.max_new_tokens,
@@ -316,7 +315,6 @@ class RLAlgorithm(Algorithm):
     if not self.max_eval_examples:
       return {}, []
     inputs = self.eval_inputs()
-    from realign_jax.parallel import multihost
     # NOTE: per-prompt outputs of a program on the global mesh: on several hosts
     # they are spread over the processes, and every process needs all of them.
     out = multihost.fetch(self._eval_fn(params, self.frozen(), jnp.asarray(inputs),

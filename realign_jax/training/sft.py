@@ -10,9 +10,12 @@ import numpy as np
 
 from realign_jax.checkpoints import manager as ckpt_lib
 from realign_jax.checkpoints.run_dir import RunRecord
+from realign_jax.data import pipeline
+from realign_jax.data import vocab as vocab_lib
 from realign_jax.decoding import sampler
 from realign_jax.plumbing.errors import UserError
 from realign_jax.models.api import LanguageModel
+from realign_jax.parallel import multihost
 from realign_jax.training.trainer import Algorithm
 
 
@@ -62,7 +65,6 @@ class SFT(Algorithm):
   @property
   def vocab(self):
     if self._vocab is None:
-      from realign_jax.data import vocab as vocab_lib
       vocab = vocab_lib.load_vocabulary(self.vocab_path)
       vocab_lib.check_model_tokens(vocab, self.model.config, "the model")
       self._vocab = vocab
@@ -89,11 +91,6 @@ class SFT(Algorithm):
 
   # ---- data -----------------------------------------------------------------
   def batches(self, start_step: int) -> Iterator[dict]:
-    # NOTE: the data modules (seqio, TensorFlow) are imported where used, so
-    # the losses here and subclasses with their own batches (benchmarks on
-    # accelerator hosts without TensorFlow) import without them.
-    from realign_jax.data import pipeline
-    from realign_jax.parallel import multihost
     # NOTE: every process reads the same global batch and keeps the rows its
     # devices hold, so the data does not depend on the number of hosts.
     it = pipeline.batch_iterator(
@@ -128,8 +125,6 @@ class SFT(Algorithm):
 
   def evaluate(self, params, step, aux=None):
     del aux
-    from realign_jax.data import pipeline
-    from realign_jax.data import vocab as vocab_lib
     eval_loss, gen = self._eval_fns
     total, count = 0.0, 0.0
     for batch in pipeline.eval_batches(

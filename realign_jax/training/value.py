@@ -66,6 +66,7 @@ from realign_jax.decoding import sampler
 from realign_jax.plumbing.errors import UserError
 from realign_jax.models.api import LanguageModel
 from realign_jax.models.heads import DUELING_Q
+from realign_jax.parallel import multihost
 from realign_jax.parallel import partitioning
 from realign_jax.rewards import base as rewards_base
 from realign_jax.training import policy as policy_lib
@@ -267,7 +268,6 @@ class ValueAlgorithm(Algorithm):
         while True:
           yield {"inputs": prompts[rng.integers(0, len(prompts), self.batch_size)]}
       return cycle()
-    from realign_jax.parallel import multihost
     # NOTE: the same global batch on every process, cut to its rows (as SFT).
     it = pipeline.batch_iterator(
         self.task, "train", batch_size=self.batch_size,

@@ -12,8 +12,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from realign_jax.plumbing.errors import UserError
+from realign_jax.evaluation import best_of_n_theory as bon
 from realign_jax.evaluation import optimum as opt
 from realign_jax.experiments import report as rep
+from realign_jax.rewards import base
 
 # NOTE: the KL budgets of the report's "best method under a budget" table, in nats.
 BUDGETS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -28,7 +30,6 @@ def response_length(row: dict) -> int:
   """
   if "tokens" not in row:
     return int(row["length"])
-  from realign_jax.rewards import base
   return len(base.strip_ids(row["tokens"]))
 
 
@@ -58,7 +59,6 @@ def best_of_n_entries(rows: Sequence[dict], ns: Sequence[int]) -> list:
   estimator at eps = p(y) of the kept sample, with the bound and the exact
   best-of-n KL of the prompt's empirical reward levels (all max(ns) samples).
   """
-  from realign_jax.evaluation import best_of_n_theory as bon
   by_prompt = {}
   for r in rows:
     by_prompt.setdefault(r["prompt_index"], []).append(r)

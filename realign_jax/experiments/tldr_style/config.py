@@ -14,6 +14,7 @@ spans groups.
 import dataclasses
 from typing import Callable, Optional, Sequence
 
+from realign_jax.data import tldr
 from realign_jax.decoding.lambda_grid import LambdaGrid
 from realign_jax.plumbing.errors import UserError
 from realign_jax.experiments import stages
@@ -128,7 +129,6 @@ class TldrPairs:
                  num_heldout_prompts=self.num_heldout_prompts)
     if self.comparisons_dir:
       # NOTE: before any compute: at full scale the pairs are needed after SFT.
-      from realign_jax.data import tldr
       tldr.comparison_files(self.comparisons_dir)
 
 
