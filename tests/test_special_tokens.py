@@ -58,7 +58,8 @@ def test_sampler_and_policy_logprobs_with_llama_ids():
   config = DecoderConfig(vocab_size=16, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16,
                          d_ff=48, num_layers=1, tokens=LLAMA_IDS)
   lm = LanguageModel(config)
-  params = lm.init(jax.random.PRNGKey(0))[0]
+  # NOTE: init and the teacher-forced pass jitted (eager, every op is compiled on its own)
+  params = jax.jit(lambda r: lm.init(r)[0])(jax.random.PRNGKey(0))
   inputs = jnp.asarray(pipeline.fit_prompts([[5, 6, 7], [8], [9, 10, 11, 12]], 6, LLAMA_IDS))
   assert int(inputs[1, 0]) == 1 and int(inputs[1, 2]) == 0  # BOS, then pad
   cfg = sampler.SamplingConfig(max_new_tokens=12)
@@ -73,7 +74,8 @@ def test_sampler_and_policy_logprobs_with_llama_ids():
   # Teacher-forced log-probs of the sampled rows are the ones the sampler recorded.
   x = jnp.repeat(inputs, 4, axis=0)
   mask = policy_lib.length_mask(out.lengths, tokens.shape[1])
-  pol, ref = policy_lib.AnchoredPolicy(lm).logprobs(params, params, x, out.tokens, mask=mask)
+  pol, ref = jax.jit(policy_lib.AnchoredPolicy(lm).logprobs)(params, params, x, out.tokens,
+                                                             mask=mask)
   np.testing.assert_allclose(np.asarray(pol), np.asarray(out.logprobs), atol=2e-5)
   np.testing.assert_allclose(np.asarray(ref), np.asarray(out.logprobs), atol=2e-5)
   # An explicit sampler id other than the model's is refused.
