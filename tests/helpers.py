@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from realign_jax.models.config import DecoderConfig, T5Config
+from realign_jax.models.config import DecoderConfig, T5Config, replace
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,6 +22,12 @@ TINY = {
     "decoder": DecoderConfig(vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
                              d_ff=64, num_layers=2),
 }
+
+
+# TINY with one layer per stack, for the tests of the decoding methods' caches
+# (test_controlled, test_transfer_q): a second layer only adds compile time there.
+TINY_SHALLOW = {"t5": replace(TINY["t5"], num_encoder_layers=1, num_decoder_layers=1),
+                "decoder": replace(TINY["decoder"], num_layers=1)}
 
 
 def random_batch(rng: np.random.Generator, batch: int, li: int, lt: int, vocab: int,

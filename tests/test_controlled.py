@@ -21,9 +21,8 @@ from realign_jax.decoding import controlled, sampler
 from realign_jax.decoding.dera import Component
 from realign_jax.plumbing.errors import UserError
 from realign_jax.models.api import LanguageModel
-from realign_jax.models.config import replace
 from realign_jax.models.heads import DUELING_Q
-from tests.helpers import TINY, random_batch
+from tests.helpers import TINY_SHALLOW, random_batch
 
 VOCAB, MAX_LEN, EOS = 5, 4, 1
 WORDS = (2, 3, 4)
@@ -317,9 +316,7 @@ REAL_PROMPTS = random_batch(np.random.default_rng(0), 4, 6, 4, 64)[0]  # [4, 6]
 
 def _tiny(family, head, seed):
   """A random tiny model, one layer per stack (these tests are about the caches)."""
-  one = ({"num_encoder_layers": 1, "num_decoder_layers": 1} if family == "t5"
-         else {"num_layers": 1})
-  lm = LanguageModel(replace(TINY[family], **one), output_head=head)
+  lm = LanguageModel(TINY_SHALLOW[family], output_head=head)
   params = lm.init(jax.random.PRNGKey(seed))[0]
   if "scalar" in head:
     # NOTE: ScalarHead starts at zero, and V = 0 everywhere would hide any cache error.

@@ -43,7 +43,7 @@ from tests.helpers import (REPO_ROOT, TINY_BUILTIN, TRAIN_RUN_DEVICES, BinaryRun
                            assert_one_line_error, binary_env, run_main, train_run_args)
 from tests.test_training import _checkpoint_steps, _max_abs_diff, _metrics, _sft, _train
 
-CFG = replace(TINY_BUILTIN["t5"], dropout_rate=0.0)
+CFG = TINY_BUILTIN["t5"]
 SAMPLING = sampler.SamplingConfig(max_new_tokens=4)
 PROMPTS = ["Return the number of items in a container.",
            "Compute the arithmetic mean along the specified axis."]

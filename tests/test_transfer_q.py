@@ -13,8 +13,7 @@ from realign_jax.decoding import transfer_q as tq
 from realign_jax.decoding.dera import Component
 from realign_jax.plumbing.errors import UserError
 from realign_jax.models.api import LanguageModel
-from realign_jax.models.config import replace
-from tests.helpers import TINY, random_batch
+from tests.helpers import TINY_SHALLOW, random_batch
 from tests.test_controlled import (EOS, MAX_LEN, PROMPTS, VOCAB, WORDS, TabularLM, TinyMDP,
                                    all_states, np_index)
 
@@ -272,9 +271,7 @@ def test_forked_rollouts_equal_rollouts_from_scratch(family):
   """Q(s, z) and the rollouts themselves: forked cache = re-fed prefix = no cache."""
   # NOTE: one layer per stack: the test is about the cache, and compiling three
   # rollout loops of the full tiny models dominated this file's time.
-  one = ({"num_encoder_layers": 1, "num_decoder_layers": 1} if family == "t5"
-         else {"num_layers": 1})
-  lm = LanguageModel(replace(TINY[family], **one))
+  lm = LanguageModel(TINY_SHALLOW[family])
   base = Component(lm, lm.init(jax.random.PRNGKey(1))[0])
   inputs = jnp.asarray(random_batch(np.random.default_rng(0), 2, 6, 4, 64)[0])
   t, tmax, h = 3, 5, 4

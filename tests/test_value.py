@@ -197,7 +197,7 @@ def test_value_init_checkpoint(tmp_path, cls, head, head_keys):
   from realign_jax.parallel import partitioning
   from realign_jax.rewards.length import LengthReward
   from tests.helpers import TINY_BUILTIN
-  cfg = replace(TINY_BUILTIN["t5"], dropout_rate=0.0)
+  cfg = TINY_BUILTIN["t5"]
   run = tmp_path / "sft"
   sft = jax.jit(lambda r: LanguageModel(cfg).init(r)[0])(jax.random.PRNGKey(7))
   run_dir.write_model_json(str(run), cfg, "lm")
