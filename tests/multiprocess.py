@@ -83,7 +83,9 @@ def start_one_and_two(args_of, log_prefix: str, job_id: str = None, one_devices:
 # [module, argv] pairs; a failing main ends the process (a traceback, or its exit code).
 _MAINS = """
 import importlib, json, sys
+import gin
 for module, argv in json.loads(sys.argv[1]):
+  gin.clear_config()  # NOTE: unlocks gin for the next binary's configurables
   code = importlib.import_module(module).main(argv)
   if code:
     sys.exit(code)
