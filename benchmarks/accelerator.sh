@@ -125,6 +125,6 @@ else
   figure transfer_q 75 python benchmarks/transfer_q.py --json --sizes t5_tiny,t5_1_1_small
 fi
 if [ -f benchmarks/serve.py ]; then
-  figure serving 60 python benchmarks/serve.py --json $([ $smoke -eq 1 ] && echo --smoke)
+  figure serving 120 python benchmarks/serve.py --json $([ $smoke -eq 1 ] && echo --smoke)
 fi
 exit $failed

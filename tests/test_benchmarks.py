@@ -24,6 +24,7 @@ FIGURES = {
     "t5_1_1_large_ppo": ("step_s", "tokens_per_s", "compile_s", "memory_per_device_bytes"),
     "decode": ("dera_over_single", "sweep_speedup"),
     "transfer_q": ("forked_speedup",),
+    "serving": ("concurrent", "one_at_a_time", "throughput_ratio"),
 }
 
 
