@@ -142,7 +142,7 @@ class TrainRun:
 
 
 def _run_train_binary(model_dir) -> None:
-  from tests.helpers import (TRAIN_RUN_DEVICES, BinaryRun, binary_env, REPO_ROOT,
+  from tests.helpers import (REPO_ROOT, TRAIN_RUN_DEVICES, BinaryRun, binary_env,
                              train_run_args)
   run = BinaryRun(train_run_args(model_dir), env=binary_env(TRAIN_RUN_DEVICES), cwd=REPO_ROOT,
                   log_prefix=str(model_dir)).wait(timeout=600)

@@ -96,9 +96,10 @@ def mains_args(runs) -> list:
   """`python ARGS...` that runs each binary run of `runs` (each `-m MODULE ARGV...`) in turn
   in one process, through the binary's main(argv).
 
-  NOTE: for a scenario of several runs: each process costs about 7 CPU-s of imports
-  before it computes anything, and a 2-process job three processes' worth. The runs
-  share the process's jax.distributed (initialised once) and compiled programs.
+  NOTE: for a scenario of several runs of one binary: each process costs about
+  7 CPU-s of imports before it computes anything, so three runs in one 1-process
+  and one 2-process job save six process starts. The runs share the process's
+  jax.distributed (initialised once) and its compiled programs.
   """
   pairs = []
   for args in runs:
