@@ -51,15 +51,16 @@ def slurm_env(job_id: str, rank: int, ntasks: int = 2) -> dict:
           "SLURM_NTASKS": str(ntasks), "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}
 
 
-def start_two(args, log_prefix: str, job_id: str = None) -> list:
-  """`python ARGS...` as processes 0 and 1 of a 2-process job, 2 devices each.
+def start_two(args, log_prefix: str, job_id: str = None,
+              devices_each: int = DEVICES // 2) -> list:
+  """`python ARGS...` as processes 0 and 1 of a 2-process job, `devices_each` devices each.
 
   `args` is one argument list, or a function of the rank (each process its own
   output paths).
   """
   job_id = job_id or slurm_job_ids(1)[0]
   args_of = args if callable(args) else (lambda rank: args)
-  return [BinaryRun(args_of(rank), env=binary_env(DEVICES // 2, extra=slurm_env(job_id, rank)),
+  return [BinaryRun(args_of(rank), env=binary_env(devices_each, extra=slurm_env(job_id, rank)),
                     cwd=REPO_ROOT, log_prefix=f"{log_prefix}.p{rank}") for rank in (0, 1)]
 
 

@@ -1,10 +1,10 @@
 """The studies on several processes, and with MODEL_DIR on gs://.
 
 (a) The length-reward study at the smoke size of tests/test_experiments.py on
-2 processes x 2 CPU devices (SLURM variables, coordinator on 127.0.0.1) and on
-1 process x 4 devices: the same results.json (timings aside); each study file
-written once, by process 0; process 1 writes nothing into MODEL_DIR. Every
-process runs under an audit hook (`HOOK`) that logs each file it opens for
+2 processes x 4 CPU devices (SLURM variables, coordinator on 127.0.0.1) and, in
+this process, on its 8 devices: the same results.json (timings aside); each
+study file written once, by process 0; process 1 writes nothing into MODEL_DIR. Each of
+the two processes runs under an audit hook (`HOOK`) that logs each file it opens for
 writing, renames, creates or removes under MODEL_DIR; a write goes through an
 `open` event, so none can escape it. Then a rerun with a changed setting must
 fail on both processes with the same one line, not hang.
@@ -24,11 +24,15 @@ from realign_jax.plumbing import paths
 from realign_jax.plumbing.errors import UserError
 from realign_jax.experiments import report as rep
 from realign_jax.experiments import stages as stages_lib
+from realign_jax.experiments.length_reward.__main__ import main as lr_main
 from tests import multiprocess
+from tests.helpers import run_main
 from tests.test_experiments import LR_GIN, SMOKE
 from tests.test_remote_paths import bucket  # noqa: F401  (the fixture)
 
 TIMEOUT_S = 300
+# The devices of each of the two processes: 2 x 4, the 8 of this process's run.
+DEVICES_EACH = 4
 STUDY_FILES = ("stage.json", "samples.jsonl", "results.json", "report.md")
 
 # NOTE: argv = [MODEL_DIR, LOG, study args...]; the log is opened before the
@@ -67,15 +71,9 @@ runpy.run_module("realign_jax.experiments.length_reward", run_name="__main__", a
 """
 
 
-# NOTE: no PPO evaluations: `RL.evaluate` (training/rl.py) fetches its sharded
-# outputs with device_get, which fails when they span processes.
-NO_PPO_EVALS = ["PPO.max_eval_examples = 0", "ppo/TrainerConfig.eval_every = 0",
-                "ppo/TrainerConfig.stop_window = 0"]
-
-
 def _study_args(model_dir, extra=()) -> list:
   return [f"--gin_file={LR_GIN}", f"--gin.MODEL_DIR='{model_dir}'"] + [
-      f"--gin.{b}" for b in list(SMOKE) + NO_PPO_EVALS + list(extra)]
+      f"--gin.{b}" for b in list(SMOKE) + list(extra)]
 
 
 def _hooked(model_dir, log, extra=()) -> list:
@@ -91,19 +89,28 @@ def _events(log) -> list:
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory):
-  """The 1-process and the 2-process study (run at once), then the 2-process refusal."""
+  """The 2-process study and, meanwhile, the 1-process one; then the 2-process refusal.
+
+  NOTE: the 1-process study runs in this process, through the study's main(argv) on
+  the 8 test devices (the 2 processes have 4 each): tests/test_experiments.py runs the
+  same smoke study in process, so the run's compilation cache holds its programs once,
+  and no process start (about 7 CPU-s of imports) is spent on it.
+  """
   tmp = tmp_path_factory.mktemp("study_multihost")
   one_dir, two_dir = tmp / "one", tmp / "two"
   job, job2 = multiprocess.slurm_job_ids(2)
-  one, two = multiprocess.start_one_and_two(
-      lambda slot: (_hooked(one_dir, tmp / "one.log") if slot == "one" else
-                    _hooked(two_dir, tmp / f"two.p{slot}.log")), str(tmp / "study"), job_id=job)
-  multiprocess.assert_all_succeeded(multiprocess.wait_all([one, *two], TIMEOUT_S))
+  two = multiprocess.start_two(lambda rank: _hooked(two_dir, tmp / f"two.p{rank}.log"),
+                               str(tmp / "study"), job_id=job, devices_each=DEVICES_EACH)
+  try:
+    assert run_main(lr_main, _study_args(one_dir)) == 0
+  finally:
+    multiprocess.wait_all(two, TIMEOUT_S)
+  multiprocess.assert_all_succeeded(two)
   events = {rank: _events(tmp / f"two.p{rank}.log") for rank in (0, 1)}
   # A changed training setting: refused on both processes, with the same line.
   refused = multiprocess.wait_all(multiprocess.start_two(
       lambda rank: _hooked(two_dir, tmp / f"refused.p{rank}.log", ["PPO_STEPS = 2"]),
-      str(tmp / "refused"), job_id=job2), TIMEOUT_S)
+      str(tmp / "refused"), job_id=job2, devices_each=DEVICES_EACH), TIMEOUT_S)
   return {"one": one_dir, "two": two_dir, "events": events, "refused": refused, "tmp": tmp}
 
 
